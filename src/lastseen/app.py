@@ -1,0 +1,225 @@
+"""The composition root: builds the pool, the HTTP session and the components, runs, and stops.
+
+Long-lived resources are opened here once and closed here, in reverse order. Shutdown: stop
+listening, let requests in flight finish and their commits land, stop claiming, give held
+callbacks ``shutdown_grace`` seconds to finish, write what is pending, hand back the leases of
+what is left, and only then close the session, the pool and the embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from lastseen.db import Database
+from lastseen.embedded import EmbeddedPostgres
+from lastseen.errors import DatabaseError
+from lastseen.inbox import GroupCommit, Leases
+from lastseen.ingest import CallbackHandler
+from lastseen.lookups import Lookups
+from lastseen.metrics import Metrics
+from lastseen.reaper import Reaper
+from lastseen.results import ResultWriter
+from lastseen.settings import Settings
+from lastseen.supervisor import Supervisor
+from lastseen.web import Readiness, Routes, build_app
+from lastseen.worker import Worker
+
+log = structlog.get_logger("lastseen.app")
+
+DB_TIMEOUT = 10.0
+
+
+class Service:
+    """One lastseen instance: the HTTP server and, unless ``role`` says otherwise, the pipeline."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = s = settings
+        self.db = db
+        self.metrics = m = metrics or Metrics()
+        self.readiness = Readiness()
+        self.supervisor = Supervisor()
+        self.ingests = s.role in ("all", "ingest")
+        self.works = s.role in ("all", "worker")
+        self.commit = GroupCommit(
+            db,
+            m,
+            max_batch=s.commit_max_batch,
+            concurrency=s.commit_concurrency,
+            timeout=s.commit_timeout,
+        )
+        self.leases = Leases(db, Worker.new_id(), lease=s.lease, batch=s.claim_batch)
+        self.worker = Worker(
+            db, m, self.leases, max_active=s.max_active_callbacks, poll_interval=s.poll_interval
+        )
+        self.lookups = Lookups(
+            session,
+            m,
+            self.worker.deliver,
+            objects_url=s.objects_url,
+            max_in_flight=s.max_lookups,
+            rate=s.lookup_rps,
+            timeout=s.lookup_timeout,
+            max_attempts=s.max_attempts,
+            retry_base=s.retry_base,
+            retry_max=s.retry_max,
+        )
+        self.results = ResultWriter(
+            db,
+            m,
+            ttl=s.ttl,
+            max_batch=s.results_batch,
+            interval=s.results_interval,
+            on_done=self.worker.done,
+        )
+        self.worker.lookups = self.lookups
+        self.worker.results = self.results
+        self.reaper = Reaper(
+            db,
+            m,
+            ttl=s.ttl,
+            interval=s.reap_interval,
+            audit_retention=s.audit_retention,
+            prune_interval=s.prune_interval,
+        )
+        handler = CallbackHandler(self.commit, m, s.max_body_bytes) if self.ingests else None
+        self.app = build_app(
+            Routes(db, m, self.readiness), handler, max_body_bytes=s.max_body_bytes
+        )
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Listens at once (so /health and /ready answer), and migrates in the background."""
+        host, port = self.settings.listen
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
+        log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
+        self.supervisor.start("migrate", self._migrate_then_work(), finite=True)
+
+    async def _migrate_then_work(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                applied = await self.db.migrate()
+                break
+            except DatabaseError as exc:
+                self.readiness.reason = f"cannot migrate: {exc}"
+                log.warning("database not ready, retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if applied:
+            log.info("migrations applied", versions=applied)
+        self.readiness.migrated = True
+        if self.ingests:
+            self.commit.open()
+            self.supervisor.start("group-commit", self.commit.run(), finite=True)
+        if self.works:
+            self.supervisor.start("results", self.results.run())
+            self.supervisor.start("leases", self.leases.renew_forever())
+            self.supervisor.start("worker", self.worker.run(), finite=True)
+            self.supervisor.start("reaper", self.reaper.run())
+
+    async def run_until(self, stop: asyncio.Event) -> str | None:
+        """Runs until ``stop`` is set or a background task dies; returns the failure, if any."""
+        await self.start()
+        stopped = asyncio.create_task(stop.wait(), name="stop-signal")
+        failed = asyncio.create_task(self.supervisor.failed.wait(), name="task-failure")
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
+        await self.stop()
+        return self.supervisor.failure
+
+    async def stop(self) -> None:
+        s = self.settings
+        log.info("stopping", grace=s.shutdown_grace)
+        self.commit.close()
+        if self._runner is not None:
+            # Stops listening and waits for requests in flight, whose commits the group commit
+            # still performs (it drains its queue after close()).
+            await self._runner.cleanup()
+        if self.works and self.readiness.migrated:
+            self.worker.stop_claiming()
+            await self.worker.drain(s.shutdown_grace)
+            await self.lookups.close()
+        # Everything except the results writer may end now; then write what is left.
+        await self.supervisor.stop(grace=min(s.shutdown_grace, 5.0))
+        if self.works and self.readiness.migrated:
+            try:
+                while self.results.pending:
+                    before = self.results.pending
+                    await self.results.flush()
+                    if self.results.pending >= before:
+                        break
+                await self.leases.release_all()
+            except DatabaseError as exc:
+                log.warning("could not hand back leases; they will lapse", error=str(exc))
+        await self.worker.close()
+        log.info("stopped", unfinished_callbacks=len(self.worker.jobs))
+
+
+def client_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one upstream HTTP session of a process. The lookup semaphore caps concurrency."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=settings.lookup_timeout),
+        raise_for_status=False,
+    )
+
+
+async def open_database(settings: Settings) -> tuple[Database, EmbeddedPostgres | None]:
+    """The pool, on the configured database or on an embedded one started for it."""
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = await asyncio.to_thread(embedded.start)
+    try:
+        db = await Database.open(url, size=settings.pool_size, timeout=DB_TIMEOUT)
+    except BaseException:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise
+    return db, embedded
+
+
+async def close_database(db: Database, embedded: EmbeddedPostgres | None) -> None:
+    await db.close()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def run(settings: Settings) -> int:
+    """``lastseen serve``: runs one instance until SIGTERM or SIGINT; returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    db, embedded = await open_database(settings)
+    try:
+        async with client_session(settings) as session:
+            service = Service(settings, db, session)
+            failure = await service.run_until(stop)
+    finally:
+        await close_database(db, embedded)
+    if failure:
+        log.error("stopped after a failure", failure=failure)
+        return 1
+    return 0

@@ -1,0 +1,314 @@
+"""The database edge: the pool, the migrations, and every named query as a method.
+
+Callers never see asyncpg's exceptions: each method turns them into ``DatabaseUnavailable``
+(connection trouble, worth waiting out), ``RetryableConflict`` (deadlock or serialization
+failure, run the transaction again) or ``DatabaseError`` (anything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import importlib.resources
+import re
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+import asyncpg
+import structlog
+
+from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
+
+log = structlog.get_logger("lastseen.db")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+)
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+def translate(operation: str, exc: BaseException) -> DatabaseError:
+    """The package's own error for a driver error."""
+    if isinstance(exc, _RETRYABLE):
+        return RetryableConflict(operation, str(exc))
+    if isinstance(exc, _UNAVAILABLE):
+        return DatabaseUnavailable(operation, str(exc) or type(exc).__name__)
+    return DatabaseError(operation, str(exc) or type(exc).__name__)
+
+
+def _edge(
+    method: Callable[Concatenate[Database, P], Awaitable[R]],
+) -> Callable[Concatenate[Database, P], Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def wrapper(self: Database, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise translate(method.__name__, exc) from exc
+
+    return cast("Callable[Concatenate[Database, P], Coroutine[Any, Any, R]]", wrapper)
+
+
+def load_queries() -> dict[str, str]:
+    """The statements of ``sql/queries.sql`` by name."""
+    text = importlib.resources.files("lastseen").joinpath("sql/queries.sql").read_text()
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        queries[name.strip()] = body.strip()
+    return queries
+
+
+def load_migrations() -> list[tuple[int, str, str]]:
+    """(version, name, SQL) of each migration, in order."""
+    folder = importlib.resources.files("lastseen").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text()))
+    return sorted(found)
+
+
+Q = load_queries()
+
+# Serializes migrations of concurrently starting instances.
+_MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claimed:
+    """A callback leased to this worker."""
+
+    id: int
+    received_at: datetime
+    object_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    callback_id: int
+    object_id: int
+    received_at: datetime
+    reason: str
+    detail: str
+    attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResultBatch:
+    """What one results transaction writes. ``ids`` are distinct."""
+
+    ids: Sequence[int]
+    seen_at: Sequence[datetime]
+    online: Sequence[bool]
+    dead_letters: Sequence[DeadLetter]
+    completed: Sequence[int]
+
+
+class Database:
+    """The pool and the named queries. Open once per process; close in the same place."""
+
+    def __init__(self, pool: asyncpg.Pool, url: str, statement_timeout: float) -> None:
+        self.pool = pool
+        self.url = url
+        self.statement_timeout = statement_timeout
+
+    @classmethod
+    async def open(cls, url: str, *, size: int, timeout: float) -> Database:
+        """A pool that connects lazily, so that a process can start while the database is down."""
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=0,
+                max_size=size,
+                timeout=timeout,
+                command_timeout=timeout,
+                max_inactive_connection_lifetime=60,
+                server_settings={
+                    "application_name": "lastseen",
+                    # A 202 promises durability, whatever the server's default.
+                    "synchronous_commit": "on",
+                },
+            )
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise translate("open", exc) from exc
+        return cls(pool, url, timeout)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), self.statement_timeout)
+        except TimeoutError:
+            self.pool.terminate()
+
+    @_edge
+    async def listen(self, channel: str, wake: Callable[[], None]) -> asyncpg.Connection:
+        """A dedicated connection that calls ``wake`` on each notification on ``channel``."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=self.statement_timeout)
+        await conn.add_listener(channel, lambda *_: wake())
+        return conn
+
+    @_edge
+    async def migrate(self) -> list[int]:
+        """Applies the migrations this database lacks; returns the versions applied now."""
+        applied_now = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS lastseen_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in await conn.fetch("SELECT version FROM lastseen_migrations")}
+            known = load_migrations()
+            unknown = done - {version for version, _, _ in known}
+            if unknown:
+                log.warning("database has newer migrations than this lastseen", versions=unknown)
+            for version, name, sql in known:
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO lastseen_migrations (version, name) VALUES ($1, $2)", version, name
+                )
+                applied_now.append(version)
+        return applied_now
+
+    @_edge
+    async def ping(self) -> None:
+        await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout)
+
+    @_edge
+    async def insert_callbacks(
+        self, received_at: Sequence[datetime], id_lists: Sequence[Sequence[int]]
+    ) -> list[int]:
+        """Stores callbacks in one durable transaction; returns their ids in input order."""
+        lows: list[int] = []
+        highs: list[int] = []
+        flat: list[int] = []
+        for ids in id_lists:
+            lows.append(len(flat) + 1)
+            flat.extend(ids)
+            highs.append(len(flat))
+        rows = await self.pool.fetch(Q["insert_callbacks"], received_at, lows, highs, flat)
+        # One statement draws its ids from the sequence in row order, so sorting recovers it.
+        return sorted(row[0] for row in rows)
+
+    @_edge
+    async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
+        rows = await self.pool.fetch(Q["claim_callbacks"], worker, limit, lease)
+        return [Claimed(r[0], r[1], r[2]) for r in rows]
+
+    @_edge
+    async def extend_leases(self, worker: str, ids: Sequence[int], lease: float) -> set[int]:
+        rows = await self.pool.fetch(Q["extend_leases"], worker, list(ids), lease)
+        return {row[0] for row in rows}
+
+    @_edge
+    async def release(self, worker: str, ids: Sequence[int]) -> None:
+        await self.pool.execute(Q["release_callbacks"], worker, list(ids))
+
+    @_edge
+    async def write_results(self, batch: ResultBatch, cutoff: datetime) -> tuple[int, int]:
+        """Writes one batch of results in one transaction; returns (upserted, deleted).
+
+        Asynchronous commit is safe here: if the server loses this transaction in a crash, the
+        callbacks are not marked done either, and their leases run out and they are redone.
+        """
+        upserted = deleted = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            if batch.ids:
+                row = await conn.fetchrow(
+                    Q["apply_results"], batch.ids, batch.seen_at, batch.online, cutoff
+                )
+                assert row is not None
+                upserted, deleted = row[0], row[1]
+            if batch.dead_letters:
+                letters = batch.dead_letters
+                await conn.execute(
+                    Q["insert_dead_letters"],
+                    [d.callback_id for d in letters],
+                    [d.object_id for d in letters],
+                    [d.received_at for d in letters],
+                    [d.reason for d in letters],
+                    [d.detail for d in letters],
+                    [d.attempts for d in letters],
+                )
+            if batch.completed:
+                await conn.execute(Q["complete_callbacks"], batch.completed)
+        return upserted, deleted
+
+    @_edge
+    async def reap(self, cutoff: datetime, limit: int) -> int | None:
+        """Deletes expired objects; None when another instance's reaper holds the lock."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(Q["take_reaper_lock"]):
+                return None
+            rows = await conn.fetch(Q["reap_objects"], cutoff, limit)
+        return len(rows)
+
+    @_edge
+    async def prune(
+        self, done_before: datetime, observed_before: datetime, limit: int
+    ) -> tuple[int, int]:
+        """Deletes old done callbacks and stale observations; returns how many of each."""
+        callbacks = await self.pool.execute(Q["prune_callbacks"], done_before, limit)
+        observations = await self.pool.execute(Q["prune_observations"], observed_before)
+        return _count(callbacks), _count(observations)
+
+    @_edge
+    async def inbox_stats(self) -> tuple[int, datetime | None]:
+        row = await self.pool.fetchrow(Q["inbox_stats"])
+        assert row is not None
+        return row[0], row[1]
+
+    @_edge
+    async def count_objects(self) -> int:
+        return int(await self.pool.fetchval(Q["count_objects"]))
+
+    @_edge
+    async def list_objects(self, after: int, limit: int) -> list[tuple[int, datetime]]:
+        return [(r[0], r[1]) for r in await self.pool.fetch(Q["list_objects"], after, limit)]
+
+    @_edge
+    async def get_object(self, object_id: int) -> datetime | None:
+        row = await self.pool.fetchrow(Q["get_object"], object_id)
+        return None if row is None else row[1]
+
+    @_edge
+    async def get_callback(self, callback_id: int) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(Q["get_callback"], callback_id)
+        return None if row is None else dict(row)
+
+    @_edge
+    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
+        rows = await self.pool.fetch(Q["list_dead_letters"], limit)
+        return [DeadLetter(*r[:6]) for r in rows]
+
+    @_edge
+    async def count_dead_letters(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in await self.pool.fetch(Q["count_dead_letters"])}
+
+    @_edge
+    async def retry_dead_letters(self, limit: int) -> list[int]:
+        """Puts dead letters back into the inbox; returns the ids of the new callbacks."""
+        return sorted(r[0] for r in await self.pool.fetch(Q["retry_dead_letters"], limit))
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 12``."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,72 @@
+"""The package's exceptions: one base class, small subclasses that carry their data.
+
+HTTP status codes are chosen in the HTTP layer (``ingest.py``, ``web.py``), not here.
+"""
+
+from __future__ import annotations
+
+
+class LastseenError(Exception):
+    """Base class of every error lastseen raises on purpose."""
+
+
+class ConfigError(LastseenError):
+    """A setting has a value that cannot work."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+class InvalidCallback(LastseenError):
+    """A request body is not a valid callback; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class DatabaseError(LastseenError):
+    """PostgreSQL failed or could not be reached; the driver's error is the ``__cause__``."""
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"{operation}: {detail}")
+        self.operation = operation
+        self.detail = detail
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The connection failed or timed out: worth retrying later."""
+
+
+class RetryableConflict(DatabaseError):
+    """A deadlock or serialization failure: the same transaction may simply be run again."""
+
+
+class CommitTimeout(LastseenError):
+    """A callback was not committed within the commit timeout; it was not acknowledged."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"not committed within {timeout:g} s")
+        self.timeout = timeout
+
+
+class NotAccepting(LastseenError):
+    """The instance takes no callbacks now: it is starting up or shutting down."""
+
+
+class EmbeddedPostgresError(LastseenError):
+    """The embedded PostgreSQL could not be started or stopped."""
+
+
+class LookupFailed(LastseenError):
+    """One upstream lookup failed; ``permanent`` says whether retrying could help."""
+
+    def __init__(self, object_id: int, reason: str, detail: str, *, permanent: bool) -> None:
+        super().__init__(f"object {object_id}: {reason}: {detail}")
+        self.object_id = object_id
+        self.reason = reason
+        self.detail = detail
+        self.permanent = permanent

@@ -1,0 +1,181 @@
+"""The inbox: durable storage of received callbacks, and the leases workers take on them.
+
+Writing: group commit. A 202 means the callback is committed with synchronous commit, so every
+request waits for an fsync. Rather than one transaction per request, requests queue here and a
+few committers each take everything that queued meanwhile and store it with one multi-row
+INSERT. While one commit waits for its fsync, the next batch forms; an idle service commits a
+lone request at once, so the batching adds no latency when there is nothing to batch.
+
+Reading: leases. A worker claims callbacks with ``FOR UPDATE SKIP LOCKED`` and sets
+``locked_until``; it renews the lease while it works. If it dies, the lease runs out and any
+worker claims the callback again. Redoing a callback is harmless: lookups only read, and result
+writes are monotonic (see results.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Sequence
+from datetime import datetime
+
+import structlog
+
+from lastseen.db import Claimed, Database
+from lastseen.errors import (
+    CommitTimeout,
+    DatabaseError,
+    DatabaseUnavailable,
+    NotAccepting,
+    RetryableConflict,
+)
+from lastseen.metrics import Metrics
+
+log = structlog.get_logger("lastseen.inbox")
+
+_Entry = tuple[datetime, list[int], "asyncio.Future[int]"]
+
+
+class GroupCommit:
+    """Commits callbacks in groups; ``submit`` returns once the callback is durable."""
+
+    def __init__(
+        self,
+        db: Database,
+        metrics: Metrics,
+        *,
+        max_batch: int,
+        concurrency: int,
+        timeout: float,
+        retry_delay: float = 0.05,
+    ) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retry_delay = retry_delay
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._wake = asyncio.Event()
+        self._open = False
+        self._closing = False
+
+    def open(self) -> None:
+        """Starts taking callbacks (once the schema is in place)."""
+        self._open = True
+
+    async def submit(self, received_at: datetime, object_ids: list[int]) -> int:
+        """Stores one callback durably and returns its id.
+
+        Raises ``CommitTimeout`` if that takes longer than the timeout (the callback is then not
+        acknowledged and, if no committer has taken it yet, not stored either), ``NotAccepting``
+        before ``open`` and after ``close``, and ``DatabaseError`` if PostgreSQL refuses it.
+        """
+        if self._closing:
+            raise NotAccepting("shutting down")
+        if not self._open:
+            raise NotAccepting("starting: the schema is not migrated yet")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((received_at, object_ids, future))
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            # wait_for cancelled the future, so a committer that has not taken it skips it.
+            raise CommitTimeout(self.timeout) from None
+
+    def _take(self) -> list[_Entry]:
+        batch: list[_Entry] = []
+        while self._queue and len(batch) < self.max_batch:
+            entry = self._queue.popleft()
+            if not entry[2].done():
+                batch.append(entry)
+        return batch
+
+    async def run(self) -> None:
+        """The committers; runs until cancelled, or until ``close`` has drained the queue."""
+        await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
+
+    async def _committer(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        try:
+            ids = await self.db.insert_callbacks([e[0] for e in batch], [e[1] for e in batch])
+        except (DatabaseUnavailable, RetryableConflict) as exc:
+            # Put the batch back, in order, for the next try; requests whose timeout passes
+            # meanwhile get their 503 and are skipped.
+            log.warning("group commit failed, will retry", error=str(exc), size=len(batch))
+            self._queue.extendleft(reversed(batch))
+            await asyncio.sleep(self.retry_delay)
+            return
+        except DatabaseError as exc:
+            log.error("group commit refused", error=str(exc), size=len(batch))
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.commit_batch.observe(len(batch))
+        for (_, _, future), callback_id in zip(batch, ids, strict=True):
+            if not future.done():
+                future.set_result(callback_id)
+
+    def close(self) -> None:
+        """Refuses new callbacks; ``run`` returns once what was queued is committed."""
+        self._closing = True
+        self._wake.set()
+
+
+class Leases:
+    """Claims callbacks for one worker and keeps its leases alive."""
+
+    def __init__(self, db: Database, worker: str, *, lease: float, batch: int) -> None:
+        self.db = db
+        self.worker = worker
+        self.lease = lease
+        self.batch = batch
+        self.held: set[int] = set()
+
+    async def claim(self, room: int) -> list[Claimed]:
+        """Leases up to ``room`` callbacks (at most one claim batch)."""
+        claimed = await self.db.claim(self.worker, min(room, self.batch), self.lease)
+        self.held.update(c.id for c in claimed)
+        return claimed
+
+    def finished(self, ids: Sequence[int]) -> None:
+        """Stops renewing these (they are done)."""
+        self.held.difference_update(ids)
+
+    async def renew_forever(self) -> None:
+        """Renews the held leases three times per lease period."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not self.held:
+                continue
+            held = list(self.held)
+            try:
+                kept = await self.db.extend_leases(self.worker, held, self.lease)
+            except DatabaseUnavailable as exc:
+                log.warning("could not renew leases", error=str(exc), held=len(held))
+                continue
+            lost = (set(held) & self.held) - kept
+            if lost:
+                # Another worker took them after our lease ran out; both finishing is harmless.
+                log.warning("leases lost", count=len(lost))
+
+    async def release_all(self) -> None:
+        """Hands back what is unfinished so another worker takes it without waiting."""
+        if self.held:
+            await self.db.release(self.worker, list(self.held))
+            self.held.clear()

@@ -1,0 +1,120 @@
+"""POST /callback: validate, group-commit into the inbox, answer 202 with the stored id.
+
+The reply comes only after the commit: a 202 is a promise that the callback survives a crash.
+The body is parsed whatever its Content-Type says; producers are not all careful about it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from lastseen.errors import (
+    CommitTimeout,
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidCallback,
+    NotAccepting,
+)
+from lastseen.inbox import GroupCommit
+from lastseen.metrics import Metrics
+
+log = structlog.get_logger("lastseen.ingest")
+
+ObjectId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class CallbackBody(msgspec.Struct):
+    """The request body; unknown fields are ignored."""
+
+    object_ids: list[ObjectId]
+
+
+_decoder = msgspec.json.Decoder(CallbackBody)
+
+
+def parse_callback(body: bytes) -> list[int]:
+    """The ids of a callback body, or ``InvalidCallback`` saying what is wrong."""
+    try:
+        return _decoder.decode(body).object_ids
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if "at `$.object_ids[" in message:
+            reason = "id_out_of_range" if "=" in message else "invalid_id"
+        elif "at `$.object_ids`" in message:
+            reason = "object_ids_not_a_list"
+        elif "missing required field" in message:
+            reason = "missing_object_ids"
+        else:
+            reason = "not_an_object"
+        raise InvalidCallback(reason, message) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidCallback("malformed_json", f"body is not valid JSON: {exc}") from None
+
+
+def error_body(error: str, detail: str) -> bytes:
+    return msgspec.json.encode({"error": error, "detail": detail})
+
+
+def _reply(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+class CallbackHandler:
+    """The request handler; counts every outcome."""
+
+    def __init__(self, commit: GroupCommit, metrics: Metrics, max_body_bytes: int) -> None:
+        self.commit = commit
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        received_at = datetime.now(UTC)
+        try:
+            response = await self._handle(request, received_at)
+        finally:
+            self.metrics.reply_seconds.observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request, received_at: datetime) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(
+                413,
+                "body_too_large",
+                f"body is larger than {self.max_body_bytes} bytes",
+            )
+        try:
+            ids = parse_callback(body)
+        except InvalidCallback as exc:
+            return self._reject(400, exc.reason, exc.detail)
+        # Duplicates in one callback need one lookup; keep the first occurrence's order.
+        distinct = list(dict.fromkeys(ids))
+        try:
+            callback_id = await self.commit.submit(received_at, distinct)
+        except (CommitTimeout, NotAccepting, DatabaseUnavailable) as exc:
+            return self._reject(503, "not_stored", f"not stored: {exc}", {"Retry-After": "1"})
+        except DatabaseError as exc:
+            log.error("callback not stored", error=str(exc))
+            return self._reject(500, "database_error", "the callback was not stored")
+        self.metrics.callbacks_received.inc()
+        self.metrics.ids_received.inc(len(ids))
+        return _reply(
+            202,
+            msgspec.json.encode(
+                {"callback_id": callback_id, "ids": len(ids), "distinct_ids": len(distinct)}
+            ),
+        )
+
+    def _reject(
+        self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        self.metrics.callbacks_rejected.labels(reason).inc()
+        return _reply(status, error_body(reason, detail), headers)

@@ -1,0 +1,210 @@
+"""Upstream lookups: one request per id, shared by every callback that may use its answer.
+
+Coalescing. The same id arrives in many callbacks. A lookup may serve a callback only if its
+request was sent after that callback was received: an answer obtained earlier says nothing
+about the object at the callback's time. So a lookup accepts joiners while it has not sent its
+request (it waits for a slot, a rate token, or a retry's backoff: whatever it sends will be
+later than now) and, once sent, only callbacks received before the send. A callback that cannot
+join starts a new lookup, which becomes the one later callbacks join. Under a backlog, every
+claimed callback was received in the past, so one lookup per distinct id serves them all.
+
+Failures. Connection errors, timeouts, 5xx, 429 and bodies that do not parse are retried with
+exponential backoff and jitter, without holding a slot; any other 4xx, or an answer about a
+different id, is permanent. A permanent failure, or running out of attempts, is reported as
+such to every callback the lookup serves; it never blocks other ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import aiohttp
+import msgspec
+import structlog
+
+from lastseen.errors import LookupFailed
+from lastseen.metrics import Metrics
+
+log = structlog.get_logger("lastseen.lookups")
+
+
+class UpstreamObject(msgspec.Struct):
+    id: int
+    online: bool
+
+
+_decoder = msgspec.json.Decoder(UpstreamObject)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Job:
+    """A claimed callback being worked on: how many of its distinct ids still lack an outcome."""
+
+    id: int
+    received_at: datetime
+    received_ts: float
+    remaining: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Lookup:
+    """One id's lookup and the jobs it serves."""
+
+    object_id: int
+    jobs: list[Job]
+    sent_at: float | None = None  # wall-clock time of the request under way, if one is
+    attempts: int = 0
+    latency: float = 0.0  # duration of the request that gave the answer
+
+    def accepts(self, job: Job) -> bool:
+        return self.sent_at is None or job.received_ts <= self.sent_at
+
+
+Outcome = bool | LookupFailed  # online or not, or why there is no answer
+Deliver = Callable[[Lookup, Outcome], None]
+
+
+class RateLimiter:
+    """At most ``rate`` acquisitions per second, spread evenly."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self._next = time.monotonic()
+
+    async def acquire(self) -> None:
+        now = time.monotonic()
+        slot = max(self._next, now)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+class Lookups:
+    """Runs lookups against ``objects_url``; calls ``deliver`` once per lookup with its outcome."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        deliver: Deliver,
+        *,
+        objects_url: str,
+        max_in_flight: int,
+        rate: float,
+        timeout: float,
+        max_attempts: int,
+        retry_base: float,
+        retry_max: float,
+    ) -> None:
+        self.session = session
+        self.metrics = metrics
+        self.deliver = deliver
+        self.objects_url = objects_url
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._rate = RateLimiter(rate) if rate > 0 else None
+        self._open: dict[int, Lookup] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, job: Job, object_id: int) -> None:
+        """Looks ``object_id`` up for ``job``, sharing a lookup when the rule above allows."""
+        lookup = self._open.get(object_id)
+        if lookup is not None and lookup.accepts(job):
+            lookup.jobs.append(job)
+            self.metrics.coalesced.inc()
+            return
+        lookup = self._open[object_id] = Lookup(object_id, [job])
+        task = asyncio.create_task(self._run(lookup), name=f"lookup-{object_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _run catches everything it expects; anything else is a bug worth a loud log.
+            log.error("lookup task crashed", error=repr(task.exception()))
+
+    @property
+    def open_lookups(self) -> int:
+        return len(self._tasks)
+
+    async def _run(self, lookup: Lookup) -> None:
+        while True:
+            lookup.attempts += 1
+            async with self._slots:
+                if self._rate is not None:
+                    await self._rate.acquire()
+                outcome = await self._attempt(lookup)
+            if (
+                isinstance(outcome, bool)
+                or outcome.permanent
+                or (lookup.attempts >= self.max_attempts)
+            ):
+                break
+            self.metrics.lookup_retries.labels(outcome.reason).inc()
+            delay = min(self.retry_max, self.retry_base * 2 ** (lookup.attempts - 1))
+            await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
+        # Closed to joiners before anything else can run: the answer is final.
+        if self._open.get(lookup.object_id) is lookup:
+            del self._open[lookup.object_id]
+        self.metrics.lookups.labels(
+            "failed" if isinstance(outcome, LookupFailed) else ("online" if outcome else "offline")
+        ).inc()
+        self.deliver(lookup, outcome)
+
+    async def _attempt(self, lookup: Lookup) -> Outcome:
+        lookup.sent_at = time.time()
+        started = time.perf_counter()
+        self.metrics.lookups_in_flight.inc()
+        try:
+            return await self.fetch(lookup.object_id)
+        except LookupFailed as failure:
+            return failure
+        finally:
+            lookup.latency = time.perf_counter() - started
+            lookup.sent_at = None
+            self.metrics.lookups_in_flight.dec()
+            self.metrics.lookup_seconds.observe(lookup.latency)
+
+    async def fetch(self, object_id: int) -> bool:
+        """One request: whether the object is online, or ``LookupFailed``."""
+        url = f"{self.objects_url}/objects/{object_id}"
+        try:
+            async with self.session.get(url, timeout=self.timeout) as response:
+                status = response.status
+                body = await response.read()
+        except TimeoutError:
+            raise LookupFailed(object_id, "timeout", "no answer in time", permanent=False) from None
+        except aiohttp.ClientError as exc:
+            raise LookupFailed(object_id, "connection", repr(exc), permanent=False) from None
+        if status >= 500 or status == 429:
+            reason = "http_429" if status == 429 else "http_5xx"
+            raise LookupFailed(object_id, reason, f"status {status}", permanent=False)
+        if not 200 <= status < 300:
+            detail = f"status {status}: {body[:200].decode(errors='replace')}"
+            raise LookupFailed(object_id, "http_4xx", detail, permanent=True)
+        try:
+            answer = _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            detail = f"{exc}: {body[:200].decode(errors='replace')}"
+            raise LookupFailed(object_id, "malformed_body", detail, permanent=False) from None
+        if answer.id != object_id:
+            detail = f"asked for {object_id}, the answer is about {answer.id}"
+            raise LookupFailed(object_id, "wrong_id", detail, permanent=True)
+        return answer.online
+
+    async def close(self) -> None:
+        """Cancels the lookups under way (their callbacks stay in the inbox for a redo)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._open.clear()

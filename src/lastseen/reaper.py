@@ -1,0 +1,80 @@
+"""The reaper: deletes objects last seen more than the TTL ago, and prunes old bookkeeping.
+
+The rule: an object goes when its ``last_seen`` is older than the TTL, unless a callback that
+names it was received within the TTL and is still pending (in a backlog, or being looked up).
+Then its own result decides: online moves ``last_seen`` forward, offline deletes the row. Without
+this, a backlog would make objects blink out and back in.
+
+One reaper works at a time across instances (a transaction-scoped advisory lock); the others
+find the lock taken and skip that round, so a dead instance's reaper is replaced at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import structlog
+
+from lastseen.db import Database
+from lastseen.errors import DatabaseError
+from lastseen.metrics import Metrics
+
+log = structlog.get_logger("lastseen.reaper")
+
+REAP_LIMIT = 10_000
+PRUNE_LIMIT = 10_000
+
+
+def _at(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Reaper:
+    def __init__(
+        self,
+        db: Database,
+        metrics: Metrics,
+        *,
+        ttl: float,
+        interval: float,
+        audit_retention: float,
+        prune_interval: float,
+    ) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.ttl = ttl
+        self.interval = interval
+        self.audit_retention = audit_retention
+        self.prune_interval = prune_interval
+
+    async def reap_once(self) -> int | None:
+        """One round; the number of objects deleted, or None if another instance reaps."""
+        deleted = await self.db.reap(_at(time.time() - self.ttl), REAP_LIMIT)
+        if deleted:
+            self.metrics.objects_deleted.labels("expired").inc(deleted)
+        return deleted
+
+    async def prune_once(self) -> tuple[int, int]:
+        now = time.time()
+        return await self.db.prune(
+            _at(now - self.audit_retention), _at(now - self.ttl), PRUNE_LIMIT
+        )
+
+    async def run(self) -> None:
+        """Reaps every ``interval`` and prunes every ``prune_interval``, until cancelled."""
+        next_prune = time.monotonic() + self.prune_interval
+        while True:
+            deleted: int | None = 0
+            try:
+                deleted = await self.reap_once()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.prune_interval
+                    callbacks, observations = await self.prune_once()
+                    if callbacks or observations:
+                        log.info("pruned", callbacks=callbacks, observations=observations)
+            except DatabaseError as exc:
+                log.warning("reaper round failed", error=str(exc))
+            if deleted != REAP_LIMIT:
+                await asyncio.sleep(self.interval)

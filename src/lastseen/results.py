@@ -1,0 +1,147 @@
+"""Writing results: small batches, monotonic upserts, callbacks marked done after their results.
+
+Batching. Results are written as they arrive: the first one wakes the writer, which waits a few
+milliseconds for company (or not at all once a batch is full) and writes everything with one
+multi-row statement per kind. A failed write puts the batch back, merged with what arrived
+meanwhile, and is tried again; a callback's "done" always travels with or after its results.
+
+Monotonic upserts. Lookups finish in any order, in any instance. Only the newest result per id
+counts, "newest" meaning the latest callback receive time. The ``observations`` table keeps the
+newest result per id, online or not, and ``apply_results`` (sql/queries.sql) changes ``objects``
+only for results that became the newest: online -> insert or move ``last_seen`` forward;
+offline -> delete. So an old online answer that arrives after a newer offline one does not
+resurrect the object, and an old offline answer does not delete a newer sighting. Results whose
+callback is already older than the TTL create no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import structlog
+
+from lastseen.db import Database, DeadLetter, ResultBatch
+from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
+from lastseen.metrics import Metrics
+
+log = structlog.get_logger("lastseen.results")
+
+# (receive times of the callbacks served, upstream latency of the answer)
+_Lag = tuple[Sequence[float], float]
+
+
+class ResultWriter:
+    """Collects results, dead letters and finished callbacks, and writes them in batches."""
+
+    def __init__(
+        self,
+        db: Database,
+        metrics: Metrics,
+        *,
+        ttl: float,
+        max_batch: int,
+        interval: float,
+        on_done: Callable[[list[int]], None],
+        retry_delay: float = 0.1,
+    ) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.ttl = ttl
+        self.max_batch = max_batch
+        self.interval = interval
+        self.on_done = on_done
+        self.retry_delay = retry_delay
+        self._results: dict[int, tuple[datetime, bool]] = {}
+        self._lags: list[_Lag] = []
+        self._dead: list[DeadLetter] = []
+        self._done: list[int] = []
+        self._wake = asyncio.Event()
+
+    def add_result(
+        self,
+        object_id: int,
+        seen_at: datetime,
+        online: bool,
+        received: Sequence[float],
+        latency: float,
+    ) -> None:
+        """One lookup's answer for the callbacks received at ``received`` (newest: ``seen_at``)."""
+        self._merge(object_id, seen_at, online)
+        self._lags.append((received, latency))
+        self._wake.set()
+
+    def _merge(self, object_id: int, seen_at: datetime, online: bool) -> None:
+        # One statement may touch each id once; keep the newest, offline winning a tie.
+        known = self._results.get(object_id)
+        if known is None or seen_at > known[0] or (seen_at == known[0] and not online):
+            self._results[object_id] = (seen_at, online)
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        self._dead.extend(letters)
+        self._wake.set()
+
+    def add_done(self, callback_id: int) -> None:
+        self._done.append(callback_id)
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._results) + len(self._dead) + len(self._done)
+
+    async def run(self) -> None:
+        """Writes batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            if self.pending < self.max_batch:
+                await asyncio.sleep(self.interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Writes what is pending, at most one batch; on failure keeps it for the next try."""
+        if not self.pending:
+            return
+        ids = list(self._results)[: self.max_batch]
+        results = {i: self._results.pop(i) for i in ids}
+        lags, self._lags = self._lags, []
+        dead, self._dead = self._dead, []
+        done, self._done = self._done, []
+        if self._results:
+            # More than a batch was pending. Callbacks finished now may have results among
+            # those left behind, so they are marked done with a later batch.
+            self._done, done = done, []
+            self._wake.set()
+        batch = ResultBatch(
+            ids=ids,
+            seen_at=[results[i][0] for i in ids],
+            online=[results[i][1] for i in ids],
+            dead_letters=dead,
+            completed=done,
+        )
+        cutoff = datetime.fromtimestamp(time.time() - self.ttl, UTC)
+        try:
+            upserted, deleted = await self.db.write_results(batch, cutoff)
+        except (DatabaseUnavailable, RetryableConflict, DatabaseError) as exc:
+            log.warning("writing results failed, will retry", error=str(exc), results=len(ids))
+            for object_id, (seen_at, online) in results.items():
+                self._merge(object_id, seen_at, online)
+            self._lags[:0] = lags
+            self._dead[:0] = dead
+            self._done[:0] = done
+            self._wake.set()
+            await asyncio.sleep(self.retry_delay)
+            return
+        written = time.time()
+        self.metrics.results_batch.observe(len(ids) + len(dead))
+        self.metrics.objects_upserted.inc(upserted)
+        self.metrics.objects_deleted.labels("offline").inc(deleted)
+        for received, latency in lags:
+            for received_ts in received:
+                lag = written - received_ts
+                self.metrics.result_lag.observe(lag)
+                self.metrics.lag_over_upstream.observe(max(0.0, lag - latency))
+        if done:
+            self.on_done(done)

@@ -1,0 +1,318 @@
+"""Configuration, read once into one typed object.
+
+Every setting has a command-line flag and a ``LASTSEEN_*`` environment variable; the flag wins.
+Nothing else in the package reads ``os.environ``: components get a ``Settings`` and nothing more.
+Every interval and limit is here so that tests can run the whole system with compressed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from lastseen.errors import ConfigError
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _database_url(value: str) -> str:
+    if urlsplit(value).scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"expected a postgresql:// URL, got {value!r}")
+    return value
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        parsed = kind(value)
+        if parsed <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        return parsed
+
+    return parse
+
+
+def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        parsed = kind(value)
+        if parsed < 0:
+            raise ValueError(f"must be 0 or more, got {value!r}")
+        return parsed
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its field name, how to parse it from text, its default, and its help."""
+
+    field: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    group: str
+
+    @property
+    def env(self) -> str:
+        return "LASTSEEN_" + self.field.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+_seconds = _positive(float)
+_count = _positive(int)
+
+OPTIONS: tuple[Option, ...] = (
+    # Where things are.
+    Option(
+        "database_url",
+        _database_url,
+        None,
+        "PostgreSQL URL; without it lastseen starts its own embedded PostgreSQL in the data dir",
+        "service",
+    ),
+    Option(
+        "listen", _host_port, "127.0.0.1:9090", "host:port the HTTP server listens on", "service"
+    ),
+    Option("objects_url", _url, "http://127.0.0.1:9010", "base URL of the upstream", "service"),
+    Option("ttl", _seconds, "30", "seconds an object stays after it was last seen", "service"),
+    Option(
+        "data_dir",
+        Path,
+        platformdirs.user_data_dir("lastseen"),
+        "directory for the embedded PostgreSQL's data",
+        "service",
+    ),
+    Option(
+        "role",
+        _choice("all", "ingest", "worker"),
+        "all",
+        "what this instance runs: all, ingest (HTTP only) or worker (pipeline only)",
+        "service",
+    ),
+    # The front door.
+    Option("max_body_bytes", _count, "1048576", "largest accepted request body (bytes)", "ingest"),
+    Option(
+        "commit_max_batch", _count, "2000", "most callbacks committed in one transaction", "ingest"
+    ),
+    Option("commit_concurrency", _count, "2", "group commits in flight at once", "ingest"),
+    Option(
+        "commit_timeout",
+        _seconds,
+        "0.8",
+        "seconds a request waits for its commit before it gets 503",
+        "ingest",
+    ),
+    Option("pool_size", _count, "10", "PostgreSQL connections per process", "service"),
+    # Claiming work from the inbox.
+    Option(
+        "lease", _seconds, "30", "seconds a claimed callback stays leased to a worker", "worker"
+    ),
+    Option(
+        "poll_interval",
+        _seconds,
+        "1",
+        "seconds between inbox polls when no notification arrives",
+        "worker",
+    ),
+    Option("claim_batch", _count, "200", "most callbacks claimed at once", "worker"),
+    Option(
+        "max_active_callbacks",
+        _count,
+        "20000",
+        "most claimed, unfinished callbacks held by one process",
+        "worker",
+    ),
+    # Lookups.
+    Option("max_lookups", _count, "5000", "most upstream lookups in flight at once", "lookups"),
+    Option(
+        "lookup_rps",
+        _non_negative(float),
+        "0",
+        "upstream requests per second at most (0: no limit)",
+        "lookups",
+    ),
+    Option("lookup_timeout", _seconds, "10", "seconds one upstream request may take", "lookups"),
+    Option(
+        "max_attempts", _count, "8", "attempts per lookup before it is dead-lettered", "lookups"
+    ),
+    Option(
+        "retry_base", _seconds, "0.5", "first retry delay; it doubles on each attempt", "lookups"
+    ),
+    Option("retry_max", _seconds, "30", "longest retry delay", "lookups"),
+    # Writing results.
+    Option("results_batch", _count, "2000", "most results written in one transaction", "results"),
+    Option(
+        "results_interval", _seconds, "0.005", "seconds results wait to join a batch", "results"
+    ),
+    # Housekeeping.
+    Option("reap_interval", _seconds, "0.2", "seconds between reaper runs", "housekeeping"),
+    Option("audit_retention", _seconds, "3600", "seconds done callbacks are kept", "housekeeping"),
+    Option(
+        "prune_interval", _seconds, "10", "seconds between prunes of done callbacks", "housekeeping"
+    ),
+    Option(
+        "shutdown_grace",
+        _non_negative(float),
+        "10",
+        "seconds shutdown waits for work in flight before it cancels",
+        "housekeeping",
+    ),
+    Option(
+        "log_format",
+        _choice("auto", "json", "console"),
+        "auto",
+        "log format: json, console, or auto (console on a terminal)",
+        "logging",
+    ),
+    Option(
+        "log_level",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "least severe level logged",
+        "logging",
+    ),
+)
+
+_BY_FIELD = {option.field: option for option in OPTIONS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the defaults used in production."""
+
+    database_url: str | None
+    listen: tuple[str, int]
+    objects_url: str
+    ttl: float
+    data_dir: Path
+    role: str
+    max_body_bytes: int
+    commit_max_batch: int
+    commit_concurrency: int
+    commit_timeout: float
+    pool_size: int
+    lease: float
+    poll_interval: float
+    claim_batch: int
+    max_active_callbacks: int
+    max_lookups: int
+    lookup_rps: float
+    lookup_timeout: float
+    max_attempts: int
+    retry_base: float
+    retry_max: float
+    results_batch: int
+    results_interval: float
+    reap_interval: float
+    audit_retention: float
+    prune_interval: float
+    shutdown_grace: float
+    log_format: str
+    log_level: str
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Builds settings from defaults, then ``LASTSEEN_*`` variables, then ``overrides``.
+
+        ``overrides`` holds already-parsed values (from flags, or from a test) by field name;
+        ``None`` values are ignored so that absent flags fall through to the environment.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            raw = env.get(option.env, option.default)
+            try:
+                values[option.field] = None if raw in (None, "") else option.parse(raw)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(option.env, str(exc)) from exc
+        for name, value in (overrides or {}).items():
+            if name not in _BY_FIELD:
+                raise ConfigError(name, "unknown setting")
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Rejects combinations that cannot work, with the setting to fix."""
+        if self.lease <= self.poll_interval:
+            raise ConfigError("LASTSEEN_LEASE", "must be longer than LASTSEEN_POLL_INTERVAL")
+        if self.retry_max < self.retry_base:
+            raise ConfigError("LASTSEEN_RETRY_MAX", "must be at least LASTSEEN_RETRY_BASE")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def listen_url(self) -> str:
+        host, port = self.listen
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
+    """Adds one flag per setting (or per setting of ``groups``) to ``parser``."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        if groups is not None and option.group not in groups:
+            continue
+        section = sections.get(option.group)
+        if section is None:
+            section = sections[option.group] = parser.add_argument_group(f"{option.group} settings")
+        default = "none" if option.default is None else option.default
+        section.add_argument(
+            option.flag,
+            dest=option.field,
+            type=option.parse,
+            default=None,
+            metavar=option.field.split("_")[-1].upper(),
+            help=f"{option.help} [env {option.env}, default {default}]",
+        )
+
+
+def from_arguments(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags (as added by ``add_arguments``) over the environment."""
+    overrides = {field: getattr(args, field) for field in _BY_FIELD if hasattr(args, field)}
+    return Settings.load(env, overrides)

@@ -1,0 +1,162 @@
+-- Every statement lastseen runs, by name. The line after the name says what it is for.
+-- Multi-row work takes arrays and unnests them: one round trip per batch, never one per row.
+
+-- name: insert_callbacks
+-- Stores a group commit's callbacks; each takes its ids as the slice [lo:hi] of one flat array.
+WITH stored AS (
+    INSERT INTO callbacks (received_at, object_ids, locked_until)
+    SELECT r.received_at, ($4::bigint[])[r.lo:r.hi], now()
+    FROM unnest($1::timestamptz[], $2::int[], $3::int[]) WITH ORDINALITY AS r(received_at, lo, hi, ord)
+    ORDER BY r.ord
+    RETURNING id
+)
+SELECT stored.id FROM stored CROSS JOIN (SELECT pg_notify('lastseen_inbox', '')) AS wake;
+
+-- name: claim_callbacks
+-- Leases up to $2 claimable callbacks (new, released, or with a lapsed lease) to worker $1 for $3 s.
+WITH claimable AS (
+    SELECT id FROM callbacks
+    WHERE done_at IS NULL AND locked_until <= now()
+    ORDER BY locked_until
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE callbacks AS c
+SET locked_until = now() + make_interval(secs => $3), locked_by = $1, claims = c.claims + 1
+FROM claimable
+WHERE c.id = claimable.id
+RETURNING c.id, c.received_at, c.object_ids;
+
+-- name: extend_leases
+-- Renews worker $1's leases on the callbacks $2 for another $3 s; returns the ones it still holds.
+UPDATE callbacks
+SET locked_until = now() + make_interval(secs => $3)
+WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL
+RETURNING id;
+
+-- name: release_callbacks
+-- Hands worker $1's unfinished callbacks $2 back to the inbox at once (used on shutdown).
+UPDATE callbacks
+SET locked_until = now(), locked_by = NULL
+WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL;
+
+-- name: apply_results
+-- Records results ($1 ids, $2 receive times, $3 online) that are newer than what is known for
+-- their id, then makes objects follow: newest online -> upsert (if newer than the cutoff $4),
+-- newest offline -> delete. Returns (rows upserted, rows deleted). The ids must be distinct.
+WITH results AS (
+    SELECT r.id, r.seen_at, r.online
+    FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[]) AS r(id, seen_at, online)
+    ORDER BY r.id
+), newest AS (
+    INSERT INTO observations AS o (id, seen_at, online)
+    SELECT id, seen_at, online FROM results
+    ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, online = excluded.online
+    WHERE o.seen_at < excluded.seen_at
+    RETURNING o.id, o.seen_at, o.online
+), gone AS (
+    DELETE FROM objects AS obj USING newest
+    WHERE obj.id = newest.id AND NOT newest.online
+    RETURNING 1
+), seen AS (
+    INSERT INTO objects AS obj (id, last_seen)
+    SELECT id, seen_at FROM newest WHERE online AND seen_at > $4
+    ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen
+    WHERE obj.last_seen < excluded.last_seen
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM seen) AS upserted, (SELECT count(*) FROM gone) AS deleted;
+
+-- name: insert_dead_letters
+-- Records ids that could not be looked up, one row per callback and id.
+INSERT INTO dead_letters AS d (callback_id, object_id, received_at, reason, detail, attempts)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
+ON CONFLICT (callback_id, object_id) DO UPDATE
+SET reason = excluded.reason, detail = excluded.detail, attempts = excluded.attempts,
+    created_at = now();
+
+-- name: complete_callbacks
+-- Marks callbacks done once every id has a result or a dead letter.
+UPDATE callbacks SET done_at = now(), locked_by = NULL
+WHERE id = ANY($1::bigint[]) AND done_at IS NULL;
+
+-- name: take_reaper_lock
+-- One reaper at a time across instances: true for the transaction that gets this lock.
+SELECT pg_try_advisory_xact_lock(hashtext('lastseen.reaper'));
+
+-- name: reap_objects
+-- Deletes up to $2 objects last seen before $1, except ids named by a pending callback received
+-- since $1: that callback's own result decides about them.
+WITH expired AS (
+    SELECT id FROM objects WHERE last_seen < $1
+    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+), protected AS (
+    SELECT x.id
+    FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
+    WHERE c.done_at IS NULL AND c.received_at >= $1
+      AND c.object_ids && ARRAY(SELECT id FROM expired)
+)
+DELETE FROM objects AS obj USING expired
+WHERE obj.id = expired.id AND obj.last_seen < $1
+  AND expired.id NOT IN (SELECT id FROM protected)
+RETURNING obj.id;
+
+-- name: prune_callbacks
+-- Deletes up to $2 callbacks that were done before $1 (the audit period is over).
+DELETE FROM callbacks
+WHERE id IN (SELECT id FROM callbacks WHERE done_at < $1 LIMIT $2);
+
+-- name: prune_observations
+-- Deletes observations older than $1: a result that old can no longer create a row.
+DELETE FROM observations WHERE seen_at < $1;
+
+-- name: inbox_stats
+-- Pending callbacks and the receive time of the oldest one.
+SELECT count(*) AS pending, min(received_at) AS oldest FROM callbacks WHERE done_at IS NULL;
+
+-- name: count_objects
+-- How many objects are online.
+SELECT count(*) FROM objects;
+
+-- name: list_objects
+-- One page of online objects with ids above $1, in id order.
+SELECT id, last_seen FROM objects WHERE id > $1 ORDER BY id LIMIT $2;
+
+-- name: get_object
+-- One online object.
+SELECT id, last_seen FROM objects WHERE id = $1;
+
+-- name: get_callback
+-- One stored callback with its state.
+SELECT id, received_at, object_ids, locked_until, locked_by, claims, retry_of, done_at
+FROM callbacks WHERE id = $1;
+
+-- name: list_dead_letters
+-- Up to $1 dead letters, oldest first.
+SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
+FROM dead_letters ORDER BY created_at, callback_id, object_id LIMIT $1;
+
+-- name: count_dead_letters
+-- Dead letters by reason.
+SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason;
+
+-- name: retry_dead_letters
+-- Moves up to $1 dead letters back into the inbox, as new callbacks with the original receive
+-- times (one per original callback), and deletes them. Returns the new callbacks' ids.
+WITH taken AS (
+    DELETE FROM dead_letters
+    WHERE (callback_id, object_id) IN (
+        SELECT callback_id, object_id FROM dead_letters
+        ORDER BY callback_id, object_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING callback_id, object_id, received_at
+), stored AS (
+    INSERT INTO callbacks (received_at, object_ids, locked_until, retry_of)
+    SELECT received_at, array_agg(object_id ORDER BY object_id), now(), callback_id
+    FROM taken GROUP BY callback_id, received_at
+    RETURNING id
+)
+SELECT stored.id FROM stored CROSS JOIN (SELECT pg_notify('lastseen_inbox', '')) AS wake;
+
+-- name: ping
+-- Is the database there?
+SELECT 1;

@@ -1,0 +1,148 @@
+"""The HTTP surface besides /callback: health, readiness, metrics, the objects read API.
+
+Every error, from any route, is a JSON body ``{"error": ..., "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lastseen.db import Database
+from lastseen.errors import DatabaseError
+from lastseen.ingest import CallbackHandler, error_body
+from lastseen.metrics import Metrics
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PAGE_LIMIT = 1000
+
+
+class Readiness:
+    """Whether this instance can do its work: migrations applied, database reachable."""
+
+    def __init__(self) -> None:
+        self.migrated = False
+        self.reason = "migrations not applied yet"
+
+    async def check(self, db: Database, timeout: float = 1.0) -> str | None:
+        """None when ready, otherwise why not."""
+        if not self.migrated:
+            return self.reason
+        try:
+            await asyncio.wait_for(db.ping(), timeout)
+        except (DatabaseError, TimeoutError) as exc:
+            return f"database unreachable: {exc or 'timeout'}"
+        return None
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=msgspec.json.encode(data), content_type="application/json"
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = exc.reason.lower().replace(" ", "_")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return web.Response(
+            status=exc.status,
+            body=error_body(error, f"{request.method} {request.path}: {exc.reason}"),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+def _object(object_id: int, last_seen: datetime) -> dict[str, object]:
+    return {"id": object_id, "last_seen": last_seen.isoformat()}
+
+
+class Routes:
+    def __init__(self, db: Database, metrics: Metrics, readiness: Readiness) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.readiness = readiness
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "alive"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        reason = await self.readiness.check(self.db)
+        if reason is not None:
+            return _json({"ready": False, "reason": reason}, status=503)
+        return _json({"ready": True})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        # Figures that live in the database are sampled on scrape; a slow database only makes
+        # them stale, never the scrape fail.
+        if self.readiness.migrated:
+            try:
+                pending, oldest = await asyncio.wait_for(self.db.inbox_stats(), 1.0)
+                online = await asyncio.wait_for(self.db.count_objects(), 1.0)
+            except (DatabaseError, TimeoutError):
+                pass
+            else:
+                self.metrics.inbox_pending.set(pending)
+                self.metrics.inbox_oldest_age.set(
+                    0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
+                )
+                self.metrics.objects_online.set(online)
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def list_objects(self, request: web.Request) -> web.Response:
+        try:
+            after = int(request.query.get("after", -(2**63)))
+            limit = int(request.query.get("limit", PAGE_LIMIT))
+            if not 1 <= limit <= PAGE_LIMIT:
+                raise ValueError(limit)
+        except ValueError:
+            return _json(
+                {"error": "bad_query", "detail": f"after: an id; limit: 1 to {PAGE_LIMIT}"}, 400
+            )
+        rows = await self.db.list_objects(after, limit)
+        return _json(
+            {
+                "objects": [_object(i, seen) for i, seen in rows],
+                "next_after": rows[-1][0] if len(rows) == limit else None,
+            }
+        )
+
+    async def get_object(self, request: web.Request) -> web.Response:
+        try:
+            object_id = int(request.match_info["object_id"])
+        except ValueError:
+            return _json({"error": "bad_id", "detail": "the id must be an integer"}, 400)
+        if not -(2**63) <= object_id < 2**63:
+            return _json({"error": "bad_id", "detail": "the id must fit 64 bits"}, 400)
+        last_seen = await self.db.get_object(object_id)
+        if last_seen is None:
+            return _json({"error": "not_found", "detail": f"object {object_id} is not online"}, 404)
+        return _json(_object(object_id, last_seen))
+
+
+def build_app(
+    routes: Routes, callbacks: CallbackHandler | None, *, max_body_bytes: int
+) -> web.Application:
+    """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
+    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    if callbacks is not None:
+        app.router.add_post("/callback", callbacks)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/ready", routes.ready)
+    app.router.add_get("/metrics", routes.metrics_page)
+    app.router.add_get("/objects", routes.list_objects)
+    app.router.add_get("/objects/{object_id}", routes.get_object)
+    return app
