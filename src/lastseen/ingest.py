@@ -73,7 +73,7 @@ class CallbackHandler:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
         try:

@@ -12,7 +12,7 @@ from prometheus_client import (
 )
 
 # The *_created series double the output and say nothing a scraper needs here.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SLOW = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 7.5, 10.0, 30.0)

@@ -139,7 +139,7 @@ def build_app(
     """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
     if callbacks is not None:
-        app.router.add_post("/callback", callbacks)
+        app.router.add_post("/callback", callbacks.handle)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics_page)

@@ -1,0 +1,1 @@
+"""The producer and the upstream lastseen is built for, in one box."""

@@ -1,0 +1,155 @@
+"""What a 202 promises: the callback survives kill -9; and the service survives its database."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+import pytest
+from conftest import StartService, StartUpstream, eventually
+from procs import DatabaseProxy, ServeProcess, unix_socket_of
+
+
+async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:
+    """The callback id of a 202, or None for any other outcome (error, refused, cut off)."""
+    try:
+        async with http.post(url + "/callback", json={"object_ids": ids}) as response:
+            if response.status == 202:
+                return int((await response.json())["callback_id"])
+    except aiohttp.ClientError:
+        pass
+    return None
+
+
+@pytest.mark.slow
+async def test_kill_9_after_202_loses_nothing(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream
+) -> None:
+    """Every callback answered 202 is in the inbox after kill -9, and is processed on restart."""
+    serve = await ServeProcess("--role", "ingest", env={"LASTSEEN_DATABASE_URL": db_url}).start()
+    acknowledged: dict[int, list[int]] = {}
+    async with aiohttp.ClientSession() as http:
+
+        async def producer(n: int) -> None:
+            for i in range(1000):
+                ids = [n * 1000 + i, 100_000 + i]
+                callback_id = await _post(http, serve.url, ids)
+                if callback_id is None:
+                    return
+                acknowledged[callback_id] = ids
+
+        producers = [asyncio.create_task(producer(n)) for n in range(20)]
+        await eventually(lambda: _at_least(acknowledged, 200))
+        serve.kill()  # while 20 requests are in flight
+        await asyncio.gather(*producers)
+    assert await serve.wait() == -signal.SIGKILL
+
+    rows = await sql.fetch("SELECT id, object_ids FROM callbacks")
+    stored = {row["id"]: row["object_ids"] for row in rows}
+    assert len(acknowledged) >= 200
+    for callback_id, ids in acknowledged.items():
+        assert stored[callback_id] == ids
+
+    _, upstream_url = await start_upstream()
+    again = await ServeProcess(
+        env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url}
+    ).start()
+    try:
+
+        async def all_done() -> bool:
+            pending = await sql.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NULL")
+            return bool(pending == 0)
+
+        await eventually(all_done, timeout=30)
+    finally:
+        again.signal(signal.SIGTERM)
+        assert await again.wait() == 0
+
+
+async def _at_least(acknowledged: dict[int, list[int]], n: int) -> bool:
+    return len(acknowledged) >= n
+
+
+@pytest.mark.slow
+async def test_sigterm_finishes_work_and_exits_0(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream
+) -> None:
+    """On SIGTERM the service answers what is in flight, finishes held callbacks, and exits 0."""
+    _, upstream_url = await start_upstream(latency_min=0.2, latency_max=0.3)
+    serve = await ServeProcess(
+        env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url}
+    ).start()
+    async with aiohttp.ClientSession() as http:
+        ids = [await _post(http, serve.url, [i, i + 1]) for i in range(10)]
+    assert None not in ids
+    serve.signal(signal.SIGTERM)
+    assert await serve.wait() == 0
+    assert serve.events("stopped")
+    unfinished = await sql.fetchval(
+        "SELECT count(*) FROM callbacks WHERE done_at IS NULL AND locked_by IS NOT NULL"
+    )
+    assert unfinished == 0
+    done = await sql.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NOT NULL")
+    assert done == 10
+
+
+async def test_readiness_follows_the_database(
+    pg_url: str, db_url: str, start_service: StartService
+) -> None:
+    """/ready is 503 with a reason while the database is away, and 200 again when it is back;
+    meanwhile /health answers and callbacks get a quick 503, never a false 202."""
+    try:
+        proxy = DatabaseProxy(unix_socket_of(pg_url))
+    except ValueError:
+        pytest.skip("needs the embedded server's Unix socket")
+    await proxy.start()
+    database = urlsplit(db_url).path.lstrip("/")
+    service = await start_service(
+        database_url=proxy.url(database), role="ingest", commit_timeout=0.5
+    )
+    assert await service.get("/ready") == (200, {"ready": True})
+
+    await proxy.stop()
+    status, answer = await service.get("/ready")
+    assert status == 503
+    assert answer["ready"] is False
+    assert "database unreachable" in answer["reason"]
+    assert await service.get("/health") == (200, {"status": "alive"})
+    status, answer = await service.post('{"object_ids": [1]}')
+    assert status == 503
+    assert answer["error"] == "not_stored"
+
+    await proxy.start()
+
+    async def ready() -> bool:
+        return (await service.get("/ready"))[0] == 200
+
+    await eventually(ready)
+    status, _ = await service.post('{"object_ids": [1]}')
+    assert status == 202
+    await proxy.stop()
+
+
+async def test_starting_without_a_database_waits_for_it(
+    pg_url: str, db_url: str, start_service: StartService
+) -> None:
+    """A service whose database is not there yet serves /health, reports why it is not ready,
+    and migrates and gets ready once the database appears."""
+    try:
+        proxy = DatabaseProxy(unix_socket_of(pg_url))
+    except ValueError:
+        pytest.skip("needs the embedded server's Unix socket")
+    await proxy.start()
+    await proxy.stop()  # a port known to be closed
+    database = urlsplit(db_url).path.lstrip("/")
+    settings = {"database_url": proxy.url(database), "role": "ingest"}
+    starting = asyncio.create_task(start_service(**settings))
+    await asyncio.sleep(0.5)
+    assert not starting.done()
+    await proxy.start()
+    service = await starting
+    assert await service.get("/ready") == (200, {"ready": True})
+    await proxy.stop()

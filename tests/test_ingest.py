@@ -1,0 +1,166 @@
+"""POST /callback: validation, durable storage before 202, group commit, operations endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from conftest import StartService
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lastseen.errors import InvalidCallback
+from lastseen.ingest import parse_callback
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(st.lists(INT64, max_size=300))
+def test_any_list_of_int64_ids_is_accepted(ids: list[int]) -> None:
+    """Every list of signed 64-bit integers parses back to itself, duplicates and 0 included."""
+    body = ('{"object_ids": [' + ",".join(map(str, ids)) + "]}").encode()
+    assert parse_callback(body) == ids
+
+
+@given(st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)))
+def test_ids_outside_int64_are_refused(n: int) -> None:
+    """An id that does not fit a signed 64-bit integer is an out-of-range error."""
+    with pytest.raises(InvalidCallback) as caught:
+        parse_callback(f'{{"object_ids": [1, {n}]}}'.encode())
+    assert caught.value.reason == "id_out_of_range"
+
+
+BAD_BODIES = [
+    (b"", "malformed_json"),
+    (b'{"object_ids": [1, 2', "malformed_json"),
+    (b"not json", "malformed_json"),
+    (b"[1, 2]", "not_an_object"),
+    (b'"object_ids"', "not_an_object"),
+    (b"{}", "missing_object_ids"),
+    (b'{"ids": [1]}', "missing_object_ids"),
+    (b'{"object_ids": null}', "object_ids_not_a_list"),
+    (b'{"object_ids": 7}', "object_ids_not_a_list"),
+    (b'{"object_ids": {"a": 1}}', "object_ids_not_a_list"),
+    (b'{"object_ids": ["1"]}', "invalid_id"),
+    (b'{"object_ids": [1.5]}', "invalid_id"),
+    (b'{"object_ids": [1.0]}', "invalid_id"),
+    (b'{"object_ids": [true]}', "invalid_id"),
+    (b'{"object_ids": [null]}', "invalid_id"),
+    (b'{"object_ids": [9223372036854775808]}', "id_out_of_range"),
+    (b'{"object_ids": [-9223372036854775809]}', "id_out_of_range"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), BAD_BODIES)
+async def test_bad_bodies_get_400_and_store_nothing(
+    start_service: StartService, sql: asyncpg.Connection, body: bytes, reason: str
+) -> None:
+    """Each kind of bad body gets 400 with a JSON error naming the problem; nothing is stored."""
+    service = await start_service(role="ingest")
+    status, answer = await service.post(body, headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert answer["error"] == reason
+    assert answer["detail"]
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 0
+    assert service.sample("lastseen_callbacks_rejected_total", reason=reason) == 1
+
+
+async def test_a_body_over_the_limit_gets_413(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """A body larger than the configured limit gets 413 with a JSON error; nothing is stored."""
+    service = await start_service(role="ingest", max_body_bytes=1000)
+    body = '{"object_ids": [' + ",".join(["1"] * 600) + "]}"
+    status, answer = await service.post(body)
+    assert status == 413
+    assert answer["error"] == "body_too_large"
+    status, _ = await service.post('{"object_ids": [1, 2, 3]}')
+    assert status == 202
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_other_methods_get_405(start_service: StartService, method: str) -> None:
+    """Methods other than POST on /callback get 405 with a JSON error and an Allow header."""
+    service = await start_service(role="ingest")
+    async with service.http.request(method, service.url + "/callback") as response:
+        assert response.status == 405
+        assert "POST" in response.headers["Allow"]
+        assert (await response.json())["error"] == "method_not_allowed"
+
+
+async def test_a_callback_is_stored_before_202(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """The 202 names the stored row, which holds the receive time and the distinct ids."""
+    service = await start_service(role="ingest")
+    before = await sql.fetchval("SELECT now()")
+    status, answer = await service.post(
+        '{"object_ids": [5, 0, 5, -3, 0], "sent_by": "producer-1"}',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 202
+    assert answer == {"callback_id": answer["callback_id"], "ids": 5, "distinct_ids": 3}
+    row = await sql.fetchrow("SELECT * FROM callbacks WHERE id = $1", answer["callback_id"])
+    assert row is not None
+    assert row["object_ids"] == [5, 0, -3]
+    assert row["done_at"] is None
+    assert abs((row["received_at"] - before).total_seconds()) < 5
+
+
+async def test_an_empty_list_is_a_valid_callback(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """{"object_ids": []} is accepted and stored."""
+    service = await start_service(role="ingest")
+    status, answer = await service.post('{"object_ids": []}')
+    assert status == 202
+    stored = await sql.fetchval(
+        "SELECT object_ids FROM callbacks WHERE id = $1", answer["callback_id"]
+    )
+    assert stored == []
+
+
+async def test_concurrent_requests_share_commits(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """200 concurrent callbacks all get 202 with their own ids, in fewer commits than requests."""
+    service = await start_service(role="ingest")
+    bodies = [f'{{"object_ids": [{i}, {i + 1}]}}' for i in range(200)]
+    replies = await asyncio.gather(*(service.post(body) for body in bodies))
+    assert all(status == 202 for status, _ in replies)
+    ids = [answer["callback_id"] for _, answer in replies]
+    assert len(set(ids)) == 200
+    rows = await sql.fetch("SELECT id, object_ids FROM callbacks")
+    assert {r["id"]: r["object_ids"] for r in rows} == {
+        answer["callback_id"]: [i, i + 1] for i, (_, answer) in enumerate(replies)
+    }
+    commits = service.sample("lastseen_commit_batch_size_count")
+    assert 0 < commits < 200
+
+
+async def test_health_ready_and_metrics(start_service: StartService) -> None:
+    """/health answers, /ready says ready, /metrics counts what was received and rejected."""
+    service = await start_service(role="ingest")
+    assert await service.get("/health") == (200, {"status": "alive"})
+    assert await service.get("/ready") == (200, {"ready": True})
+    await service.post('{"object_ids": [1, 1, 2]}')
+    await service.post("{")
+    async with service.http.get(service.url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    assert "lastseen_callbacks_received_total 1.0" in text
+    assert "lastseen_ids_received_total 3.0" in text
+    assert 'lastseen_callbacks_rejected_total{reason="malformed_json"} 1.0' in text
+    assert "lastseen_reply_seconds_bucket" in text
+    assert "lastseen_commit_batch_size_bucket" in text
+    assert "lastseen_inbox_pending 1.0" in text
+
+
+async def test_unknown_paths_get_a_json_404(start_service: StartService) -> None:
+    """Errors on any path are JSON."""
+    service = await start_service(role="ingest")
+    status, answer = await service.get("/nowhere")
+    assert status == 404
+    assert answer["error"] == "not_found"

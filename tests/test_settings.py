@@ -1,0 +1,82 @@
+"""Configuration: environment variables, flags, defaults and errors."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from procs import LASTSEEN
+
+from lastseen.cli import build_parser
+from lastseen.errors import ConfigError
+from lastseen.settings import OPTIONS, Settings, from_arguments
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """Without configuration, lastseen listens on 127.0.0.1:9090 and keeps objects 30 s."""
+    settings = Settings.load({})
+    assert settings.listen == ("127.0.0.1", 9090)
+    assert settings.objects_url == "http://127.0.0.1:9010"
+    assert settings.ttl == 30.0
+    assert settings.database_url is None
+    assert settings.max_body_bytes == 1024 * 1024
+
+
+def test_environment_variables_are_read() -> None:
+    """Each LASTSEEN_* variable sets its setting, fractions of seconds included."""
+    settings = Settings.load(
+        {
+            "LASTSEEN_DATABASE_URL": "postgresql://u@h/db",
+            "LASTSEEN_LISTEN": "0.0.0.0:8000",
+            "LASTSEEN_OBJECTS_URL": "http://upstream:1234/",
+            "LASTSEEN_TTL": "2.5",
+            "LASTSEEN_DATA_DIR": "/tmp/x",
+        }
+    )
+    assert settings.database_url == "postgresql://u@h/db"
+    assert settings.listen == ("0.0.0.0", 8000)
+    assert settings.objects_url == "http://upstream:1234"
+    assert settings.ttl == 2.5
+    assert str(settings.data_dir) == "/tmp/x"
+
+
+def test_flags_override_the_environment() -> None:
+    """A flag wins over its environment variable."""
+    args = build_parser().parse_args(["serve", "--ttl", "5"])
+    assert from_arguments(args, {"LASTSEEN_TTL": "7"}).ttl == 5.0
+    args = build_parser().parse_args(["serve"])
+    assert from_arguments(args, {"LASTSEEN_TTL": "7"}).ttl == 7.0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LASTSEEN_TTL", "0"),
+        ("LASTSEEN_TTL", "soon"),
+        ("LASTSEEN_LISTEN", "9090"),
+        ("LASTSEEN_DATABASE_URL", "mysql://x"),
+        ("LASTSEEN_OBJECTS_URL", "ftp://x"),
+        ("LASTSEEN_ROLE", "boss"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str) -> None:
+    """A bad value is refused with the name of the variable to fix."""
+    with pytest.raises(ConfigError, match=variable):
+        Settings.load({variable: value})
+
+
+def test_every_setting_has_a_flag_in_serve_help() -> None:
+    """`lastseen serve --help` lists every setting with its variable."""
+    out = subprocess.run(
+        [*LASTSEEN, "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option in OPTIONS:
+        assert option.flag in out
+        assert option.env in out
+
+
+def test_top_level_help_lists_the_commands() -> None:
+    """`lastseen --help` names the subcommands."""
+    out = subprocess.run([*LASTSEEN, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("serve", "dead-letters", "retry-dead-letters"):
+        assert command in out
