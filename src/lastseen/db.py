@@ -232,9 +232,11 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = off")
             if batch.ids:
-                row = await conn.fetchrow(
-                    Q["apply_results"], batch.ids, batch.seen_at, batch.online, cutoff
-                )
+                # Two statements, not one: if the first waits for another writer of the same
+                # ids, the second's fresh snapshot sees what that writer did to objects.
+                results = (batch.ids, batch.seen_at, batch.online)
+                await conn.execute(Q["record_observations"], *results)
+                row = await conn.fetchrow(Q["apply_newest"], *results, cutoff)
                 assert row is not None
                 upserted, deleted = row[0], row[1]
             if batch.dead_letters:

@@ -7,9 +7,10 @@ meanwhile, and is tried again; a callback's "done" always travels with or after 
 
 Monotonic upserts. Lookups finish in any order, in any instance. Only the newest result per id
 counts, "newest" meaning the latest callback receive time. The ``observations`` table keeps the
-newest result per id, online or not, and ``apply_results`` (sql/queries.sql) changes ``objects``
-only for results that became the newest: online -> insert or move ``last_seen`` forward;
-offline -> delete. So an old online answer that arrives after a newer offline one does not
+newest result per id, online or not; ``record_observations`` (sql/queries.sql) updates it only
+with newer results, locking each id's row, and ``apply_newest`` then changes ``objects`` only
+for results that are the newest: online -> insert or move ``last_seen`` forward; offline ->
+delete. So an old online answer that arrives after a newer offline one does not
 resurrect the object, and an old offline answer does not delete a newer sighting. Results whose
 callback is already older than the TTL create no row.
 """

@@ -40,20 +40,25 @@ UPDATE callbacks
 SET locked_until = now(), locked_by = NULL
 WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL;
 
--- name: apply_results
+-- name: record_observations
 -- Records results ($1 ids, $2 receive times, $3 online) that are newer than what is known for
--- their id, then makes objects follow: newest online -> upsert (if newer than the cutoff $4),
--- newest offline -> delete. Returns (rows upserted, rows deleted). The ids must be distinct.
-WITH results AS (
+-- their id. The ids must be distinct. Locks each id's row until the transaction ends.
+INSERT INTO observations AS o (id, seen_at, online)
+SELECT r.id, r.seen_at, r.online
+FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[]) AS r(id, seen_at, online)
+ORDER BY r.id
+ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, online = excluded.online
+WHERE o.seen_at < excluded.seen_at;
+
+-- name: apply_newest
+-- Makes objects follow the results that are now the newest for their id (run right after
+-- record_observations, in the same transaction): online -> upsert if newer than the cutoff $4,
+-- offline -> delete. Returns (rows upserted, rows deleted).
+WITH newest AS (
     SELECT r.id, r.seen_at, r.online
     FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[]) AS r(id, seen_at, online)
+    JOIN observations AS o ON o.id = r.id AND o.seen_at = r.seen_at AND o.online = r.online
     ORDER BY r.id
-), newest AS (
-    INSERT INTO observations AS o (id, seen_at, online)
-    SELECT id, seen_at, online FROM results
-    ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, online = excluded.online
-    WHERE o.seen_at < excluded.seen_at
-    RETURNING o.id, o.seen_at, o.online
 ), gone AS (
     DELETE FROM objects AS obj USING newest
     WHERE obj.id = newest.id AND NOT newest.online

@@ -1,0 +1,150 @@
+"""Monotonic result writes and the reaper's rule, against the real schema."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lastseen.db import Database, ResultBatch
+from lastseen.metrics import Metrics
+from lastseen.reaper import Reaper
+
+EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+# (id, seconds after EPOCH, online); distinct times per id so that "newest" is unambiguous.
+results_strategy = st.lists(
+    st.tuples(st.integers(0, 6), st.integers(0, 40), st.booleans()),
+    max_size=40,
+    unique_by=lambda r: (r[0], r[1]),
+)
+
+
+def batch_of(results: list[tuple[int, int, bool]]) -> ResultBatch:
+    newest: dict[int, tuple[int, bool]] = {}
+    for object_id, t, online in results:  # the writer's own de-duplication: newest per id
+        if object_id not in newest or t > newest[object_id][0]:
+            newest[object_id] = (t, online)
+    ids = list(newest)
+    return ResultBatch(
+        ids=ids,
+        seen_at=[EPOCH + timedelta(seconds=newest[i][0]) for i in ids],
+        online=[newest[i][1] for i in ids],
+        dead_letters=[],
+        completed=[],
+    )
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(results=results_strategy, order_seed=st.integers(0, 2**32), splits=st.integers(1, 6))
+def test_any_completion_order_gives_the_newest_state(
+    db_url: str, results: list[tuple[int, int, bool]], order_seed: int, splits: int
+) -> None:
+    """Whatever order results arrive in, and however they are batched, each id ends as its
+    newest result says: online with that result's receive time, or absent."""
+    shuffled = results[:]
+    random.Random(order_seed).shuffle(shuffled)
+    chunks = [shuffled[i::splits] for i in range(splits)]
+
+    async def apply() -> dict[int, datetime]:
+        db = await Database.open(db_url, size=1, timeout=10)
+        try:
+            await db.pool.execute("TRUNCATE objects, observations")
+            for chunk in chunks:
+                await db.write_results(batch_of(chunk), LONG_AGO)
+            rows = await db.pool.fetch("SELECT id, last_seen FROM objects")
+        finally:
+            await db.close()
+        return {row["id"]: row["last_seen"] for row in rows}
+
+    expected: dict[int, datetime] = {}
+    for object_id in {r[0] for r in results}:
+        _, t, online = max((r for r in results if r[0] == object_id), key=lambda r: r[1])
+        if online:
+            expected[object_id] = EPOCH + timedelta(seconds=t)
+    assert asyncio.run(apply()) == expected
+
+
+async def test_results_older_than_the_ttl_create_no_row(db: Database) -> None:
+    """An online result whose callback is older than the cutoff is recorded but adds no row."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=30)
+    old = cutoff - timedelta(seconds=1)
+    fresh = cutoff + timedelta(seconds=1)
+    batch = ResultBatch(ids=[1, 2], seen_at=[old, fresh], online=[True, True], dead_letters=[],
+                        completed=[])
+    assert await db.write_results(batch, cutoff) == (1, 0)
+    assert [r[0] for r in await db.list_objects(-1, 10)] == [2]
+
+
+async def test_concurrent_writers_of_one_id_keep_the_newest(db_url: str) -> None:
+    """Two instances writing the same ids at once, in opposite orders, end in the newest state
+    and do not deadlock each other into failure."""
+    dbs = [await Database.open(db_url, size=2, timeout=10) for _ in range(2)]
+    try:
+        ids = list(range(200))
+        older = ResultBatch(ids=ids, seen_at=[EPOCH] * 200, online=[True] * 200,
+                            dead_letters=[], completed=[])
+        newer = ResultBatch(ids=ids[::-1], seen_at=[EPOCH + timedelta(seconds=1)] * 200,
+                            online=[False] * 200, dead_letters=[], completed=[])
+        for _ in range(5):
+            await asyncio.gather(
+                dbs[0].write_results(older, LONG_AGO), dbs[1].write_results(newer, LONG_AGO)
+            )
+        assert await dbs[0].count_objects() == 0
+    finally:
+        for d in dbs:
+            await d.close()
+
+
+async def _pending_callback(sql: asyncpg.Connection, received: datetime, ids: list[int]) -> int:
+    return int(
+        await sql.fetchval(
+            "INSERT INTO callbacks (received_at, object_ids, locked_until)"
+            " VALUES ($1, $2, now()) RETURNING id",
+            received,
+            ids,
+        )
+    )
+
+
+async def test_reaper_spares_objects_named_by_a_pending_callback(
+    db: Database, sql: asyncpg.Connection
+) -> None:
+    """An expired object stays while a callback received within the TTL that names it is
+    pending; it goes once that callback is done (if its result did not renew it)."""
+    now = datetime.now(UTC)
+    await sql.execute(
+        "INSERT INTO objects VALUES (1, $1), (2, $1), (3, $2)",
+        now - timedelta(seconds=10),
+        now,
+    )
+    recent = await _pending_callback(sql, now - timedelta(seconds=1), [1, 7])
+    await _pending_callback(sql, now - timedelta(seconds=60), [2])  # older than the TTL
+    reaper = Reaper(db, Metrics(), ttl=5, interval=1, audit_retention=60, prune_interval=1)
+    assert await reaper.reap_once() == 1
+    assert [r[0] for r in await db.list_objects(-1, 10)] == [1, 3]
+    await sql.execute("UPDATE callbacks SET done_at = now() WHERE id = $1", recent)
+    assert await reaper.reap_once() == 1
+    assert [r[0] for r in await db.list_objects(-1, 10)] == [3]
+
+
+async def test_prune_removes_old_done_callbacks_and_observations(
+    db: Database, sql: asyncpg.Connection
+) -> None:
+    """Done callbacks older than the audit period and observations older than the TTL go;
+    pending callbacks stay whatever their age."""
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=2)
+    done = await _pending_callback(sql, old, [1])
+    await sql.execute("UPDATE callbacks SET done_at = $2 WHERE id = $1", done, old)
+    await _pending_callback(sql, old, [2])
+    await sql.execute("INSERT INTO observations VALUES (1, $1, true), (2, $2, false)", old, now)
+    reaper = Reaper(db, Metrics(), ttl=30, interval=1, audit_retention=3600, prune_interval=1)
+    assert await reaper.prune_once() == (1, 1)
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+    assert await sql.fetchval("SELECT id FROM observations") == 2
