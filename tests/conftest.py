@@ -19,6 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
+from procs import ServeProcess
 
 from lastseen import logs
 from lastseen.app import Service, client_session
@@ -220,6 +221,25 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
         await session.close()
         await database.close()
     await http.close()
+
+
+Spawn = Callable[..., Coroutine[Any, Any, ServeProcess]]
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """Starts ``lastseen serve`` subprocesses (``await spawn(*args, env=...)``), ready to use;
+    whatever is still running at the end of the test is killed."""
+    started: list[ServeProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        process = ServeProcess(*args, env=env)
+        started.append(process)
+        return await process.start()
+
+    yield start
+    for process in started:
+        await process.stop()
 
 
 async def eventually(

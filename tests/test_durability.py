@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import pytest
-from conftest import StartService, StartUpstream, eventually
-from procs import DatabaseProxy, ServeProcess, unix_socket_of
+from conftest import Spawn, StartService, StartUpstream, eventually
+from procs import DatabaseProxy, unix_socket_of
 
 
 async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:
@@ -26,10 +26,10 @@ async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | 
 
 @pytest.mark.slow
 async def test_kill_9_after_202_loses_nothing(
-    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
 ) -> None:
     """Every callback answered 202 is in the inbox after kill -9, and is processed on restart."""
-    serve = await ServeProcess("--role", "ingest", env={"LASTSEEN_DATABASE_URL": db_url}).start()
+    serve = await spawn("--role", "ingest", env={"LASTSEEN_DATABASE_URL": db_url})
     acknowledged: dict[int, list[int]] = {}
     async with aiohttp.ClientSession() as http:
 
@@ -54,9 +54,7 @@ async def test_kill_9_after_202_loses_nothing(
         assert stored[callback_id] == ids
 
     _, upstream_url = await start_upstream()
-    again = await ServeProcess(
-        env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url}
-    ).start()
+    again = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
     try:
 
         async def all_done() -> bool:
@@ -75,13 +73,11 @@ async def _at_least(acknowledged: dict[int, list[int]], n: int) -> bool:
 
 @pytest.mark.slow
 async def test_sigterm_finishes_work_and_exits_0(
-    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
 ) -> None:
     """On SIGTERM the service answers what is in flight, finishes held callbacks, and exits 0."""
     _, upstream_url = await start_upstream(latency_min=0.2, latency_max=0.3)
-    serve = await ServeProcess(
-        env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url}
-    ).start()
+    serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
     async with aiohttp.ClientSession() as http:
         ids = [await _post(http, serve.url, [i, i + 1]) for i in range(10)]
     assert None not in ids

@@ -40,7 +40,9 @@ def batch_of(results: list[tuple[int, int, bool]]) -> ResultBatch:
     )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(results=results_strategy, order_seed=st.integers(0, 2**32), splits=st.integers(1, 6))
 def test_any_completion_order_gives_the_newest_state(
     db_url: str, results: list[tuple[int, int, bool]], order_seed: int, splits: int
@@ -75,8 +77,9 @@ async def test_results_older_than_the_ttl_create_no_row(db: Database) -> None:
     cutoff = datetime.now(UTC) - timedelta(seconds=30)
     old = cutoff - timedelta(seconds=1)
     fresh = cutoff + timedelta(seconds=1)
-    batch = ResultBatch(ids=[1, 2], seen_at=[old, fresh], online=[True, True], dead_letters=[],
-                        completed=[])
+    batch = ResultBatch(
+        ids=[1, 2], seen_at=[old, fresh], online=[True, True], dead_letters=[], completed=[]
+    )
     assert await db.write_results(batch, cutoff) == (1, 0)
     assert [r[0] for r in await db.list_objects(-1, 10)] == [2]
 
@@ -87,10 +90,16 @@ async def test_concurrent_writers_of_one_id_keep_the_newest(db_url: str) -> None
     dbs = [await Database.open(db_url, size=2, timeout=10) for _ in range(2)]
     try:
         ids = list(range(200))
-        older = ResultBatch(ids=ids, seen_at=[EPOCH] * 200, online=[True] * 200,
-                            dead_letters=[], completed=[])
-        newer = ResultBatch(ids=ids[::-1], seen_at=[EPOCH + timedelta(seconds=1)] * 200,
-                            online=[False] * 200, dead_letters=[], completed=[])
+        older = ResultBatch(
+            ids=ids, seen_at=[EPOCH] * 200, online=[True] * 200, dead_letters=[], completed=[]
+        )
+        newer = ResultBatch(
+            ids=ids[::-1],
+            seen_at=[EPOCH + timedelta(seconds=1)] * 200,
+            online=[False] * 200,
+            dead_letters=[],
+            completed=[],
+        )
         for _ in range(5):
             await asyncio.gather(
                 dbs[0].write_results(older, LONG_AGO), dbs[1].write_results(newer, LONG_AGO)

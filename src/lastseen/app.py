@@ -158,12 +158,13 @@ class Service:
             # Stops listening and waits for requests in flight, whose commits the group commit
             # still performs (it drains its queue after close()).
             await self._runner.cleanup()
+        await self.supervisor.wait("group-commit", s.shutdown_grace)
         if self.works and self.readiness.migrated:
             self.worker.stop_claiming()
             await self.worker.drain(s.shutdown_grace)
             await self.lookups.close()
-        # Everything except the results writer may end now; then write what is left.
-        await self.supervisor.stop(grace=min(s.shutdown_grace, 5.0))
+        # The rest run until cancelled; then the writer's last batch is written here.
+        await self.supervisor.stop()
         if self.works and self.readiness.migrated:
             try:
                 while self.results.pending:

@@ -46,6 +46,12 @@ class Supervisor:
             return
         self.failed.set()
 
+    async def wait(self, name: str, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for task ``name`` to end by itself."""
+        task = self._tasks.get(name)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+
     @property
     def names(self) -> list[str]:
         return sorted(self._tasks)

@@ -1,0 +1,385 @@
+"""The pipeline end to end in one process: real PostgreSQL, real upstream, compressed time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections import defaultdict
+from datetime import datetime
+
+import asyncpg
+import pytest
+from aiohttp import web
+from conftest import Spawn, StartService, StartUpstream, eventually, serve_app
+from procs import LASTSEEN
+
+
+async def all_done(sql: asyncpg.Connection, expected: int | None = None) -> None:
+    """Waits until every stored callback (at least ``expected`` of them) is done."""
+
+    async def check() -> bool:
+        total, pending = await sql.fetchrow(
+            "SELECT count(*), count(*) FILTER (WHERE done_at IS NULL) FROM callbacks"
+        )
+        return bool(pending == 0 and (expected is None or total >= expected))
+
+    await eventually(check, timeout=20)
+
+
+async def objects(sql: asyncpg.Connection) -> dict[int, datetime]:
+    return {r["id"]: r["last_seen"] for r in await sql.fetch("SELECT * FROM objects")}
+
+
+async def received_at(sql: asyncpg.Connection, callback_id: int) -> datetime:
+    value = await sql.fetchval("SELECT received_at FROM callbacks WHERE id = $1", callback_id)
+    assert isinstance(value, datetime)
+    return value
+
+
+async def test_objects_hold_exactly_the_online_ids_with_their_last_receive_time(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """After callbacks are processed, objects holds the even (online) ids, each with the
+    receive time of the newest callback that named it."""
+    _, url = await start_upstream()
+    service = await start_service(objects_url=url, ttl=30)
+    callbacks = [[0, 1, 2, 3, 4], [4, 5, 6, 6, 7], [], [2, 9, 10]]
+    newest: dict[int, int] = {}
+    for ids in callbacks:
+        status, answer = await service.post(json.dumps({"object_ids": ids}))
+        assert status == 202
+        for object_id in ids:
+            newest[object_id] = answer["callback_id"]
+    await all_done(sql, len(callbacks))
+    expected = {i: await received_at(sql, cb) for i, cb in newest.items() if i % 2 == 0}
+    assert await objects(sql) == expected
+    assert service.sample("lastseen_lookups_total", outcome="online") >= 5
+    assert service.sample("lastseen_callbacks_completed_total") == 4
+
+
+async def test_read_api_lists_and_gets_objects(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """GET /objects pages through the online objects; GET /objects/{id} gets one or 404."""
+    _, url = await start_upstream()
+    service = await start_service(objects_url=url, ttl=30)
+    await service.post(json.dumps({"object_ids": list(range(10))}))
+    await all_done(sql, 1)
+    status, page = await service.get("/objects?limit=3")
+    assert status == 200
+    assert [o["id"] for o in page["objects"]] == [0, 2, 4]
+    status, page = await service.get(f"/objects?limit=3&after={page['next_after']}")
+    assert [o["id"] for o in page["objects"]] == [6, 8]
+    assert page["next_after"] is None
+    status, one = await service.get("/objects/8")
+    assert status == 200
+    assert one["id"] == 8
+    assert datetime.fromisoformat(one["last_seen"]) == (await objects(sql))[8]
+    assert (await service.get("/objects/7"))[0] == 404
+    assert (await service.get("/objects/x"))[0] == 400
+    assert (await service.get("/objects?limit=0"))[0] == 400
+
+
+async def test_offline_after_online_and_back(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """An object found offline is removed, and comes back when found online again."""
+    state = {5: True}
+    _, url = await start_upstream(online=lambda object_id, now: state[object_id])
+    service = await start_service(objects_url=url, ttl=30)
+
+    async def post_and_wait(n: int) -> int:
+        _, answer = await service.post('{"object_ids": [5]}')
+        await all_done(sql, n)
+        return int(answer["callback_id"])
+
+    first = await post_and_wait(1)
+    assert await objects(sql) == {5: await received_at(sql, first)}
+    state[5] = False
+    await post_and_wait(2)
+    assert await objects(sql) == {}
+    state[5] = True
+    third = await post_and_wait(3)
+    assert await objects(sql) == {5: await received_at(sql, third)}
+
+
+async def scripted_upstream(
+    script: dict[int, list[tuple[float, bool]]],
+) -> tuple[str, web.AppRunner]:
+    """An upstream whose n-th answer for an id waits and answers as ``script[id][n]`` says."""
+    counts: defaultdict[int, int] = defaultdict(int)
+
+    async def handle(request: web.Request) -> web.Response:
+        object_id = int(request.match_info["object_id"])
+        delay, online = script[object_id][counts[object_id]]
+        counts[object_id] += 1
+        await asyncio.sleep(delay)
+        return web.json_response({"id": object_id, "online": online})
+
+    app = web.Application()
+    app.router.add_get("/objects/{object_id}", handle)
+    runner, url = await serve_app(app)
+    return url, runner
+
+
+async def test_an_older_result_finishing_last_does_not_win(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """Callback A's slow 'online' answer arrives after callback B's quick 'offline' one; B is
+    newer, so the object ends absent. And the other way round, it ends online with B's time."""
+    url, runner = await scripted_upstream(
+        {1: [(0.6, True), (0.01, False)], 2: [(0.6, False), (0.01, True)]}
+    )
+    try:
+        service = await start_service(objects_url=url, ttl=30)
+        await service.post('{"object_ids": [1, 2]}')
+        await asyncio.sleep(0.2)  # A's lookups are under way; B needs lookups of its own
+        _, b = await service.post('{"object_ids": [1, 2]}')
+        await all_done(sql, 2)
+        assert await objects(sql) == {2: await received_at(sql, b["callback_id"])}
+    finally:
+        await runner.cleanup()
+
+
+async def test_coalescing_under_a_backlog_asks_once_per_distinct_id(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """Ten waiting callbacks naming the same 20 ids cost 20 lookups, not 200."""
+    upstream, url = await start_upstream()
+    ingest = await start_service(role="ingest")
+    for _ in range(10):
+        assert (await ingest.post(json.dumps({"object_ids": list(range(20))})))[0] == 202
+    worker = await start_service(role="worker", objects_url=url, ttl=30)
+    await all_done(sql, 10)
+    assert upstream.stats["requests"] == 20
+    assert worker.sample("lastseen_lookups_coalesced_total") == 180
+    assert sorted(await objects(sql)) == list(range(0, 20, 2))
+
+
+async def test_a_lookup_sent_before_a_callback_does_not_serve_it(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """A callback received while its id's lookup is already under way gets a lookup of its own,
+    and the object ends with the later callback's receive time."""
+    upstream, url = await start_upstream(latency_min=0.4, latency_max=0.4)
+    service = await start_service(objects_url=url, ttl=30)
+    await service.post('{"object_ids": [8]}')
+    await eventually(lambda: _true(upstream.in_flight == 1))
+    _, later = await service.post('{"object_ids": [8]}')
+    await all_done(sql, 2)
+    assert upstream.requests_by_id[8] == 2
+    assert service.sample("lastseen_lookups_coalesced_total") == 0
+    assert await objects(sql) == {8: await received_at(sql, later["callback_id"])}
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [("error_5xx", "error_5xx"), ("malformed",), ("hang",), ("drop",), ("error_5xx", "hang")],
+)
+async def test_transient_failures_are_retried(
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    sql: asyncpg.Connection,
+    faults: tuple[str, ...],
+) -> None:
+    """5xx, bodies that do not parse, timeouts and dropped connections are retried until an
+    answer comes; nothing is dead-lettered."""
+    upstream, url = await start_upstream(first_faults=faults, hang_seconds=5)
+    service = await start_service(objects_url=url, ttl=30, lookup_timeout=0.3)
+    await service.post('{"object_ids": [2, 3]}')
+    await all_done(sql, 1)
+    assert upstream.requests_by_id[2] == len(faults) + 1
+    assert sorted(await objects(sql)) == [2]
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0
+    retries = sum(
+        service.sample("lastseen_lookup_retries_total", reason=reason)
+        for reason in ("http_5xx", "malformed_body", "timeout", "connection")
+    )
+    if "drop" in faults:
+        # aiohttp itself resends an idempotent GET once when the server drops the connection.
+        assert retries <= 2 * len(faults)
+    else:
+        assert retries == 2 * len(faults)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason", "attempts"),
+    [
+        ({"invalid_400": 1.0}, "http_4xx", 1),
+        ({"wrong_id": 1.0}, "wrong_id", 1),
+        ({"error_5xx": 1.0}, "http_5xx", 3),
+    ],
+)
+async def test_permanent_failures_are_dead_lettered(
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    sql: asyncpg.Connection,
+    config: dict[str, float],
+    reason: str,
+    attempts: int,
+) -> None:
+    """A 4xx, an answer about another id, or running out of attempts dead-letters the id for
+    each callback that named it, with the reason and attempts; the callbacks still complete."""
+    _, url = await start_upstream(**config)
+    service = await start_service(objects_url=url, ttl=30, max_attempts=3)
+    _, first = await service.post('{"object_ids": [1, 2]}')
+    await all_done(sql, 1)
+    rows = await sql.fetch("SELECT * FROM dead_letters ORDER BY object_id")
+    assert [(r["callback_id"], r["object_id"]) for r in rows] == [
+        (first["callback_id"], 1),
+        (first["callback_id"], 2),
+    ]
+    assert {r["reason"] for r in rows} == {reason}
+    assert {r["attempts"] for r in rows} == {attempts}
+    assert service.sample("lastseen_dead_letters_total", reason=reason) == 2
+    assert await objects(sql) == {}
+
+
+@pytest.mark.slow
+async def test_dead_letters_can_be_listed_and_retried(
+    db_url: str,
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    sql: asyncpg.Connection,
+) -> None:
+    """`lastseen dead-letters` lists them; `lastseen retry-dead-letters` queues their ids again
+    with the original receive time, and a healthy upstream then resolves them."""
+    _, bad = await start_upstream(invalid_400=1.0)
+    service = await start_service(objects_url=bad, ttl=30)
+    _, answer = await service.post('{"object_ids": [4, 5]}')
+    await all_done(sql, 1)
+    await service.service.stop()
+
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    listing = await _run(*LASTSEEN, "dead-letters", env=env)
+    letters = [json.loads(line) for line in listing.splitlines()]
+    assert {(d["object_id"], d["reason"]) for d in letters} == {(4, "http_4xx"), (5, "http_4xx")}
+
+    await _run(*LASTSEEN, "retry-dead-letters", env=env)
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0
+    _, good = await start_upstream()
+    await start_service(objects_url=good, ttl=30)
+    await all_done(sql, 2)
+    assert await objects(sql) == {4: await received_at(sql, answer["callback_id"])}
+
+
+async def _run(*command: str, env: dict[str, str]) -> str:
+    import os
+
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env, "LASTSEEN_LOG_FORMAT": "json"},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_objects_expire_between_ttl_and_ttl_plus_1s(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """An object is deleted no sooner than the TTL after its last callback, and within 1 s more."""
+    _, url = await start_upstream(latency_min=0.01, latency_max=0.02)
+    service = await start_service(objects_url=url, ttl=1.0, reap_interval=0.05)
+    _, answer = await service.post('{"object_ids": [2, 4]}')
+    received = (await received_at(sql, answer["callback_id"])).timestamp()
+    await eventually(lambda: _has_objects(sql), timeout=5)
+    await eventually(lambda: _no_objects(sql), timeout=5, every=0.005)
+    gone = time.time()
+    assert 1.0 <= gone - received < 2.0
+    assert service.sample("lastseen_objects_deleted_total", cause="expired") == 2
+
+
+async def _has_objects(sql: asyncpg.Connection) -> bool:
+    return bool(await sql.fetchval("SELECT count(*) FROM objects"))
+
+
+async def _no_objects(sql: asyncpg.Connection) -> bool:
+    return not await _has_objects(sql)
+
+
+@pytest.mark.slow
+async def test_a_killed_workers_callback_is_finished_by_another(
+    db_url: str,
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    sql: asyncpg.Connection,
+    spawn: Spawn,
+) -> None:
+    """kill -9 of a worker in the middle of a callback: once its lease lapses, another
+    instance claims the callback and finishes it."""
+    upstream, url = await start_upstream(first_faults=("hang",), hang_seconds=60)
+    first = await spawn(
+        env={
+            "LASTSEEN_DATABASE_URL": db_url,
+            "LASTSEEN_OBJECTS_URL": url,
+            "LASTSEEN_LEASE": "1",
+            "LASTSEEN_POLL_INTERVAL": "0.1",
+            "LASTSEEN_LOOKUP_TIMEOUT": "60",
+        }
+    )
+    assert (await first_post(first.url, '{"object_ids": [6]}')) == 202
+    await eventually(lambda: _true(upstream.requests_by_id[6] == 1))
+    first.kill()
+    await first.wait()
+    await start_service(objects_url=url, ttl=30, lease=1.0)
+    await all_done(sql, 1)
+    row = await sql.fetchrow("SELECT claims, done_at FROM callbacks")
+    assert row["claims"] == 2
+    assert sorted(await objects(sql)) == [6]
+
+
+async def first_post(url: str, body: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.post(url + "/callback", data=body) as r:
+        return r.status
+
+
+@pytest.mark.slow
+async def test_kill_9_at_any_moment_loses_no_callback(
+    db_url: str, start_upstream: StartUpstream, sql: asyncpg.Connection, spawn: Spawn
+) -> None:
+    """Callbacks keep coming while the service is killed with kill -9 and restarted, three
+    times; in the end every acknowledged callback is done and the table is right."""
+    import aiohttp
+
+    _, url = await start_upstream(latency_min=0.01, latency_max=0.2)
+    env = {
+        "LASTSEEN_DATABASE_URL": db_url,
+        "LASTSEEN_OBJECTS_URL": url,
+        "LASTSEEN_LEASE": "1",
+        "LASTSEEN_POLL_INTERVAL": "0.1",
+        "LASTSEEN_TTL": "60",
+    }
+    acknowledged: list[int] = []
+    async with aiohttp.ClientSession() as http:
+        for cycle in range(4):
+            serve = await spawn(env=env)
+            deadline = time.monotonic() + 1.0 + 0.3 * cycle
+            n = 0
+            while time.monotonic() < deadline:
+                ids = [(cycle * 1000 + n * 7 + k) % 50 for k in range(20)]
+                async with http.post(serve.url + "/callback", json={"object_ids": ids}) as r:
+                    if r.status == 202:
+                        acknowledged.append((await r.json())["callback_id"])
+                n += 1
+                await asyncio.sleep(0.01)
+            if cycle < 3:
+                serve.kill()
+                await serve.wait()
+        await all_done(sql, len(acknowledged))
+        serve.signal(signal.SIGTERM)
+        assert await serve.wait() == 0
+    done = {r[0] for r in await sql.fetch("SELECT id FROM callbacks WHERE done_at IS NOT NULL")}
+    assert set(acknowledged) <= done
+    named = {i for r in await sql.fetch("SELECT object_ids FROM callbacks") for i in r[0]}
+    assert sorted(await objects(sql)) == sorted(i for i in named if i % 2 == 0)
