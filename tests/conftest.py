@@ -19,12 +19,12 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
-from procs import ServeProcess
 
 from lastseen import logs
 from lastseen.app import Service, client_session
 from lastseen.db import Database
 from lastseen.embedded import EmbeddedPostgres
+from lastseen.processes import ServeProcess
 from lastseen.settings import Settings
 from lastseen.simulate.upstream import Upstream, UpstreamConfig
 

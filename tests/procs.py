@@ -1,92 +1,10 @@
-"""Helpers that run lastseen as a real subprocess, and a TCP proxy that can cut the database off."""
+"""A TCP proxy in front of the test database, to take it away and bring it back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import signal
-import sys
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-import aiohttp
-
-LASTSEEN = [sys.executable, "-m", "lastseen"]
-
-
-class ServeProcess:
-    """``lastseen serve`` in a subprocess on a free port; its JSON log lines are kept."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.url = ""
-        self.logs: list[dict[str, Any]] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self, timeout: float = 30.0) -> ServeProcess:
-        self.proc = await asyncio.create_subprocess_exec(
-            *LASTSEEN,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            *self.args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-        )
-        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read(listening))
-        self.url = await asyncio.wait_for(listening, timeout)
-        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(self.url + "/ready") as response:
-                        if response.status == 200:
-                            return self
-                await asyncio.sleep(0.02)
-
-    async def _read(self, listening: asyncio.Future[str]) -> None:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = {"event": raw.decode(errors="replace").rstrip()}
-            self.logs.append(line)
-            if line.get("event") == "listening" and not listening.done():
-                listening.set_result(line["url"])
-        if not listening.done():
-            listening.set_exception(RuntimeError(f"lastseen serve exited: {self.logs[-5:]}"))
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-
-    async def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        if self._reader is not None:
-            await self._reader
-        return code
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.kill()
-            await self.wait()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.logs if line.get("event") == name]
 
 
 def unix_socket_of(url: str) -> str:

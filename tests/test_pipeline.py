@@ -13,7 +13,8 @@ import asyncpg
 import pytest
 from aiohttp import web
 from conftest import Spawn, StartService, StartUpstream, eventually, serve_app
-from procs import LASTSEEN
+
+from lastseen.processes import LASTSEEN
 
 
 async def all_done(sql: asyncpg.Connection, expected: int | None = None) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from procs import LASTSEEN
 
 from lastseen.cli import build_parser
 from lastseen.errors import ConfigError
+from lastseen.processes import LASTSEEN
 from lastseen.settings import OPTIONS, Settings, from_arguments
 
 

@@ -94,7 +94,10 @@ class Service:
         )
         handler = CallbackHandler(self.commit, m, s.max_body_bytes) if self.ingests else None
         self.app = build_app(
-            Routes(db, m, self.readiness), handler, max_body_bytes=s.max_body_bytes
+            Routes(db, m, self.readiness),
+            handler,
+            max_body_bytes=s.max_body_bytes,
+            noop=s.noop_route,
         )
         self._runner: web.AppRunner | None = None
         self._stopped = False

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncpg
+import msgspec
 import structlog
 
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
@@ -84,6 +85,12 @@ def load_migrations() -> list[tuple[int, str, str]]:
 
 
 Q = load_queries()
+
+
+def id_array(ids: Sequence[int]) -> str:
+    """The PostgreSQL array literal of ``ids``: ``[1, 2]`` -> ``'{1,2}'``."""
+    return "{" + msgspec.json.encode(ids)[1:-1].decode() + "}"
+
 
 # Serializes migrations of concurrently starting instances.
 _MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
@@ -193,17 +200,13 @@ class Database:
 
     @_edge
     async def insert_callbacks(
-        self, received_at: Sequence[datetime], id_lists: Sequence[Sequence[int]]
+        self, received_at: Sequence[float], id_arrays: Sequence[str]
     ) -> list[int]:
-        """Stores callbacks in one durable transaction; returns their ids in input order."""
-        lows: list[int] = []
-        highs: list[int] = []
-        flat: list[int] = []
-        for ids in id_lists:
-            lows.append(len(flat) + 1)
-            flat.extend(ids)
-            highs.append(len(flat))
-        rows = await self.pool.fetch(Q["insert_callbacks"], received_at, lows, highs, flat)
+        """Stores callbacks in one durable transaction; returns their ids in input order.
+
+        ``received_at`` are epoch seconds; ``id_arrays`` are made by ``id_array``.
+        """
+        rows = await self.pool.fetch(Q["insert_callbacks"], received_at, id_arrays)
         # One statement draws its ids from the sequence in row order, so sorting recovers it.
         return sorted(row[0] for row in rows)
 

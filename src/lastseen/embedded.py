@@ -93,6 +93,11 @@ class EmbeddedPostgres:
         log.info("embedded postgresql ready", pgdata=str(self.pgdata), url=url)
         return url
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id, while this handle has the server."""
+        return None if self._server is None else int(self._server.get_pid())
+
     def stop(self) -> None:
         """Leaves the server; stops it if no other live process uses it."""
         if self._server is None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from collections.abc import Sequence
-from datetime import datetime
 
 import structlog
 
-from lastseen.db import Claimed, Database
+from lastseen.db import Claimed, Database, id_array
 from lastseen.errors import (
     CommitTimeout,
     DatabaseError,
@@ -34,7 +34,13 @@ from lastseen.metrics import Metrics
 
 log = structlog.get_logger("lastseen.inbox")
 
-_Entry = tuple[datetime, list[int], "asyncio.Future[int]"]
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    received_at: float  # epoch seconds
+    ids: str  # array literal, see db.id_array
+    future: asyncio.Future[int]
+    deadline: float  # loop time after which the request gets its 503
 
 
 class GroupCommit:
@@ -57,6 +63,7 @@ class GroupCommit:
         self.timeout = timeout
         self.retry_delay = retry_delay
         self._queue: collections.deque[_Entry] = collections.deque()
+        self._committing: list[list[_Entry]] = []
         self._wake = asyncio.Event()
         self._open = False
         self._closing = False
@@ -65,37 +72,57 @@ class GroupCommit:
         """Starts taking callbacks (once the schema is in place)."""
         self._open = True
 
-    async def submit(self, received_at: datetime, object_ids: list[int]) -> int:
-        """Stores one callback durably and returns its id.
+    def submit(self, received_at: float, object_ids: Sequence[int]) -> asyncio.Future[int]:
+        """Queues one callback; the future gives its id once it is durable.
 
-        Raises ``CommitTimeout`` if that takes longer than the timeout (the callback is then not
-        acknowledged and, if no committer has taken it yet, not stored either), ``NotAccepting``
-        before ``open`` and after ``close``, and ``DatabaseError`` if PostgreSQL refuses it.
+        The future fails with ``CommitTimeout`` if that takes longer than the timeout (the
+        callback is then not acknowledged and, if no committer has taken it yet, not stored
+        either) and with ``DatabaseError`` if PostgreSQL refuses it. ``NotAccepting`` is
+        raised at once before ``open`` and after ``close``.
         """
         if self._closing:
             raise NotAccepting("shutting down")
         if not self._open:
             raise NotAccepting("starting: the schema is not migrated yet")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((received_at, object_ids, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        entry = _Entry(received_at, id_array(object_ids), future, loop.time() + self.timeout)
+        self._queue.append(entry)
         self._wake.set()
-        try:
-            return await asyncio.wait_for(future, self.timeout)
-        except TimeoutError:
-            # wait_for cancelled the future, so a committer that has not taken it skips it.
-            raise CommitTimeout(self.timeout) from None
+        return future
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
         while self._queue and len(batch) < self.max_batch:
             entry = self._queue.popleft()
-            if not entry[2].done():
+            if not entry.future.done():
                 batch.append(entry)
         return batch
 
     async def run(self) -> None:
         """The committers; runs until cancelled, or until ``close`` has drained the queue."""
-        await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
+        expiry = asyncio.create_task(self._expire(), name="group-commit-expiry")
+        try:
+            await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
+        finally:
+            expiry.cancel()
+
+    async def _expire(self) -> None:
+        # One sweeper instead of a timer per request: at thousands of requests per second,
+        # per-request timers cost more than the check.
+        loop = asyncio.get_running_loop()
+        failure = CommitTimeout(self.timeout)
+        while True:
+            await asyncio.sleep(min(0.05, self.timeout / 4))
+            now = loop.time()
+            while self._queue and self._queue[0].deadline < now:
+                entry = self._queue.popleft()
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+            for batch in self._committing:
+                for entry in batch:
+                    if entry.deadline < now and not entry.future.done():
+                        entry.future.set_exception(failure)
 
     async def _committer(self) -> None:
         while True:
@@ -106,12 +133,18 @@ class GroupCommit:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._commit(batch)
+            self._committing.append(batch)
+            try:
+                await self._commit(batch)
+            finally:
+                self._committing.remove(batch)
 
     async def _commit(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
         try:
-            ids = await self.db.insert_callbacks([e[0] for e in batch], [e[1] for e in batch])
+            ids = await self.db.insert_callbacks(
+                [e.received_at for e in batch], [e.ids for e in batch]
+            )
         except (DatabaseUnavailable, RetryableConflict) as exc:
             # Put the batch back, in order, for the next try; requests whose timeout passes
             # meanwhile get their 503 and are skipped.
@@ -121,15 +154,15 @@ class GroupCommit:
             return
         except DatabaseError as exc:
             log.error("group commit refused", error=str(exc), size=len(batch))
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
             return
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
-        for (_, _, future), callback_id in zip(batch, ids, strict=True):
-            if not future.done():
-                future.set_result(callback_id)
+        for entry, callback_id in zip(batch, ids, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(callback_id)
 
     def close(self) -> None:
         """Refuses new callbacks; ``run`` returns once what was queued is committed."""

@@ -197,6 +197,13 @@ OPTIONS: tuple[Option, ...] = (
         "housekeeping",
     ),
     Option(
+        "noop_route",
+        _bool,
+        "false",
+        "also serve POST /noop, which reads the body and answers 202 doing nothing (for bench)",
+        "bench",
+    ),
+    Option(
         "log_format",
         _choice("auto", "json", "console"),
         "auto",
@@ -246,6 +253,7 @@ class Settings:
     audit_retention: float
     prune_interval: float
     shutdown_grace: float
+    noop_route: bool
     log_format: str
     log_level: str
 

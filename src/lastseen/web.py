@@ -133,13 +133,25 @@ class Routes:
         return _json(_object(object_id, last_seen))
 
 
+async def _noop(request: web.Request) -> web.Response:
+    """The do-nothing handler that ``lastseen bench`` compares /callback with."""
+    await request.read()
+    return web.Response(status=202, body=b'{"callback_id":0}', content_type="application/json")
+
+
 def build_app(
-    routes: Routes, callbacks: CallbackHandler | None, *, max_body_bytes: int
+    routes: Routes,
+    callbacks: CallbackHandler | None,
+    *,
+    max_body_bytes: int,
+    noop: bool = False,
 ) -> web.Application:
     """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
     if callbacks is not None:
         app.router.add_post("/callback", callbacks.handle)
+    if noop:
+        app.router.add_post("/noop", _noop)
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics_page)

@@ -85,14 +85,16 @@ class Worker:
     def _start(self, callback: Claimed) -> None:
         if callback.id in self.jobs:
             return  # our lease lapsed and we claimed it again; we are still on it
+        # A callback is stored as received; one lookup per distinct id is enough.
+        distinct = list(dict.fromkeys(callback.object_ids))
         job = Job(callback.id, callback.received_at, callback.received_at.timestamp(), 0)
-        job.remaining = len(callback.object_ids)
+        job.remaining = len(distinct)
         self.metrics.callbacks_claimed.inc()
         if not job.remaining:
             self.results.add_done(job.id)
         self.jobs[job.id] = job
         self.metrics.callbacks_active.set(len(self.jobs))
-        for object_id in callback.object_ids:
+        for object_id in distinct:
             self.lookups.add(job, object_id)
 
     def deliver(self, lookup: Lookup, outcome: Outcome) -> None:

@@ -2,11 +2,13 @@
 -- Multi-row work takes arrays and unnests them: one round trip per batch, never one per row.
 
 -- name: insert_callbacks
--- Stores a group commit's callbacks; each takes its ids as the slice [lo:hi] of one flat array.
+-- Stores a group commit's callbacks: $1 receive times (epoch seconds), $2 each one's distinct
+-- ids as an array literal ('{1,2,3}'): one text value per callback is far cheaper to send
+-- than hundreds of array elements.
 WITH stored AS (
     INSERT INTO callbacks (received_at, object_ids, locked_until)
-    SELECT r.received_at, ($4::bigint[])[r.lo:r.hi], now()
-    FROM unnest($1::timestamptz[], $2::int[], $3::int[]) WITH ORDINALITY AS r(received_at, lo, hi, ord)
+    SELECT to_timestamp(r.received_at), r.ids::bigint[], now()
+    FROM unnest($1::float8[], $2::text[]) WITH ORDINALITY AS r(received_at, ids, ord)
     ORDER BY r.ord
     RETURNING id
 )

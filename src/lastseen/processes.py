@@ -1,0 +1,112 @@
+"""lastseen components as subprocesses, for ``lastseen bench`` and the tests.
+
+A ``lastseen serve`` started here listens on a free port (``--listen 127.0.0.1:0``); the URL is
+read from its ``listening`` log line, and ``start`` returns once ``/ready`` says 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+
+LASTSEEN = [sys.executable, "-m", "lastseen"]
+
+
+class ServeProcess:
+    """``lastseen serve`` in a subprocess on a free port; its JSON log lines are kept."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, keep_logs: int = 10_000):
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.keep_logs = keep_logs
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+        self.logs: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 60.0) -> ServeProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            *LASTSEEN,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            *self.args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+        )
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(listening))
+        self.url = await asyncio.wait_for(listening, timeout)
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(self.url + "/ready") as response:
+                        if response.status == 200:
+                            return self
+                await asyncio.sleep(0.02)
+
+    async def _read(self, listening: asyncio.Future[str]) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"event": raw.decode(errors="replace").rstrip()}
+            if len(self.logs) < self.keep_logs:
+                self.logs.append(line)
+            if line.get("event") == "listening" and not listening.done():
+                listening.set_result(line["url"])
+        if not listening.done():
+            listening.set_exception(RuntimeError(f"lastseen serve exited: {self.logs[-5:]}"))
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit status (SIGKILL if it does not stop in time)."""
+        assert self.proc is not None
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            return await self.wait(timeout)
+        except TimeoutError:
+            self.kill()
+            return await self.wait()
+
+    async def stop(self) -> None:
+        """Kills it if it still runs."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill()
+            await self.wait()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs if line.get("event") == name]
