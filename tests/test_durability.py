@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from urllib.parse import urlsplit
 
@@ -75,12 +76,18 @@ async def _at_least(acknowledged: dict[int, list[int]], n: int) -> bool:
 async def test_sigterm_finishes_work_and_exits_0(
     db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
 ) -> None:
-    """On SIGTERM the service answers what is in flight, finishes held callbacks, and exits 0."""
+    """On SIGTERM the service (and its worker process) finishes the callbacks it holds, leaves
+    no lease behind, and exits 0."""
     _, upstream_url = await start_upstream(latency_min=0.2, latency_max=0.3)
     serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
     async with aiohttp.ClientSession() as http:
         ids = [await _post(http, serve.url, [i, i + 1]) for i in range(10)]
     assert None not in ids
+
+    async def all_claimed() -> bool:
+        return bool(await sql.fetchval("SELECT count(*) FROM callbacks WHERE claims > 0") == 10)
+
+    await eventually(all_claimed)
     serve.signal(signal.SIGTERM)
     assert await serve.wait() == 0
     assert serve.events("stopped")
@@ -149,3 +156,54 @@ async def test_starting_without_a_database_waits_for_it(
     service = await starting
     assert await service.get("/ready") == (200, {"ready": True})
     await proxy.stop()
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "lastseen" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.slow
+async def test_a_dead_worker_process_is_started_again(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """kill -9 of the worker process: the service starts a new one, which does the work."""
+    _, upstream_url = await start_upstream()
+    serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
+    await eventually(lambda: _true(len(_children(serve.pid)) == 1))
+    (first,) = _children(serve.pid)
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: _true(_children(serve.pid) not in ([], [first])))
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, serve.url, [2, 3]) is not None
+
+    async def done() -> bool:
+        return bool(await sql.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NOT NULL"))
+
+    await eventually(done)
+    assert serve.events("worker process exited; starting it again")
+
+
+@pytest.mark.slow
+async def test_kill_9_of_serve_leaves_no_worker_behind(db_url: str, spawn: Spawn) -> None:
+    """A worker process does not outlive its parent, even one killed with kill -9."""
+    import psutil
+
+    serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url})
+    await eventually(lambda: _true(len(_children(serve.pid)) == 1))
+    (child,) = _children(serve.pid)
+    serve.kill()
+    await serve.wait()
+    await eventually(lambda: _true(not psutil.pid_exists(child)), timeout=20)
+
+
+async def _true(value: bool) -> bool:
+    return value

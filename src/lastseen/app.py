@@ -28,6 +28,7 @@ from lastseen.settings import Settings
 from lastseen.supervisor import Supervisor
 from lastseen.web import Readiness, Routes, build_app
 from lastseen.worker import Worker
+from lastseen.workers import WorkerProcesses, die_with_parent
 
 log = structlog.get_logger("lastseen.app")
 
@@ -43,8 +44,10 @@ class Service:
         db: Database,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        workers: WorkerProcesses | None = None,
     ) -> None:
         self.settings = s = settings
+        self.workers = workers
         self.db = db
         self.metrics = m = metrics or Metrics()
         self.readiness = Readiness()
@@ -94,7 +97,7 @@ class Service:
         )
         handler = CallbackHandler(self.commit, m, s.max_body_bytes) if self.ingests else None
         self.app = build_app(
-            Routes(db, m, self.readiness),
+            Routes(db, m, self.readiness, workers.scrape if workers else None),
             handler,
             max_body_bytes=s.max_body_bytes,
             noop=s.noop_route,
@@ -130,6 +133,9 @@ class Service:
         if applied:
             log.info("migrations applied", versions=applied)
         self.readiness.migrated = True
+        if self.workers is not None:
+            for child in self.workers.children:
+                self.supervisor.start(f"worker-process-{child.number}", child.run(), finite=True)
         if self.ingests:
             self.commit.open()
             self.supervisor.start("group-commit", self.commit.run(), finite=True)
@@ -162,6 +168,8 @@ class Service:
             # still performs (it drains its queue after close()).
             await self._runner.cleanup()
         await self.supervisor.wait("group-commit", s.shutdown_grace)
+        if self.workers is not None:
+            await self.workers.stop()
         if self.works and self.readiness.migrated:
             self.worker.stop_claiming()
             await self.worker.drain(s.shutdown_grace)
@@ -220,10 +228,17 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.role == "worker" and settings.parent_pid is not None:
+        die_with_parent(settings.parent_pid)
     db, embedded = await open_database(settings)
     try:
         async with client_session(settings) as session:
-            service = Service(settings, db, session)
+            workers = None
+            if settings.role == "all" and settings.worker_processes > 0:
+                # The pipeline moves to child processes; this one keeps the front door.
+                workers = WorkerProcesses(settings, db.url)
+                settings = settings.replace(role="ingest")
+            service = Service(settings, db, session, workers=workers)
             failure = await service.run_until(stop)
     finally:
         await close_database(db, embedded)

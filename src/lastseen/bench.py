@@ -39,7 +39,7 @@ import psutil
 
 from lastseen.embedded import EmbeddedPostgres
 from lastseen.loadgen import percentile, run_load
-from lastseen.processes import ServeProcess
+from lastseen.processes import ServeProcess, SimulateProcess
 
 SCENARIOS = ("ingest", "pipeline", "expiry", "soak")
 
@@ -145,6 +145,7 @@ class Bench:
         self.server_url = ""
         self.pg_pid: int | None = None
         self.serves: list[ServeProcess] = []
+        self.simulators: list[SimulateProcess] = []
 
     async def __aenter__(self) -> Bench:
         if self.options.database_url:
@@ -158,6 +159,9 @@ class Bench:
     async def __aexit__(self, *exc: object) -> None:
         for serve in self.serves:
             await serve.stop()
+        for simulator in self.simulators:
+            if simulator.proc is not None and simulator.proc.returncode is None:
+                await simulator.terminate()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
 
@@ -176,6 +180,11 @@ class Bench:
         serve = ServeProcess(*args, env=environment, keep_logs=1000)
         self.serves.append(serve)
         return await serve.start()
+
+    async def simulate(self, *args: str, upstream: bool) -> SimulateProcess:
+        process = SimulateProcess(*args)
+        self.simulators.append(process)
+        return await process.start(wait_for_upstream=upstream)
 
     async def postgres_version(self) -> str:
         conn = await asyncpg.connect(self.server_url)
@@ -241,6 +250,217 @@ async def ingest(bench: Bench) -> dict[str, Any]:
         "stored_rows": stored,
         "goal": "ratio >= 0.5 and p99 < 50 ms",
     }
+
+
+class Scrape:
+    """One reading of a service's /metrics: plain samples and histogram buckets."""
+
+    def __init__(self, text: str, at: float) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.at = at
+        self.values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                self.values[key] = sample.value
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str) -> float:
+        """Sum over every label value of ``name``."""
+        return sum(v for (n, _), v in self.values.items() if n == name)
+
+    def buckets(self, name: str) -> list[tuple[float, float]]:
+        """(upper bound, cumulative count) of histogram ``name``, in order."""
+        found = [
+            (float(dict(labels)["le"]), value)
+            for (n, labels), value in self.values.items()
+            if n == name + "_bucket"
+        ]
+        return sorted(found)
+
+
+def histogram_quantile(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], q: float
+) -> float | None:
+    """The q-quantile (0-1) of observations between two scrapes, interpolated in its bucket."""
+    counts = [(bound, a - b) for (bound, a), (_, b) in zip(after, before or after, strict=False)]
+    if not before:
+        counts = list(after)
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, cumulative in counts:
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / max(cumulative - lower_count, 1e-12)
+            return lower_bound + share * (bound - lower_bound)
+        lower_bound, lower_count = bound, cumulative
+    return lower_bound
+
+
+async def scrape(url: str) -> Scrape:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as response:
+        return Scrape(await response.text(), time.monotonic())
+
+
+DISTRIBUTIONS = {
+    # name: (most ids per callback, id universe)
+    "reference": (200, 100),
+    "unique": (200, 10_000_000),
+}
+
+
+async def pipeline(bench: Bench) -> dict[str, Any]:
+    """Rising callback rates until the service no longer keeps up, for each id distribution."""
+    o = bench.options
+    runs: dict[str, Any] = {}
+    for distribution, (max_ids, universe) in DISTRIBUTIONS.items():
+        url = await bench.fresh_database(f"bench_pipeline_{distribution}")
+        upstream = await bench.simulate(
+            "--mode",
+            "upstream",
+            "--upstream-listen",
+            "127.0.0.1:0",
+            "--latency-min",
+            str(o.latency_min),
+            "--latency-max",
+            str(o.latency_max),
+            "--seed",
+            str(o.seed),
+            upstream=True,
+        )
+        serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl="30")
+        steps = []
+        for rate in o.rates:
+            step = await _pipeline_step(bench, serve, upstream, rate, max_ids, universe)
+            steps.append(step)
+            _progress(
+                f"pipeline {distribution} {rate}/s: {step['lookups_per_s']} lookups/s, "
+                f"lag over upstream p99 {step['lag_over_upstream_ms']['p99']} ms, "
+                f"inbox {step['inbox_pending_end']}, keeping up: {step['keeping_up']}"
+            )
+            if not step["keeping_up"]:
+                break
+        await serve.terminate()
+        await upstream.terminate()
+        sustained = [s for s in steps if s["keeping_up"]]
+        runs[distribution] = {
+            "max_ids_per_callback": max_ids,
+            "id_universe": universe,
+            "steps": steps,
+            "max_sustained_lookups_per_s": max((s["lookups_per_s"] for s in sustained), default=0),
+        }
+    return {
+        "upstream_latency_s": [o.latency_min, o.latency_max],
+        "step_seconds": o.step_seconds,
+        "distributions": runs,
+        "goal": ">= 5000 lookups/s sustained; lag over upstream p99 < 100 ms at 1000 lookups/s",
+    }
+
+
+async def _pipeline_step(
+    bench: Bench,
+    serve: ServeProcess,
+    upstream: SimulateProcess,
+    rate: float,
+    max_ids: int,
+    universe: int,
+) -> dict[str, Any]:
+    o = bench.options
+    meter = bench.cpu(serve=serve.pid, upstream=upstream.pid)
+    producer = await bench.simulate(
+        "--mode",
+        "producer",
+        "--target",
+        serve.url + "/callback",
+        "--rate",
+        str(rate),
+        "--connections",
+        "32",
+        "--max-ids",
+        str(max_ids),
+        "--id-universe",
+        str(universe),
+        "--duration",
+        str(o.step_seconds),
+        "--seed",
+        str(o.seed),
+        upstream=False,
+    )
+    meter.start()
+    first = previous = await scrape(serve.url)
+    timeline: list[dict[str, Any]] = []
+    while producer.proc is not None and producer.proc.returncode is None:
+        await asyncio.sleep(o.sample_every)
+        now = await scrape(serve.url)
+        dt = now.at - previous.at
+        timeline.append(
+            {
+                "t": round(now.at - first.at, 2),
+                "lookups_per_s": round(
+                    (now.total("lastseen_lookups_total") - previous.total("lastseen_lookups_total"))
+                    / dt,
+                    1,
+                ),
+                "inbox_pending": now.get("lastseen_inbox_pending"),
+                "lookups_in_flight": now.get("lastseen_lookups_in_flight"),
+                "lag_over_upstream_p99_ms": _ms(
+                    histogram_quantile(
+                        previous.buckets("lastseen_lag_over_upstream_seconds"),
+                        now.buckets("lastseen_lag_over_upstream_seconds"),
+                        0.99,
+                    )
+                ),
+            }
+        )
+        previous = now
+    await producer.wait()
+    last = await scrape(serve.url)
+    cpu = meter.stop()
+    seconds = last.at - first.at
+
+    def rate_of(name: str) -> float:
+        return round((last.total(name) - first.total(name)) / seconds, 1)
+
+    lag = ("lastseen_lag_over_upstream_seconds", "lastseen_result_lag_seconds")
+    lag_quantiles = {
+        name: {
+            f"p{int(q * 100)}": _ms(histogram_quantile(first.buckets(name), last.buckets(name), q))
+            for q in (0.5, 0.99)
+        }
+        for name in lag
+    }
+    pending_end = last.get("lastseen_inbox_pending")
+    keeping_up = pending_end <= max(2 * rate, 10) and (lag_quantiles[lag[0]]["p99"] or 0) < 1000
+    return {
+        "callbacks_per_s": rate,
+        "producer": producer.summary,
+        "seconds": round(seconds, 1),
+        "lookups_per_s": rate_of("lastseen_lookups_total"),
+        "ids_resolved_per_s": rate_of("lastseen_result_lag_seconds_count"),
+        "coalesced_per_s": rate_of("lastseen_lookups_coalesced_total"),
+        "dead_letters": last.total("lastseen_dead_letters_total")
+        - first.total("lastseen_dead_letters_total"),
+        "inbox_pending_end": pending_end,
+        "inbox_pending_max": max((p["inbox_pending"] for p in timeline), default=0),
+        "lag_over_upstream_ms": lag_quantiles[lag[0]],
+        "result_lag_ms": lag_quantiles[lag[1]],
+        "cpu_percent": cpu,
+        "keeping_up": keeping_up,
+        "timeline": timeline,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 async def _count(url: str, query: str) -> int:
@@ -315,7 +535,7 @@ async def run(options: BenchOptions) -> int:
         },
         "scenarios": {},
     }
-    runners = {"ingest": ingest}
+    runners = {"ingest": ingest, "pipeline": pipeline}
     async with Bench(options) as bench:
         results["postgresql"] = await bench.postgres_version()
         for name in options.scenarios:

@@ -110,3 +110,75 @@ class ServeProcess:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.logs if line.get("event") == name]
+
+
+class SimulateProcess:
+    """``lastseen simulate`` in a subprocess; ``upstream_url`` once its upstream listens."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.upstream_url = ""
+        self.summary: list[str] = []
+        self._stderr: asyncio.Task[None] | None = None
+        self._stdout: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, *, wait_for_upstream: bool, timeout: float = 60.0) -> SimulateProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            *LASTSEEN,
+            "simulate",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warning" if not wait_for_upstream else "info",
+            *self.args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._stderr = asyncio.create_task(self._read_stderr(listening))
+        self._stdout = asyncio.create_task(self._read_stdout())
+        if wait_for_upstream:
+            self.upstream_url = await asyncio.wait_for(listening, timeout)
+        return self
+
+    async def _read_stderr(self, listening: asyncio.Future[str]) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if line.get("event") == "upstream listening" and not listening.done():
+                    listening.set_result(line["url"])
+        if not listening.done():
+            listening.set_exception(RuntimeError("lastseen simulate exited"))
+
+    async def _read_stdout(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.summary.append(raw.decode(errors="replace").rstrip())
+
+    async def wait(self, timeout: float = 120.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        for task in (self._stderr, self._stdout):
+            if task is not None:
+                await task
+        return code
+
+    async def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await self.wait(timeout)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.wait()

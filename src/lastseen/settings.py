@@ -142,6 +142,20 @@ OPTIONS: tuple[Option, ...] = (
         "ingest",
     ),
     Option("pool_size", _count, "10", "PostgreSQL connections per process", "service"),
+    Option(
+        "worker_processes",
+        _non_negative(int),
+        "1",
+        "pipeline processes beside the HTTP process (0: all in one process)",
+        "service",
+    ),
+    Option(
+        "parent_pid",
+        _positive(int),
+        None,
+        "set by lastseen serve for its worker processes: exit when that process does",
+        "service",
+    ),
     # Claiming work from the inbox.
     Option(
         "lease", _seconds, "30", "seconds a claimed callback stays leased to a worker", "worker"
@@ -162,7 +176,13 @@ OPTIONS: tuple[Option, ...] = (
         "worker",
     ),
     # Lookups.
-    Option("max_lookups", _count, "5000", "most upstream lookups in flight at once", "lookups"),
+    Option(
+        "max_lookups",
+        _count,
+        "16384",
+        "most upstream lookups in flight at once (each holds a connection while it waits)",
+        "lookups",
+    ),
     Option(
         "lookup_rps",
         _non_negative(float),
@@ -237,6 +257,8 @@ class Settings:
     commit_concurrency: int
     commit_timeout: float
     pool_size: int
+    worker_processes: int
+    parent_pid: int | None
     lease: float
     poll_interval: float
     claim_batch: int

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lastseen.db import Database
 from lastseen.errors import DatabaseError
 from lastseen.ingest import CallbackHandler, error_body
-from lastseen.metrics import Metrics
+from lastseen.metrics import Metrics, merge
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PAGE_LIMIT = 1000
@@ -69,10 +69,17 @@ def _object(object_id: int, last_seen: datetime) -> dict[str, object]:
 
 
 class Routes:
-    def __init__(self, db: Database, metrics: Metrics, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        db: Database,
+        metrics: Metrics,
+        readiness: Readiness,
+        other_processes: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> None:
         self.db = db
         self.metrics = metrics
         self.readiness = readiness
+        self.other_processes = other_processes
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})
@@ -98,7 +105,10 @@ class Routes:
                     0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
                 )
                 self.metrics.objects_online.set(online)
-        response = web.Response(body=self.metrics.render())
+        body = self.metrics.render()
+        if self.other_processes is not None:
+            body = merge([body.decode(), *await self.other_processes()])
+        response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

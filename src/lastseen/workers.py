@@ -1,0 +1,155 @@
+"""Worker processes: the pipeline runs beside the HTTP front door, not in its event loop.
+
+Why processes. A worker at a few thousand lookups per second keeps tens of thousands of tasks
+and sockets busy; in the ingest process's event loop that delays POST /callback replies past
+the producer's 1 s timeout, so a busy pipeline would cost callbacks. In its own process the
+pipeline can saturate a core while the front door, mostly idle, is scheduled at once.
+
+``lastseen serve`` (role ``all``) runs the ingest itself and starts ``worker_processes``
+children as ``lastseen serve --role worker`` with the same settings. A child that exits is
+logged and started again after a backoff; a child outlives no parent (it gets SIGTERM when the
+parent dies, even by kill -9, and then hands its leases back). Each child serves /metrics on a
+loopback port of its own; the parent's /metrics adds them up, so one scrape sees everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+
+import aiohttp
+import structlog
+
+from lastseen.settings import OPTIONS, Settings
+
+log = structlog.get_logger("lastseen.workers")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a worker process: get SIGTERM when the parent goes away (Linux), or exit now if it
+    already has. Called by the child itself: a pre-exec hook is unsafe in a threaded parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def child_environment(settings: Settings, database_url: str, port: int) -> dict[str, str]:
+    """The parent's settings as LASTSEEN_* variables, with the child's own role and port."""
+    env = dict(os.environ)
+    for option in OPTIONS:
+        value = getattr(settings, option.field)
+        if value is None:
+            env.pop(option.env, None)
+            continue
+        if option.field == "listen":
+            value = f"127.0.0.1:{port}"
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[option.env] = str(value)
+    env.update(
+        LASTSEEN_ROLE="worker",
+        LASTSEEN_DATABASE_URL=database_url,
+        LASTSEEN_WORKER_PROCESSES="0",
+        LASTSEEN_PARENT_PID=str(os.getpid()),
+    )
+    return env
+
+
+class WorkerProcess:
+    """One child, started again whenever it exits until ``stop``."""
+
+    def __init__(self, number: int, settings: Settings, database_url: str) -> None:
+        self.number = number
+        self.settings = settings
+        self.database_url = database_url
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self.port = _free_port()
+        env = child_environment(self.settings, self.database_url, self.port)
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "lastseen",
+            "serve",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+    async def run(self) -> None:
+        """Keeps the child running; returns after ``stop``."""
+        delay = 0.5
+        while not self._stopping:
+            self.proc = await self._spawn()
+            log.info("worker process started", number=self.number, pid=self.proc.pid)
+            started = asyncio.get_running_loop().time()
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error("worker process exited; starting it again", number=self.number, code=code)
+            if asyncio.get_running_loop().time() - started > 60:
+                delay = 0.5
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""
+        self._stopping = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace + 10)
+        except TimeoutError:
+            log.warning("worker process did not stop; killing it", number=self.number)
+            proc.kill()
+            await proc.wait()
+
+
+class WorkerProcesses:
+    """The children of one ``lastseen serve``."""
+
+    def __init__(self, settings: Settings, database_url: str) -> None:
+        self.settings = settings
+        self.children = [
+            WorkerProcess(n, settings, database_url) for n in range(settings.worker_processes)
+        ]
+
+    async def scrape(self, timeout: float = 1.0) -> list[str]:
+        """The /metrics text of each child that answers in time."""
+
+        async def one(http: aiohttp.ClientSession, child: WorkerProcess) -> str | None:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(child.metrics_url) as response:
+                    if response.status == 200:
+                        return await response.text()
+            return None
+
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        async with aiohttp.ClientSession(timeout=client_timeout) as http:
+            texts = await asyncio.gather(*(one(http, c) for c in self.children))
+        return [t for t in texts if t is not None]
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(c.stop(self.settings.shutdown_grace) for c in self.children))
