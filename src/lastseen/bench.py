@@ -463,6 +463,143 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
+async def expiry(bench: Bench) -> dict[str, Any]:
+    """How long after its TTL each object is actually deleted."""
+    import aiohttp
+
+    o = bench.options
+    url = await bench.fresh_database("bench_expiry")
+    upstream = await bench.simulate(
+        "--mode",
+        "upstream",
+        "--upstream-listen",
+        "127.0.0.1:0",
+        "--latency-min",
+        "0.01",
+        "--latency-max",
+        "0.05",
+        upstream=True,
+    )
+    serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl=str(o.ttl))
+    per_callback = 200
+    ids = list(range(0, 2 * o.expiry_objects, 2))  # even: all online
+    async with aiohttp.ClientSession() as http:
+        for start in range(0, len(ids), per_callback):
+            body = {"object_ids": ids[start : start + per_callback]}
+            async with http.post(serve.url + "/callback", json=body) as response:
+                assert response.status == 202, await response.text()
+            await asyncio.sleep(0.05)
+    conn = await asyncpg.connect(url)
+    try:
+        async with asyncio.timeout(o.ttl + 30):
+            while await conn.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NULL"):
+                await asyncio.sleep(0.02)
+            seen = {r[0]: r[1].timestamp() for r in await conn.fetch("SELECT * FROM objects")}
+            gone_at: dict[int, float] = {}
+            while len(gone_at) < len(seen):
+                present = {r[0] for r in await conn.fetch("SELECT id FROM objects")}
+                now = time.time()
+                for object_id in seen.keys() - present - gone_at.keys():
+                    gone_at[object_id] = now
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    await serve.terminate()
+    await upstream.terminate()
+    late = [gone_at[i] - (seen[i] + o.ttl) for i in seen]
+    return {
+        "ttl_s": o.ttl,
+        "objects": len(seen),
+        "expected_objects": len(ids),
+        "poll_interval_ms": 10,
+        "after_ttl_ms": {
+            "p50": round(percentile(late, 50) * 1000, 1),
+            "p99": round(percentile(late, 99) * 1000, 1),
+            "max": round(max(late, default=0.0) * 1000, 1),
+            "min": round(min(late, default=0.0) * 1000, 1),
+        },
+        "deleted_before_ttl": sum(1 for x in late if x < 0),
+        "goal": "every object deleted within TTL + 1 s, none before the TTL",
+    }
+
+
+async def soak(bench: Bench) -> dict[str, Any]:
+    """A fixed rate for a while; RSS and inbox depth sampled: memory must stay flat."""
+    o = bench.options
+    url = await bench.fresh_database("bench_soak")
+    upstream = await bench.simulate(
+        "--mode",
+        "upstream",
+        "--upstream-listen",
+        "127.0.0.1:0",
+        "--latency-min",
+        str(o.latency_min),
+        "--latency-max",
+        str(o.latency_max),
+        upstream=True,
+    )
+    serve = await bench.serve(url, objects_url=upstream.upstream_url)
+    producer = await bench.simulate(
+        "--mode",
+        "producer",
+        "--target",
+        serve.url + "/callback",
+        "--rate",
+        str(o.soak_rate),
+        "--connections",
+        "16",
+        "--duration",
+        str(o.soak_seconds),
+        "--seed",
+        str(o.seed),
+        upstream=False,
+    )
+    started = time.monotonic()
+    samples: list[dict[str, Any]] = []
+    while producer.proc is not None and producer.proc.returncode is None:
+        await asyncio.sleep(o.sample_every)
+        metrics = await scrape(serve.url)
+        samples.append(
+            {
+                "t": round(time.monotonic() - started, 1),
+                "rss_mib": _rss_mib(serve.pid),
+                "inbox_pending": metrics.get("lastseen_inbox_pending"),
+                "lookups_total": metrics.total("lastseen_lookups_total"),
+            }
+        )
+    await producer.wait()
+    await serve.terminate()
+    await upstream.terminate()
+    half = samples[len(samples) // 2 :] or samples
+    growth = {
+        name: round(half[-1]["rss_mib"][name] - half[0]["rss_mib"][name], 1)
+        for name in (half[0]["rss_mib"] if half else {})
+        if name in half[-1]["rss_mib"]
+    }
+    return {
+        "rate_per_s": o.soak_rate,
+        "seconds": o.soak_seconds,
+        "samples": samples,
+        "rss_growth_second_half_mib": growth,
+        "inbox_pending_max": max((s["inbox_pending"] for s in samples), default=0),
+        "producer": producer.summary,
+        "goal": "RSS flat over the soak",
+    }
+
+
+def _rss_mib(pid: int) -> dict[str, float]:
+    """RSS of ``serve`` and of each of its worker processes, in MiB."""
+    try:
+        root = psutil.Process(pid)
+        found = {"serve": root.memory_info().rss / 2**20}
+        for n, child in enumerate(root.children()):
+            with _quiet():
+                found[f"worker{n}"] = child.memory_info().rss / 2**20
+        return {k: round(v, 1) for k, v in found.items()}
+    except psutil.Error:
+        return {}
+
+
 async def _count(url: str, query: str) -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -489,7 +626,7 @@ def render(results: dict[str, Any]) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(record=True, width=110, file=open(os.devnull, "w"))  # noqa: SIM115
+    console = Console(record=True, width=180, file=open(os.devnull, "w"))  # noqa: SIM115
     m = results["machine"]
     console.print(
         f"lastseen bench {results['started']}  cores={m['cores']} memory={m['memory_gib']} GiB "
@@ -521,7 +658,137 @@ def render(results: dict[str, Any]) -> str:
             f" = {s['ratio']:.2f} (goal >= 0.5); durable p99 {s['durable_p99_ms_median']} ms"
             f" (goal < 50); {s['acknowledged']} acknowledged, {s['stored_rows']} rows stored"
         )
+    if "pipeline" in scenarios:
+        s = scenarios["pipeline"]
+        for name, run in s["distributions"].items():
+            lo, hi = s["upstream_latency_s"]
+            title = (
+                f"pipeline, {name} ids (up to {run['max_ids_per_callback']} per callback from "
+                f"{run['id_universe']:,}), upstream {lo}-{hi} s"
+            )
+            table = Table(title=title)
+            for column in (
+                "callbacks/s",
+                "lookups/s",
+                "ids resolved/s",
+                "coalesced/s",
+                "inbox end (max)",
+                "lag over upstream p50/p99 ms",
+                "result lag p50/p99 ms",
+                "keeping up",
+                "cpu % by process",
+            ):
+                table.add_column(column)
+            for step in run["steps"]:
+                lag, res = step["lag_over_upstream_ms"], step["result_lag_ms"]
+                table.add_row(
+                    f"{step['callbacks_per_s']:g}",
+                    f"{step['lookups_per_s']:.0f}",
+                    f"{step['ids_resolved_per_s']:.0f}",
+                    f"{step['coalesced_per_s']:.0f}",
+                    f"{step['inbox_pending_end']:.0f} ({step['inbox_pending_max']:.0f})",
+                    f"{lag['p50']}/{lag['p99']}",
+                    f"{res['p50']}/{res['p99']}",
+                    "yes" if step["keeping_up"] else "NO",
+                    " ".join(f"{k}={v}" for k, v in step["cpu_percent"].items()),
+                )
+            console.print(table)
+            console.print(f"most lookups/s sustained: {run['max_sustained_lookups_per_s']:.0f}")
+    if "expiry" in scenarios:
+        s = scenarios["expiry"]
+        late = s["after_ttl_ms"]
+        console.print(
+            f"expiry: {s['objects']} objects, TTL {s['ttl_s']} s; deleted after the TTL by "
+            f"p50 {late['p50']} ms, p99 {late['p99']} ms, max {late['max']} ms "
+            f"(polled every {s['poll_interval_ms']} ms); {s['deleted_before_ttl']} before it"
+        )
+    if "soak" in scenarios:
+        s = scenarios["soak"]
+        first = s["samples"][0]["rss_mib"] if s["samples"] else {}
+        last = s["samples"][-1]["rss_mib"] if s["samples"] else {}
+        rss = ", ".join(f"{k} {first.get(k)} -> {last.get(k)} MiB" for k in last)
+        console.print(
+            f"soak: {s['rate_per_s']} callbacks/s for {s['seconds']} s; RSS {rss}; growth over "
+            f"the second half {s['rss_growth_second_half_mib']} MiB; inbox max "
+            f"{s['inbox_pending_max']:.0f}"
+        )
     return console.export_text()
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Throughput and lag over time as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scenarios = results["scenarios"]
+    panels = [n for n in ("ingest", "pipeline", "soak") if n in scenarios]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    for ax, name in zip((a[0] for a in axes), panels, strict=True):
+        s = scenarios[name]
+        if name == "ingest":
+            labels = [f"{r['path']} #{r['round'] + 1}" for r in s["rounds"]]
+            ax.bar(
+                labels,
+                [r["ok_per_s"] for r in s["rounds"]],
+                color=["tab:gray" if r["path"] == "/noop" else "tab:blue" for r in s["rounds"]],
+            )
+            ax.set_ylabel("acknowledged / s")
+            ax.set_title(f"ingest: durable vs do-nothing, ratio {s['ratio']:.2f}")
+        elif name == "pipeline":
+            twin = ax.twinx()
+            offset = 0.0
+            for dist, run in s["distributions"].items():
+                for step in run["steps"]:
+                    t = [offset + p["t"] for p in step["timeline"]]
+                    ax.plot(t, [p["lookups_per_s"] for p in step["timeline"]], color="tab:blue")
+                    twin.plot(
+                        t,
+                        [p["lag_over_upstream_p99_ms"] or 0 for p in step["timeline"]],
+                        color="tab:red",
+                        alpha=0.6,
+                    )
+                    ax.axvline(offset, color="lightgray", lw=0.8)
+                    ax.text(
+                        offset,
+                        0,
+                        f"{dist} {step['callbacks_per_s']:g}/s",
+                        fontsize=7,
+                        rotation=90,
+                        va="bottom",
+                    )
+                    offset = t[-1] if t else offset + step["seconds"]
+            ax.set_ylabel("lookups / s", color="tab:blue")
+            twin.set_ylabel("lag over upstream p99 (ms)", color="tab:red")
+            twin.set_yscale("symlog")
+            ax.set_title("pipeline: rising callback rates")
+            ax.set_xlabel("seconds")
+        else:
+            t = [p["t"] for p in s["samples"]]
+            for proc in s["samples"][-1]["rss_mib"] if s["samples"] else {}:
+                ax.plot(t, [p["rss_mib"].get(proc, 0) for p in s["samples"]], label=f"{proc} RSS")
+            ax.set_ylabel("MiB")
+            twin = ax.twinx()
+            twin.plot(
+                t,
+                [p["inbox_pending"] for p in s["samples"]],
+                color="tab:red",
+                alpha=0.5,
+                label="inbox",
+            )
+            twin.set_ylabel("inbox pending", color="tab:red")
+            ax.legend(loc="upper left")
+            ax.set_title(f"soak: {s['rate_per_s']} callbacks/s")
+            ax.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 async def run(options: BenchOptions) -> int:
@@ -535,7 +802,7 @@ async def run(options: BenchOptions) -> int:
         },
         "scenarios": {},
     }
-    runners = {"ingest": ingest, "pipeline": pipeline}
+    runners = {"ingest": ingest, "pipeline": pipeline, "expiry": expiry, "soak": soak}
     async with Bench(options) as bench:
         results["postgresql"] = await bench.postgres_version()
         for name in options.scenarios:
@@ -545,6 +812,13 @@ async def run(options: BenchOptions) -> int:
     report = render(results)
     (options.out_dir / "report.txt").write_text(report)
     print(report)
+    if plot(results, options.out_dir / "bench.png"):
+        print(f"wrote {options.out_dir / 'results.json'}, report.txt and bench.png")
+    else:
+        print(
+            f"wrote {options.out_dir / 'results.json'} and report.txt (no plot: pip install "
+            "'lastseen[plot]' for matplotlib)"
+        )
     return 0
 
 

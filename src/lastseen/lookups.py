@@ -17,6 +17,7 @@ such to every callback the lookup serves; it never blocks other ids.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import random
 import time
@@ -109,10 +110,16 @@ class Lookups:
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_max = retry_max
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
         self._rate = RateLimiter(rate) if rate > 0 else None
         self._open: dict[int, Lookup] = {}
+        # Lookups wait here for a slot (new ones, and retries after their backoff). A task is
+        # made only when a request can go out: a burst of twenty thousand ids costs a queue
+        # entry each, not a task each waiting on a semaphore.
+        self._ready: collections.deque[Lookup] = collections.deque()
+        self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
 
     def add(self, job: Job, object_id: int) -> None:
         """Looks ``object_id`` up for ``job``, sharing a lookup when the rule above allows."""
@@ -122,36 +129,44 @@ class Lookups:
             self.metrics.coalesced.inc()
             return
         lookup = self._open[object_id] = Lookup(object_id, [job])
-        task = asyncio.create_task(self._run(lookup), name=f"lookup-{object_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        self._ready.append(lookup)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._ready and self._in_flight < self.max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._run(self._ready.popleft()))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._in_flight -= 1
+        self._pump()
         if not task.cancelled() and task.exception() is not None:
             # _run catches everything it expects; anything else is a bug worth a loud log.
             log.error("lookup task crashed", error=repr(task.exception()))
 
     @property
     def open_lookups(self) -> int:
-        return len(self._tasks)
+        """Lookups not finished yet: waiting for a slot, under way, or waiting to retry."""
+        return len(self._ready) + len(self._tasks) + len(self._backoffs)
 
     async def _run(self, lookup: Lookup) -> None:
-        while True:
-            lookup.attempts += 1
-            async with self._slots:
-                if self._rate is not None:
-                    await self._rate.acquire()
-                outcome = await self._attempt(lookup)
-            if (
-                isinstance(outcome, bool)
-                or outcome.permanent
-                or (lookup.attempts >= self.max_attempts)
-            ):
-                break
+        """One attempt; then the outcome, or a retry after a backoff (without a slot)."""
+        lookup.attempts += 1
+        if self._rate is not None:
+            await self._rate.acquire()
+        outcome = await self._attempt(lookup)
+        if isinstance(outcome, LookupFailed) and not (
+            outcome.permanent or lookup.attempts >= self.max_attempts
+        ):
             self.metrics.lookup_retries.labels(outcome.reason).inc()
             delay = min(self.retry_max, self.retry_base * 2 ** (lookup.attempts - 1))
-            await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
+            delay = delay / 2 + random.uniform(0, delay / 2)
+            handle = asyncio.get_running_loop().call_later(delay, self._retry, lookup)
+            self._backoffs[lookup] = handle
+            return
         # Closed to joiners before anything else can run: the answer is final.
         if self._open.get(lookup.object_id) is lookup:
             del self._open[lookup.object_id]
@@ -159,6 +174,11 @@ class Lookups:
             "failed" if isinstance(outcome, LookupFailed) else ("online" if outcome else "offline")
         ).inc()
         self.deliver(lookup, outcome)
+
+    def _retry(self, lookup: Lookup) -> None:
+        del self._backoffs[lookup]
+        self._ready.append(lookup)
+        self._pump()
 
     async def _attempt(self, lookup: Lookup) -> Outcome:
         lookup.sent_at = time.time()
@@ -203,6 +223,10 @@ class Lookups:
 
     async def close(self) -> None:
         """Cancels the lookups under way (their callbacks stay in the inbox for a redo)."""
+        for handle in self._backoffs.values():
+            handle.cancel()
+        self._backoffs.clear()
+        self._ready.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -1,0 +1,60 @@
+"""A smoke run of every benchmark scenario, so that the benchmark never breaks.
+
+No test here asserts a timing: figures are for `lastseen bench`, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lastseen.bench import SCENARIOS, histogram_quantile
+from lastseen.loadgen import percentile
+from lastseen.processes import LASTSEEN
+
+
+@pytest.mark.slow
+def test_every_scenario_runs_and_writes_its_report(tmp_path: Path) -> None:
+    """`lastseen bench --scenario all --smoke` exits 0 and writes the JSON, the table and the
+    PNG, with every scenario's figures and the machine it ran on."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [*LASTSEEN, "bench", "--scenario", "all", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scenarios"]) == set(SCENARIOS)
+    assert results["machine"]["cores"] >= 1
+    assert results["postgresql"]
+    ingest = results["scenarios"]["ingest"]
+    assert ingest["acknowledged"] == ingest["stored_rows"] > 0
+    assert ingest["noop_per_s_median"] > 0
+    for run in results["scenarios"]["pipeline"]["distributions"].values():
+        assert run["steps"]
+        assert run["steps"][0]["lookups_per_s"] > 0
+    expiry = results["scenarios"]["expiry"]
+    assert expiry["objects"] == expiry["expected_objects"]
+    assert expiry["deleted_before_ttl"] == 0
+    assert results["scenarios"]["soak"]["samples"]
+    report = (out / "report.txt").read_text()
+    assert "durable/do-nothing" in report
+    assert "expiry:" in report
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_percentiles_and_histogram_quantiles() -> None:
+    """Nearest-rank percentiles, and quantiles interpolated within histogram buckets."""
+    assert percentile([], 99) == 0.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    before = [(0.1, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
+    after = [(0.1, 50.0), (1.0, 100.0), (float("inf"), 100.0)]
+    assert histogram_quantile(before, after, 0.5) == pytest.approx(0.1)
+    assert histogram_quantile(before, after, 0.75) == pytest.approx(0.55)
+    assert histogram_quantile(before, before, 0.5) is None
