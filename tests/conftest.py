@@ -8,6 +8,7 @@ test gets ``CREATE DATABASE ... TEMPLATE`` of it, which takes milliseconds. Set
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -200,25 +201,25 @@ StartService = Callable[..., Coroutine[Any, Any, Running]]
 @pytest.fixture
 async def start_service(db_url: str) -> AsyncIterator[StartService]:
     """Starts services on the test's database: ``await start_service(objects_url=..., ...)``."""
-    started: list[tuple[Service, Database, aiohttp.ClientSession]] = []
+    started: list[tuple[Service, Database, contextlib.AbstractAsyncContextManager[Any]]] = []
     http = aiohttp.ClientSession()
 
     async def start(**overrides: Any) -> Running:
         overrides.setdefault("database_url", db_url)
         settings = fast_settings(**overrides)
         database = await Database.open(settings.database_url or "", size=5, timeout=5)
-        session = client_session(settings)
-        service = Service(settings, database, session)
+        client_context = client_session(settings)
+        service = Service(settings, database, await client_context.__aenter__())
         await service.start()
-        started.append((service, database, session))
+        started.append((service, database, client_context))
         running = Running(service, http)
         await running.wait_ready()
         return running
 
     yield start
-    for service, database, session in reversed(started):
+    for service, database, client_context in reversed(started):
         await service.stop()
-        await session.close()
+        await client_context.__aexit__(None, None, None)
         await database.close()
     await http.close()
 

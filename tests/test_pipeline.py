@@ -203,7 +203,7 @@ async def test_transient_failures_are_retried(
         for reason in ("http_5xx", "malformed_body", "timeout", "connection")
     )
     if "drop" in faults:
-        # aiohttp itself resends an idempotent GET once when the server drops the connection.
+        # A dropped connection that came from the pool is sent again once, before it counts.
         assert retries <= 2 * len(faults)
     else:
         assert retries == 2 * len(faults)

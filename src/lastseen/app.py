@@ -9,15 +9,17 @@ what is left, and only then close the session, the pool and the embedded Postgre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from lastseen.db import Database
 from lastseen.embedded import EmbeddedPostgres
 from lastseen.errors import DatabaseError
+from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit, Leases
 from lastseen.ingest import CallbackHandler
 from lastseen.lookups import Lookups
@@ -42,7 +44,7 @@ class Service:
         self,
         settings: Settings,
         db: Database,
-        session: aiohttp.ClientSession,
+        session: UpstreamClient,
         metrics: Metrics | None = None,
         workers: WorkerProcesses | None = None,
     ) -> None:
@@ -69,7 +71,6 @@ class Service:
             session,
             m,
             self.worker.deliver,
-            objects_url=s.objects_url,
             max_in_flight=s.max_lookups,
             rate=s.lookup_rps,
             timeout=s.lookup_timeout,
@@ -190,14 +191,14 @@ class Service:
         log.info("stopped", unfinished_callbacks=len(self.worker.jobs))
 
 
-def client_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one upstream HTTP session of a process. The lookup semaphore caps concurrency."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=settings.lookup_timeout),
-        raise_for_status=False,
-    )
+@contextlib.asynccontextmanager
+async def client_session(settings: Settings) -> AsyncIterator[UpstreamClient]:
+    """The one upstream client of a process, closed on exit. Lookups cap its concurrency."""
+    client = UpstreamClient(settings.objects_url, timeout=settings.lookup_timeout)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def open_database(settings: Settings) -> tuple[Database, EmbeddedPostgres | None]:

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-import aiohttp
 import msgspec
 import structlog
 
 from lastseen.errors import LookupFailed
+from lastseen.http_client import HttpError, UpstreamClient
 from lastseen.metrics import Metrics
 
 log = structlog.get_logger("lastseen.lookups")
@@ -90,11 +90,10 @@ class Lookups:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         metrics: Metrics,
         deliver: Deliver,
         *,
-        objects_url: str,
         max_in_flight: int,
         rate: float,
         timeout: float,
@@ -102,11 +101,9 @@ class Lookups:
         retry_base: float,
         retry_max: float,
     ) -> None:
-        self.session = session
+        self.client = client
         self.metrics = metrics
         self.deliver = deliver
-        self.objects_url = objects_url
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_max = retry_max
@@ -196,15 +193,10 @@ class Lookups:
 
     async def fetch(self, object_id: int) -> bool:
         """One request: whether the object is online, or ``LookupFailed``."""
-        url = f"{self.objects_url}/objects/{object_id}"
         try:
-            async with self.session.get(url, timeout=self.timeout) as response:
-                status = response.status
-                body = await response.read()
-        except TimeoutError:
-            raise LookupFailed(object_id, "timeout", "no answer in time", permanent=False) from None
-        except aiohttp.ClientError as exc:
-            raise LookupFailed(object_id, "connection", repr(exc), permanent=False) from None
+            status, body = await self.client.get(f"/objects/{object_id}")
+        except HttpError as exc:
+            raise LookupFailed(object_id, exc.reason, exc.detail, permanent=False) from None
         if status >= 500 or status == 429:
             reason = "http_429" if status == 429 else "http_5xx"
             raise LookupFailed(object_id, reason, f"status {status}", permanent=False)

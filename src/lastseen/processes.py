@@ -158,6 +158,7 @@ class SimulateProcess:
                     listening.set_result(line["url"])
         if not listening.done():
             listening.set_exception(RuntimeError("lastseen simulate exited"))
+            listening.exception()  # retrieved here when nobody waits for it
 
     async def _read_stdout(self) -> None:
         assert self.proc is not None
