@@ -112,7 +112,8 @@ class Service:
         host, port = self.settings.listen
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        # A deep accept queue: a burst of producers connecting at once must not see SYN drops.
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)
