@@ -4,7 +4,8 @@ Like the reference upstream, it waits a uniform 300 to 4299 ms before every answ
 requests included), answers ``{"id": <id>, "online": <bool>}`` as ``text/plain``, has no limit on
 concurrent requests, and answers 400 ``invalid id`` to an id that does not parse. Each fault is
 drawn per request at its own rate. Every answer is counted; with ``record`` on, each one is kept
-(id, time, online, kind) as ground truth for ``lastseen verify``.
+(id, time, online, kind) as ground truth for ``lastseen verify``, and an ``on_answer`` sink gets
+each one as it is decided (``lastseen simulate`` writes them to a file, so memory stays flat).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class UpstreamConfig:
     hang_seconds: float = 3600.0
     seed: int | None = None
     record: bool = False
+    # Count requests per id in ``requests_by_id``. Off, that table holds only what
+    # ``first_faults`` needs, so a long run over a large id universe does not grow it.
+    track_ids: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,8 +94,13 @@ class Answer:
 class Upstream:
     """The upstream as an aiohttp application; ``stats`` and ``answers`` are the ground truth."""
 
-    def __init__(self, config: UpstreamConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig | None = None,
+        on_answer: Callable[[Answer], None] | None = None,
+    ) -> None:
         self.config = config or UpstreamConfig()
+        self.on_answer = on_answer
         self.random = random.Random(self.config.seed)
         self.stats: Counter[str] = Counter()
         self.requests_by_id: Counter[int] = Counter()
@@ -122,17 +131,22 @@ class Upstream:
             except ValueError:
                 self.stats["invalid_400"] += 1
                 return web.Response(status=400, text="invalid id", content_type="text/plain")
-            self.requests_by_id[object_id] += 1
-            seen = self.requests_by_id[object_id]
-            scripted = config.first_faults[seen - 1] if seen <= len(config.first_faults) else None
+            scripted = None
+            if config.track_ids or config.first_faults:
+                self.requests_by_id[object_id] += 1
+                seen = self.requests_by_id[object_id]
+                if seen <= len(config.first_faults):
+                    scripted = config.first_faults[seen - 1]
             fault = scripted or self._fault()
             now = time.time()
             online = config.online(object_id, now)
             self.stats[fault or "ok"] += 1
-            if config.record:
-                self.answers.append(
-                    Answer(object_id, now, None if fault else online, fault or "ok")
-                )
+            if config.record or self.on_answer is not None:
+                answer = Answer(object_id, now, None if fault else online, fault or "ok")
+                if config.record:
+                    self.answers.append(answer)
+                if self.on_answer is not None:
+                    self.on_answer(answer)
             return await self._answer(request, object_id, online, fault)
         finally:
             self.in_flight -= 1

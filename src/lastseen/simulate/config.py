@@ -1,0 +1,257 @@
+"""The simulator's configuration: one typed object, built from its command-line flags.
+
+The simulator is not part of the service and reads no ``LASTSEEN_*`` variables: everything it
+does is on its command line, with the reference program's behaviour as the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from lastseen.simulate.producer import ProducerConfig
+from lastseen.simulate.upstream import UpstreamConfig, parse_online_rule
+
+MODES = ("both", "upstream", "producer")
+
+
+def host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
+
+
+def _rate(value: str) -> float:
+    parsed = float(value)
+    if not 0.0 <= parsed <= 1.0:
+        raise ValueError(f"expected a probability from 0 to 1, got {value!r}")
+    return parsed
+
+
+def _at_least(kind: Callable[[str], Any], low: float) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        parsed = kind(value)
+        if parsed < low:
+            raise ValueError(f"must be at least {low:g}, got {value!r}")
+        return parsed
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _online(value: str) -> str:
+    parse_online_rule(value)  # rejects a bad rule at parse time
+    return value
+
+
+_seconds = _at_least(float, 0.0)
+_count = _at_least(int, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatorConfig:
+    """What ``lastseen simulate`` (and the demo's simulator) runs, and where it records it."""
+
+    mode: str = "both"
+    upstream_listen: tuple[str, int] = ("127.0.0.1", 9010)
+    upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
+    online_rule: str = "even"
+    producer: ProducerConfig = dataclasses.field(default_factory=ProducerConfig)
+    truth_dir: Path | None = None
+    duration: float | None = None
+
+    @property
+    def runs_upstream(self) -> bool:
+        return self.mode in ("both", "upstream")
+
+    @property
+    def runs_producer(self) -> bool:
+        return self.mode in ("both", "producer")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> SimulatorConfig:
+        """The configuration from flags added by ``add_arguments`` (absent ones: defaults)."""
+        seed: int | None = args.seed
+        upstream = UpstreamConfig(
+            latency_min=args.latency_min,
+            latency_max=max(args.latency_min, args.latency_max),
+            online=parse_online_rule(args.online, seed or 0),
+            content_type=args.content_type,
+            error_5xx=args.error_5xx,
+            hang=args.hang,
+            malformed=args.malformed,
+            invalid_400=args.invalid_400,
+            wrong_id=args.wrong_id,
+            drop=args.drop,
+            hang_seconds=args.hang_seconds,
+            seed=seed,
+            track_ids=False,
+        )
+        producer = ProducerConfig(
+            target=getattr(args, "target", ProducerConfig.target),
+            period=args.period,
+            timeout=args.timeout,
+            max_ids=args.max_ids,
+            id_universe=args.id_universe,
+            rate=args.rate,
+            connections=args.connections,
+            # Distinct streams: the producer's draws do not mirror the upstream's.
+            seed=None if seed is None else seed + 1,
+        )
+        return cls(
+            mode=getattr(args, "mode", "both"),
+            upstream_listen=args.upstream_listen,
+            upstream=upstream,
+            online_rule=args.online,
+            producer=producer,
+            truth_dir=args.truth_dir,
+            duration=args.duration,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -> None:
+    """The simulator's flags. ``standalone`` adds --mode and --target, which the demo sets."""
+    run = parser.add_argument_group("simulation run")
+    if standalone:
+        run.add_argument(
+            "--mode",
+            choices=MODES,
+            default="both",
+            help="what to run: both (default), only the upstream, or only the producer",
+        )
+    run.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop after this many seconds [default: run until Ctrl-C or SIGTERM]",
+    )
+    run.add_argument(
+        "--truth-dir",
+        type=Path,
+        metavar="DIR",
+        help="record every callback sent and every upstream answer here (JSON lines), "
+        "for lastseen verify [default: record nothing]"
+        if standalone
+        else "where the ground truth is recorded [default: DATA_DIR/demo/truth]",
+    )
+    run.add_argument("--seed", type=int, help="seed of the random draws, for a repeatable run")
+
+    up = parser.add_argument_group("simulated upstream (GET /objects/{id})")
+    up.add_argument(
+        "--upstream-listen",
+        type=host_port,
+        default=("127.0.0.1", 9010),
+        metavar="HOST:PORT",
+        help="where the upstream listens; port 0 picks a free one [127.0.0.1:9010]",
+    )
+    up.add_argument(
+        "--latency-min",
+        type=_seconds,
+        default=0.3,
+        metavar="SECONDS",
+        help="least delay before every answer [0.3]",
+    )
+    up.add_argument(
+        "--latency-max",
+        type=_seconds,
+        default=4.3,
+        metavar="SECONDS",
+        help="most delay before every answer; the delay is uniform in between [4.3]",
+    )
+    up.add_argument(
+        "--online",
+        type=_online,
+        default="even",
+        metavar="RULE",
+        help="which objects are online: even (id %% 2 == 0, never changes), random:P (each id "
+        "online with probability P, fixed), flip:SECONDS (every status flips each period) [even]",
+    )
+    up.add_argument(
+        "--content-type",
+        default="text/plain; charset=utf-8",
+        help="Content-Type of the answers ['text/plain; charset=utf-8', like the reference]",
+    )
+    faults = (
+        ("--error-5xx", "answer 503"),
+        ("--hang", "never answer (for --hang-seconds)"),
+        ("--malformed", "answer a body that is not JSON"),
+        ("--invalid-400", "answer 400 'invalid id'"),
+        ("--wrong-id", "answer about another id"),
+        ("--drop", "close the connection without an answer"),
+    )
+    for flag, what in faults:
+        up.add_argument(
+            flag, type=_rate, default=0.0, metavar="P", help=f"share of requests that {what} [0]"
+        )
+    up.add_argument(
+        "--hang-seconds",
+        type=_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a hanging request hangs [3600]",
+    )
+
+    prod = parser.add_argument_group("simulated producer (POST /callback)")
+    if standalone:
+        prod.add_argument(
+            "--target",
+            type=_url,
+            default=ProducerConfig.target,
+            metavar="URL",
+            help=f"where callbacks are posted [{ProducerConfig.target}]",
+        )
+    prod.add_argument(
+        "--period",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="reference mode: sleep between one POST's end and the next POST [5]",
+    )
+    prod.add_argument(
+        "--timeout",
+        type=_at_least(float, 0.001),
+        default=1.0,
+        metavar="SECONDS",
+        help="client timeout of each POST; a slower reply is a missed callback, never retried [1]",
+    )
+    prod.add_argument(
+        "--max-ids",
+        type=_at_least(int, 0),
+        default=199,
+        metavar="N",
+        help="ids per callback: a uniform count from 0 to N [199]",
+    )
+    prod.add_argument(
+        "--id-universe",
+        type=_count,
+        default=100,
+        metavar="N",
+        help="each id is uniform from 0 to N-1 (e.g. 10000000) [100]",
+    )
+    prod.add_argument(
+        "--rate",
+        type=_seconds,
+        default=0.0,
+        metavar="PER_SECOND",
+        help="load mode: this many callbacks per second, open loop, instead of one per period "
+        "[0: reference mode]",
+    )
+    prod.add_argument(
+        "--connections",
+        type=_count,
+        default=50,
+        metavar="N",
+        help="load mode: most connections used at once [50]",
+    )
