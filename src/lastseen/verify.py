@@ -1,0 +1,392 @@
+"""``lastseen verify``: checks a simulated run against its ground truth and the database.
+
+The ground truth is what ``lastseen simulate --truth-dir`` recorded: every callback the producer
+sent (and whether it was acknowledged, with its callback id) and every upstream answer. The
+database is read in one REPEATABLE READ transaction, so every check sees one moment, ``now``.
+
+1. Callbacks. Every acknowledged callback is stored with the ids that were sent (the same
+   distinct ids), and is processed: ``done_at`` is set, which lastseen does only once each of its
+   ids has a result or a dead letter. One older than the audit retention may have been pruned;
+   it is counted, not checked.
+2. Objects. For each id, ``L`` is the newest ``received_at`` of a processed callback naming it
+   whose lookup of it was not dead-lettered (a dead letter leaves the row as it was). The id's
+   status is what the upstream answered after ``L``: the lookup that decided it was sent after
+   ``L``, so it is among those answers (this holds for every online rule; should they disagree,
+   as ``flip`` can make them, either status is accepted). ``objects`` must hold exactly the ids
+   that are online with ``now - L < ttl``, each with ``last_seen = L``. Each such id must also
+   have an answer after ``L`` at all: otherwise it was never looked up.
+
+The TTL edge: the reaper deletes expired rows every ``reap_interval``, so a row may outlive its
+TTL by that much. An id whose ``now - L`` lies within ``[ttl - edge, ttl + reap_interval + edge]``
+is accepted with or without its row, and counted as "at the edge".
+
+Assumptions: the simulator and lastseen share a clock (one host); the database holds this run's
+callbacks only (earlier rows older than the TTL do no harm); and the service is still running
+when this runs, since a stopped service's reaper no longer deletes what expires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+from lastseen.db import Database, translate
+from lastseen.errors import LastseenError
+from lastseen.settings import Settings
+from lastseen.simulate import truth
+from lastseen.simulate.upstream import parse_online_rule
+
+# Read-only checks that belong to this command alone, so they live here and not in queries.sql.
+Q_NOW = "SELECT now()"
+# The fingerprint of a callback's ids is that of its distinct ids in order: whether lastseen
+# stores the ids deduplicated or as received, and in which order, is its own business.
+Q_CALLBACKS = """
+SELECT id, received_at, done_at IS NOT NULL,
+       md5(ARRAY(SELECT DISTINCT x FROM unnest(object_ids) AS x ORDER BY x)::text)
+FROM callbacks
+"""
+# Per id: the newest processed callback naming it that was not dead-lettered for it.
+Q_NEWEST = """
+SELECT x.id, max(c.received_at)
+FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
+WHERE c.done_at IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM dead_letters AS d WHERE d.callback_id = c.id AND d.object_id = x.id)
+GROUP BY x.id
+"""
+Q_PENDING_IDS = "SELECT DISTINCT unnest(object_ids) FROM callbacks WHERE done_at IS NULL"
+Q_OBJECTS = "SELECT id, last_seen FROM objects"
+Q_DEAD_LETTERS = "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+
+PROBLEMS = {
+    "not_stored": "acknowledged callbacks that are not in the callbacks table",
+    "ids_differ": "callbacks stored with other ids than were sent",
+    "not_processed": "callbacks not processed (done_at is NULL)",
+    "not_looked_up": "ids of processed callbacks with no upstream answer after the callback",
+    "missing_row": "online ids seen within the TTL without a row in objects",
+    "unexpected_row": "rows in objects that should not be there",
+    "wrong_last_seen": "rows whose last_seen is not the receive time of their newest callback",
+}
+
+ONLINE = 1
+OFFLINE = 2
+
+
+class TruthMissing(LastseenError):
+    """The truth directory lacks what a verification needs."""
+
+
+def fingerprint(ids: list[int]) -> str:
+    """The md5 of the distinct ids in order, as ``Q_CALLBACKS`` computes it from what is stored
+    (PostgreSQL prints an array as ``{1,2,3}``): comparing these keeps a long run's ids out of
+    memory."""
+    text = "{" + ",".join(map(str, sorted(set(ids)))) + "}"
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Report:
+    """What a verification found; ``ok`` when nothing is wrong."""
+
+    truth_dir: Path
+    now: datetime | None = None
+    ttl: float = 0.0
+    sent: int = 0
+    acknowledged: int = 0
+    processed: int = 0
+    pruned: int = 0
+    stored: int = 0
+    stored_unacknowledged: int = 0
+    answers: int | None = None
+    online_rule: str | None = None
+    rows: int = 0
+    expected_rows: int = 0
+    edge: int = 0
+    ambiguous: int = 0
+    skipped_pending: int = 0
+    dead_letters: dict[str, int] = dataclasses.field(default_factory=dict)
+    counts: Counter[str] = dataclasses.field(default_factory=Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    max_examples: int = 5
+
+    def problem(self, kind: str, example: str) -> None:
+        self.counts[kind] += 1
+        listed = self.examples.setdefault(kind, [])
+        if len(listed) < self.max_examples:
+            listed.append(example)
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    @property
+    def all_processed(self) -> bool:
+        return not (self.counts["not_stored"] or self.counts["not_processed"])
+
+    def lines(self) -> list[str]:
+        verdict = "PASS" if self.ok else f"FAIL: {sum(self.counts.values())} discrepancies"
+        answers = (
+            f"{self.answers} upstream answers"
+            if self.answers is not None
+            else f"no upstream answers; online rule assumed: {self.online_rule}"
+        )
+        lines = [
+            f"lastseen verify: {verdict}",
+            f"  ground truth: {self.truth_dir} ({self.sent} callbacks sent, "
+            f"{self.acknowledged} acknowledged; {answers})",
+        ]
+        callbacks = f"  callbacks: {self.stored} stored, {self.processed} processed"
+        if self.pruned:
+            callbacks += f"; {self.pruned} acknowledged ones pruned (older than audit retention)"
+        if self.stored_unacknowledged:
+            callbacks += (
+                f"; {self.stored_unacknowledged} stored but not acknowledged to this producer "
+                "(a reply after its timeout, or another producer)"
+            )
+        lines.append(callbacks)
+        objects = (
+            f"  objects: {self.rows} rows; {self.expected_rows} ids must have one (online, seen "
+            f"within TTL {self.ttl:g} s)"
+        )
+        if self.edge:
+            objects += f", {self.edge} at the TTL edge may"
+        if self.ambiguous:
+            objects += f"; {self.ambiguous} whose status changed during their last lookup"
+        if self.skipped_pending:
+            objects += f"; {self.skipped_pending} not checked (named by a pending callback)"
+        lines.append(objects)
+        letters = ", ".join(f"{reason}: {n}" for reason, n in self.dead_letters.items())
+        total = sum(self.dead_letters.values())
+        lines.append(f"  dead letters: {total}" + (f" ({letters})" if letters else ""))
+        checked = self.acknowledged - self.pruned
+        if self.all_processed:
+            lines.append(f"  all {checked} acknowledged callbacks were processed")
+        else:
+            missing = self.counts["not_stored"]
+            lines.append(
+                f"  NOT all acknowledged callbacks were processed: {missing} not stored, "
+                f"{self.counts['not_processed']} stored callbacks pending"
+            )
+        for kind, count in self.counts.items():
+            lines.append(f"  {kind}: {count} {PROBLEMS[kind]}, e.g.")
+            lines.extend(f"    {example}" for example in self.examples[kind])
+        return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class _Acked:
+    sent_at: float
+    fingerprint: str
+
+
+def _read_truth(report: Report, truth_dir: Path) -> dict[int, _Acked]:
+    acked: dict[int, _Acked] = {}
+    for sent in truth.read_callbacks(truth_dir):
+        report.sent += 1
+        if sent.acknowledged and sent.callback_id is not None:
+            report.acknowledged += 1
+            acked[sent.callback_id] = _Acked(sent.sent_at, fingerprint(sent.ids))
+    return acked
+
+
+async def verify(
+    db: Database,
+    truth_dir: Path,
+    *,
+    ttl: float,
+    reap_interval: float,
+    audit_retention: float,
+    edge: float = 0.25,
+    online_rule: str | None = None,
+    seed: int = 0,
+    max_examples: int = 5,
+) -> Report:
+    """Checks the run recorded in ``truth_dir`` against the database behind ``db``.
+
+    ``online_rule`` stands in for the upstream's answers when none were recorded (the run used
+    another upstream); only rules that do not change over time can.
+    """
+    report = Report(truth_dir, ttl=ttl, max_examples=max_examples)
+    if not (truth_dir / truth.CALLBACKS).exists():
+        raise TruthMissing(f"no {truth.CALLBACKS} in {truth_dir}: was the producer run?")
+    has_answers = (truth_dir / truth.ANSWERS).exists()
+    rule: Callable[[int, float], bool] | None = None
+    if not has_answers:
+        if online_rule is None or online_rule.startswith("flip"):
+            raise TruthMissing(
+                f"no {truth.ANSWERS} in {truth_dir} (was the upstream simulated?): pass "
+                "--online even or --online random:P to say which objects are online"
+            )
+        rule = parse_online_rule(online_rule, seed)
+        report.online_rule = online_rule
+    acked = _read_truth(report, truth_dir)
+    try:
+        async with (
+            db.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            now: datetime = await conn.fetchval(Q_NOW)
+            report.now = now
+            pruned_before = now - timedelta(seconds=audit_retention)
+            await _check_callbacks(report, conn, acked, pruned_before)
+            newest = {r[0]: r[1] for r in await conn.fetch(Q_NEWEST)}
+            pending = {r[0] for r in await conn.fetch(Q_PENDING_IDS)}
+            rows = {r[0]: r[1] for r in await conn.fetch(Q_OBJECTS)}
+            report.dead_letters = {r[0]: r[1] for r in await conn.fetch(Q_DEAD_LETTERS)}
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise translate("verify", exc) from exc
+    if rule is not None:
+        status = {i: ONLINE if rule(i, 0.0) else OFFLINE for i in newest}
+    else:
+        status = _statuses(report, truth_dir, newest)
+    _check_objects(report, newest, status, pending, rows, now, ttl, reap_interval, edge)
+    return report
+
+
+async def _check_callbacks(
+    report: Report, conn: asyncpg.Connection, acked: dict[int, _Acked], pruned_before: datetime
+) -> None:
+    unmatched = dict(acked)
+    async for callback_id, received_at, done, digest in conn.cursor(Q_CALLBACKS, prefetch=5000):
+        report.stored += 1
+        sent = unmatched.pop(callback_id, None)
+        if sent is None:
+            report.stored_unacknowledged += 1
+        elif digest != sent.fingerprint:
+            report.problem("ids_differ", f"callback {callback_id}: stored ids are not those sent")
+        if done:
+            report.processed += 1
+        else:
+            whose = "acknowledged" if sent is not None else "not acknowledged to this producer"
+            report.problem(
+                "not_processed",
+                f"callback {callback_id} ({whose}), received {received_at.isoformat()}",
+            )
+    for callback_id, sent in unmatched.items():
+        if sent.sent_at < pruned_before.timestamp():
+            report.pruned += 1
+        else:
+            report.problem("not_stored", f"callback {callback_id}, acknowledged, is not stored")
+
+
+def _statuses(report: Report, truth_dir: Path, newest: dict[int, datetime]) -> dict[int, int]:
+    """Per id, which statuses the upstream answered after its newest callback (bit flags)."""
+    after = {i: seen.timestamp() for i, seen in newest.items()}
+    status: dict[int, int] = {}
+    report.answers = 0
+    for answer in truth.read_answers(truth_dir):
+        report.answers += 1
+        since = after.get(answer.object_id)
+        if answer.kind != "ok" or since is None or answer.at < since:
+            continue
+        flag = ONLINE if answer.online else OFFLINE
+        status[answer.object_id] = status.get(answer.object_id, 0) | flag
+    return status
+
+
+def _check_objects(
+    report: Report,
+    newest: dict[int, datetime],
+    status: dict[int, int],
+    pending: set[int],
+    rows: dict[int, datetime],
+    now: datetime,
+    ttl: float,
+    reap_interval: float,
+    edge: float,
+) -> None:
+    report.rows = len(rows)
+    early, late = ttl - edge, ttl + reap_interval + edge
+    for object_id in sorted(newest.keys() | rows.keys()):
+        if object_id in pending:
+            report.skipped_pending += 1
+            continue
+        row = rows.get(object_id)
+        seen = newest.get(object_id)
+        if seen is None:
+            assert row is not None
+            report.problem(
+                "unexpected_row",
+                f"object {object_id}: row (last_seen {row.isoformat()}) but no processed "
+                "callback names it",
+            )
+            continue
+        age = (now - seen).total_seconds()
+        found = status.get(object_id, 0)
+        if not found:
+            report.problem(
+                "not_looked_up",
+                f"object {object_id}: named by a callback received {seen.isoformat()} "
+                "but no upstream answer came after it",
+            )
+            continue
+        if found == ONLINE | OFFLINE:
+            report.ambiguous += 1
+            online: bool | None = None
+        else:
+            online = found == ONLINE
+        at_edge = early <= age <= late
+        if online and age < early:
+            report.expected_rows += 1
+        if online is not False and at_edge:
+            report.edge += 1
+        if row is None:
+            if online and age < early:
+                report.problem(
+                    "missing_row",
+                    f"object {object_id}: online, last seen {age:.3f} s ago "
+                    f"({seen.isoformat()}), but no row",
+                )
+            continue
+        if online is False:
+            report.problem(
+                "unexpected_row",
+                f"object {object_id}: the upstream said offline after {seen.isoformat()}",
+            )
+        elif age > late:
+            report.problem(
+                "unexpected_row",
+                f"object {object_id}: expired, last seen {age:.3f} s ago with TTL {ttl:g} s",
+            )
+        elif row != seen:
+            report.problem(
+                "wrong_last_seen",
+                f"object {object_id}: last_seen {row.isoformat()}, expected {seen.isoformat()}",
+            )
+
+
+async def run(
+    settings: Settings,
+    truth_dir: Path,
+    *,
+    edge: float,
+    online_rule: str | None,
+    seed: int,
+    max_examples: int,
+) -> int:
+    """``lastseen verify``: prints the report; 0 when it passes, 1 on any discrepancy."""
+    from lastseen.app import close_database, open_database
+
+    db, embedded = await open_database(settings)
+    try:
+        report = await verify(
+            db,
+            truth_dir,
+            ttl=settings.ttl,
+            reap_interval=settings.reap_interval,
+            audit_retention=settings.audit_retention,
+            edge=edge,
+            online_rule=online_rule,
+            seed=seed,
+            max_examples=max_examples,
+        )
+    finally:
+        await close_database(db, embedded)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
