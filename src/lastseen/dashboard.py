@@ -1,0 +1,320 @@
+"""The demo's dashboard: figures from the service's metrics, the database and the simulator.
+
+Counters and gauges are read from the service's own Prometheus registry, the inbox depth and the
+online objects from the database (as ``/metrics`` does), and the rest from the simulator. Latency
+quantiles cover only the recent ``window``: the bucket counts of the newest reading minus those
+of the reading ``window`` seconds older, then interpolated within the bucket that holds the rank,
+as Prometheus' ``histogram_quantile`` does. So they follow the system as it changes, and they
+are only as precise as the buckets (metrics.py) are fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+
+from lastseen.errors import DatabaseError
+
+if TYPE_CHECKING:
+    from lastseen.app import Service
+    from lastseen.simulate.run import Simulator
+
+# (upper bounds, cumulative counts), +Inf last, as a histogram exports its buckets.
+Buckets = tuple[tuple[float, ...], tuple[float, ...]]
+
+LATENCIES = {
+    "lookup": "lastseen_lookup_seconds",
+    "lag_over_upstream": "lastseen_lag_over_upstream_seconds",
+    "result_lag": "lastseen_result_lag_seconds",
+}
+
+
+def quantile(buckets: Buckets, q: float) -> float | None:
+    """The ``q`` quantile of a histogram's observations; None when it has none.
+
+    Linear within the bucket holding the rank; in the +Inf bucket, the highest finite bound.
+    """
+    bounds, cumulative = buckets
+    if not cumulative or cumulative[-1] <= 0:
+        return None
+    rank = q * cumulative[-1]
+    below = 0.0
+    lower = 0.0
+    for bound, count in zip(bounds, cumulative, strict=True):
+        if count >= rank and count > below:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        below, lower = count, bound
+    return lower
+
+
+def read_registry(registry: CollectorRegistry) -> tuple[dict[str, float], dict[str, Buckets]]:
+    """Every sample as ``name`` or ``name{label=value,...}``, and every histogram's buckets."""
+    values: dict[str, float] = {}
+    buckets: dict[str, Buckets] = {}
+    for metric in registry.collect():
+        found: list[tuple[float, float]] = []
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket") and "le" in sample.labels:
+                found.append((float(sample.labels["le"]), sample.value))
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        if found:
+            found.sort()
+            buckets[metric.name] = (tuple(b for b, _ in found), tuple(c for _, c in found))
+    return values, buckets
+
+
+def total(values: dict[str, float], name: str) -> float:
+    """The sum of a metric's samples over all its labels."""
+    return sum(v for key, v in values.items() if key == name or key.startswith(name + "{"))
+
+
+def by_label(values: dict[str, float], name: str) -> dict[str, float]:
+    """A one-label metric's samples by label value."""
+    prefix = name + "{"
+    return {
+        key[len(prefix) : -1].split("=", 1)[1]: v
+        for key, v in values.items()
+        if key.startswith(prefix)
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """One frame of the dashboard."""
+
+    elapsed: float
+    window: float
+    # Producer.
+    sent: int
+    acknowledged: int
+    not_acknowledged: int
+    producer_in_flight: int
+    send_rate: float
+    # Service.
+    received: int
+    rejected: int
+    processed: int
+    inbox_pending: int | None
+    oldest_pending: float | None
+    lookups_in_flight: int
+    lookups: int
+    lookup_rate: float
+    retries: int
+    objects_online: int | None
+    deleted_expired: int
+    deleted_offline: int
+    dead_letters: dict[str, int]
+    latencies: dict[str, tuple[float | None, float | None]]  # name: (p50, p99)
+    # Upstream.
+    upstream_requests: int
+    upstream_in_flight: int
+    upstream_faults: int
+
+
+class Dashboard:
+    """Samples the figures of one demo run; keeps ``window`` seconds of readings for rates."""
+
+    def __init__(self, service: Service, simulator: Simulator, window: float = 30.0) -> None:
+        self.service = service
+        self.simulator = simulator
+        self.window = window
+        self.started = time.monotonic()
+        self._readings: collections.deque[tuple[float, dict[str, float], dict[str, Buckets]]]
+        self._readings = collections.deque()
+        self._pending: tuple[int, float | None] | None = None
+        self._online: int | None = None
+
+    async def _database_figures(self) -> None:
+        # Sampled like /metrics does: a slow database leaves the last figures, never a failure.
+        db = self.service.db
+        try:
+            pending, oldest = await asyncio.wait_for(db.inbox_stats(), 1.0)
+            self._online = await asyncio.wait_for(db.count_objects(), 1.0)
+        except (DatabaseError, TimeoutError):
+            return
+        age = None if oldest is None else max(0.0, time.time() - oldest.timestamp())
+        self._pending = (pending, age)
+
+    async def sample(self) -> Figures:
+        now = time.monotonic()
+        await self._database_figures()
+        values, buckets = read_registry(self.service.metrics.registry)
+        producer = self.simulator.producer
+        upstream = self.simulator.upstream
+        if producer is not None:
+            values["sent"] = producer.stats["sent"]
+        self._readings.append((now, values, buckets))
+        while len(self._readings) > 2 and now - self._readings[1][0] >= self.window:
+            self._readings.popleft()
+        then, old_values, old_buckets = self._readings[0]
+        span = now - then
+
+        def rate(name: str) -> float:
+            return (total(values, name) - total(old_values, name)) / span if span > 0 else 0.0
+
+        latencies = {}
+        for label, name in LATENCIES.items():
+            recent = _minus(buckets.get(name), old_buckets.get(name) if span > 0 else None)
+            latencies[label] = (quantile(recent, 0.5), quantile(recent, 0.99))
+        pending = self._pending
+        stats = producer.stats if producer is not None else None
+        return Figures(
+            elapsed=now - self.started,
+            window=min(span, self.window),
+            sent=stats["sent"] if stats else 0,
+            acknowledged=stats["acknowledged"] if stats else 0,
+            not_acknowledged=producer.failed if producer else 0,
+            producer_in_flight=producer.in_flight if producer else 0,
+            send_rate=rate("sent"),
+            received=int(total(values, "lastseen_callbacks_received_total")),
+            rejected=int(total(values, "lastseen_callbacks_rejected_total")),
+            processed=int(total(values, "lastseen_callbacks_completed_total")),
+            inbox_pending=None if pending is None else pending[0],
+            oldest_pending=None if pending is None else pending[1],
+            lookups_in_flight=int(total(values, "lastseen_lookups_in_flight")),
+            lookups=int(total(values, "lastseen_lookups_total")),
+            lookup_rate=rate("lastseen_lookups_total"),
+            retries=int(total(values, "lastseen_lookup_retries_total")),
+            objects_online=self._online,
+            deleted_expired=int(
+                by_label(values, "lastseen_objects_deleted_total").get("expired", 0)
+            ),
+            deleted_offline=int(
+                by_label(values, "lastseen_objects_deleted_total").get("offline", 0)
+            ),
+            dead_letters={
+                reason: int(n)
+                for reason, n in by_label(values, "lastseen_dead_letters_total").items()
+            },
+            latencies=latencies,
+            upstream_requests=upstream.stats["requests"] if upstream else 0,
+            upstream_in_flight=upstream.in_flight if upstream else 0,
+            upstream_faults=(
+                sum(n for k, n in upstream.stats.items() if k not in ("requests", "ok"))
+                if upstream
+                else 0
+            ),
+        )
+
+
+def _minus(new: Buckets | None, old: Buckets | None) -> Buckets:
+    if new is None:
+        return ((), ())
+    if old is None or old[0] != new[0]:
+        return new
+    return new[0], tuple(a - b for a, b in zip(new[1], old[1], strict=True))
+
+
+def seconds(value: float | None) -> str:
+    """A duration for people: ms below a second."""
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _clock(value: float) -> str:
+    whole = int(value)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _section(title: str, rows: Sequence[tuple[str, str]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(min_width=30)
+    table.add_column(justify="right", min_width=10)
+    table.add_row(f"[bold]{title}[/bold]", "")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
+    """The live view of one frame."""
+    dead = sum(f.dead_letters.values())
+    producer = _section(
+        "Producer",
+        [
+            ("callbacks sent", _n(f.sent)),
+            ("acknowledged (202)", _n(f.acknowledged)),
+            ("failed or timed out", _n(f.not_acknowledged)),
+            ("POSTs in flight", _n(f.producer_in_flight)),
+            ("send rate", f"{f.send_rate:.1f}/s"),
+        ],
+    )
+    upstream = _section(
+        "Upstream",
+        [
+            ("requests", _n(f.upstream_requests)),
+            ("in flight", _n(f.upstream_in_flight)),
+            ("faults injected", _n(f.upstream_faults)),
+        ],
+    )
+    service = _section(
+        "Service",
+        [
+            ("callbacks acknowledged", _n(f.received)),
+            ("callbacks processed", _n(f.processed)),
+            ("inbox depth (pending)", _n(f.inbox_pending)),
+            ("oldest pending", seconds(f.oldest_pending)),
+            ("lookups in flight", _n(f.lookups_in_flight)),
+            ("lookups done", f"{_n(f.lookups)} ({f.lookup_rate:.0f}/s)"),
+            ("lookup retries", _n(f.retries)),
+            ("online objects", _n(f.objects_online)),
+            ("deleted: expired / offline", f"{f.deleted_expired:,} / {f.deleted_offline:,}"),
+            ("dead letters", f"{dead:,}"),
+            # One row per reason: a long list on one row would squeeze the figures out.
+            *((f"  {reason}", f"{n:,}") for reason, n in sorted(f.dead_letters.items())),
+        ],
+    )
+    latency = Table.grid(padding=(0, 2))
+    latency.add_column(min_width=30)
+    latency.add_column(justify="right", min_width=10)
+    latency.add_column(justify="right", min_width=10)
+    latency.add_row(
+        f"[bold]Latency, last {f.window:.0f} s[/bold]", "[bold]p50[/bold]", "[bold]p99[/bold]"
+    )
+    names = {
+        "lookup": "upstream lookup",
+        "lag_over_upstream": "lag over upstream",
+        "result_lag": "receipt to result",
+    }
+    for key, label in names.items():
+        p50, p99 = f.latencies.get(key, (None, None))
+        latency.add_row(label, seconds(p50), seconds(p99))
+    left = Group(producer, "", upstream)
+    right = Group(service, "", latency)
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(left, right)
+    return Panel(grid, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+
+
+def line(f: Figures) -> str:
+    """The same figures on one line, for a log or a pipe."""
+    lookup = f.latencies.get("lookup", (None, None))
+    lag = f.latencies.get("lag_over_upstream", (None, None))
+    return (
+        f"[{_clock(f.elapsed)}] sent {f.sent} acked {f.acknowledged} "
+        f"failed {f.not_acknowledged} | processed {f.processed} pending {_n(f.inbox_pending)} "
+        f"lookups in flight {f.lookups_in_flight} | online {_n(f.objects_online)} "
+        f"deleted {f.deleted_expired + f.deleted_offline} "
+        f"dead letters {sum(f.dead_letters.values())} | "
+        f"lookup p50 {seconds(lookup[0])} p99 {seconds(lookup[1])} "
+        f"lag over upstream p50 {seconds(lag[0])} p99 {seconds(lag[1])}"
+    )
