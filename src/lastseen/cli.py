@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -13,6 +14,8 @@ import msgspec
 from lastseen import __version__, logs
 from lastseen.errors import LastseenError
 from lastseen.settings import Settings, add_arguments, from_arguments
+from lastseen.simulate.config import SimulatorConfig
+from lastseen.simulate.config import add_arguments as add_simulator_arguments
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -53,6 +56,48 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
     return 0
 
 
+async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.simulate.run import run
+
+    return await run(SimulatorConfig.from_arguments(args))
+
+
+async def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.verify import run
+
+    return await run(
+        settings,
+        args.truth_dir,
+        edge=args.edge,
+        online_rule=args.online,
+        seed=args.seed,
+        max_examples=args.examples,
+    )
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.demo import DemoOptions, run
+
+    # The demo runs its own upstream, and the whole pipeline inside its one process (its
+    # dashboard reads the pipeline's metrics there): flags that say otherwise cannot apply.
+    if args.objects_url is not None or settings.role != "all" or args.worker_processes:
+        print(
+            "lastseen demo: runs its own upstream, and every role in one process: leave out "
+            "--objects-url, --role and --worker-processes",
+            file=sys.stderr,
+        )
+        return 2
+    options = DemoOptions(
+        refresh=args.refresh,
+        progress_every=args.progress_every,
+        drain_timeout=args.drain_timeout,
+        window=args.window,
+        edge=args.edge,
+        live=False if args.plain else None,
+    )
+    return await run(settings, SimulatorConfig.from_arguments(args), options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lastseen",
@@ -77,6 +122,94 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(retry, ["service", "logging"])
     retry.add_argument("--limit", type=int, default=100_000, help="most dead letters retried")
     retry.set_defaults(run=_retry_dead_letters)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the simulated producer and upstream (--mode both, upstream or producer)",
+        description="The reference producer and upstream, in one process or either alone. "
+        "Defaults behave like the reference program; --truth-dir records a run for "
+        "lastseen verify.",
+    )
+    add_arguments(simulate, ["logging"])
+    add_simulator_arguments(simulate)
+    simulate.set_defaults(run=_simulate)
+
+    check = commands.add_parser(
+        "verify",
+        help="check a simulated run's ground truth against the database",
+        description="Exits 0 if every acknowledged callback was processed and objects holds "
+        "exactly the online ids seen within the TTL; 1, with examples, otherwise. Run it while "
+        "the service runs (its reaper keeps deleting what expires), with the service's --ttl.",
+    )
+    add_arguments(check, ["service", "housekeeping", "logging"])
+    check.add_argument(
+        "--truth-dir", type=Path, required=True, help="the --truth-dir of lastseen simulate"
+    )
+    check.add_argument(
+        "--edge",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="ids last seen between TTL-EDGE and TTL+REAP_INTERVAL+EDGE ago are accepted with "
+        "or without a row [0.25]",
+    )
+    check.add_argument(
+        "--online",
+        metavar="RULE",
+        help="even or random:P: which ids are online, when the run recorded no upstream answers",
+    )
+    check.add_argument("--seed", type=int, default=0, help="the simulator's --seed, for random:P")
+    check.add_argument("--examples", type=int, default=5, help="examples listed per discrepancy")
+    check.set_defaults(run=_verify)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the service, the simulator and a live dashboard in one process, then verify",
+        description="Starts the embedded PostgreSQL (in DATA_DIR/demo, emptied each run), the "
+        "service, the simulated upstream and producer; shows a dashboard until Ctrl-C or "
+        "--duration; then lets the pipeline finish, verifies the run and prints a summary. "
+        "Exits 1 if the verification fails. See docs/demo.md.",
+    )
+    add_arguments(
+        demo, ["service", "ingest", "worker", "lookups", "results", "housekeeping", "logging"]
+    )
+    add_simulator_arguments(demo, standalone=False)
+    shown = demo.add_argument_group("dashboard")
+    shown.add_argument(
+        "--refresh", type=float, default=0.5, metavar="SECONDS", help="live view refresh [0.5]"
+    )
+    shown.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="without a terminal: seconds between progress lines [5]",
+    )
+    shown.add_argument(
+        "--plain", action="store_true", help="progress lines even on a terminal, no live view"
+    )
+    shown.add_argument(
+        "--window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="recent window of the latency quantiles and rates [30]",
+    )
+    shown.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the producer stops, most seconds to wait for pending callbacks [30]",
+    )
+    shown.add_argument(
+        "--edge",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="verification tolerance at the TTL edge (see lastseen verify --help) [0.25]",
+    )
+    demo.set_defaults(run=_demo)
     return parser
 
 
