@@ -1,0 +1,164 @@
+"""``lastseen demo`` and its dashboard: the whole system in one process, then a verification."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from pathlib import Path
+
+import pytest
+from conftest import StartService
+from prometheus_client import CollectorRegistry, Histogram
+from rich.console import Console
+from simtools import run_cli
+
+from lastseen import dashboard
+from lastseen.db import Database
+from lastseen.demo import NotEmpty, start_fresh
+from lastseen.simulate.config import SimulatorConfig
+from lastseen.simulate.producer import ProducerConfig
+from lastseen.simulate.run import Simulator
+from lastseen.simulate.upstream import UpstreamConfig
+
+# Time compressed about 25 times; free ports; no terminal (stdout is a pipe).
+FAST = [
+    "--listen=127.0.0.1:0",
+    "--upstream-listen=127.0.0.1:0",
+    "--period=0.2",
+    "--ttl=2",
+    "--latency-min=0.012",
+    "--latency-max=0.172",
+    "--reap-interval=0.05",
+    "--progress-every=1",
+    "--edge=0.2",
+    "--log-level=warning",
+]
+
+
+@pytest.mark.slow
+async def test_demo_without_a_terminal_runs_and_verifies(tmp_path: Path) -> None:
+    """`lastseen demo --duration 3` on a fresh data dir starts the embedded PostgreSQL, the
+    service and the simulator, prints plain progress lines, and ends with a summary saying
+    that every acknowledged callback was processed; it exits 0."""
+    result = await run_cli("demo", f"--data-dir={tmp_path}", "--duration=3", *FAST)
+    assert result.code == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "╭" not in out  # no live view without a terminal
+    progress = re.findall(r"^\[0:00:0\d\] sent (\d+) acked (\d+)", out, re.MULTILINE)
+    assert len(progress) >= 2
+    match = re.search(r"producer: (\d+) callbacks sent, (\d+) acknowledged", out)
+    assert match is not None
+    sent, acknowledged = int(match[1]), int(match[2])
+    assert sent >= 5
+    # A reply slower than the producer's 1 s timeout (a busy machine) is a missed callback,
+    # which verification allows for; the rest must be acknowledged.
+    assert acknowledged >= 1
+    assert "lastseen verify: PASS" in out
+    assert f"all {acknowledged} acknowledged callbacks were processed" in out
+    assert (tmp_path / "demo" / "truth" / "callbacks.jsonl").exists()
+
+
+@pytest.mark.slow
+async def test_demo_exits_1_when_verification_fails(tmp_path: Path) -> None:
+    """When callbacks cannot be finished (every lookup hangs) the drain gives up, verification
+    lists the unprocessed callbacks, and the demo exits 1."""
+    result = await run_cli(
+        "demo",
+        f"--data-dir={tmp_path}",
+        "--duration=1",
+        *FAST,
+        "--hang=1",
+        "--hang-seconds=30",
+        "--drain-timeout=0.3",
+        "--shutdown-grace=0.2",
+    )
+    assert result.code == 1, result.stdout + result.stderr
+    assert "lastseen verify: FAIL" in result.stdout
+    assert "NOT all acknowledged callbacks were processed" in result.stdout
+    assert "not_processed:" in result.stdout
+
+
+def test_quantiles_come_from_bucket_counts() -> None:
+    """Quantiles interpolate linearly within the bucket holding the rank, like Prometheus'
+    histogram_quantile; none without observations; the highest finite bound past the last."""
+    buckets = ((0.1, 0.5, 1.0, math.inf), (2.0, 5.0, 5.0, 5.0))
+    assert dashboard.quantile(buckets, 0.5) == pytest.approx(0.1 + 0.4 * (0.5 / 3))
+    assert dashboard.quantile(buckets, 0.2) == pytest.approx(0.05)
+    assert dashboard.quantile(((0.1, math.inf), (0.0, 0.0)), 0.5) is None
+    assert dashboard.quantile(((0.1, math.inf), (1.0, 4.0)), 0.99) == 0.1
+
+    registry = CollectorRegistry()
+    histogram = Histogram("h_seconds", "test", buckets=(0.01, 0.1, 1.0), registry=registry)
+    for value in [0.005] * 50 + [0.05] * 49 + [0.5]:
+        histogram.observe(value)
+    _, found = dashboard.read_registry(registry)
+    assert found["h_seconds"] == ((0.01, 0.1, 1.0, math.inf), (50.0, 99.0, 100.0, 100.0))
+    assert dashboard.quantile(found["h_seconds"], 0.5) == pytest.approx(0.01)
+    assert dashboard.quantile(found["h_seconds"], 0.99) == pytest.approx(0.1)
+
+
+async def test_dashboard_shows_every_figure(start_service: StartService, tmp_path: Path) -> None:
+    """After a second of traffic, a frame shows callbacks sent and acknowledged, inbox depth,
+    lookups in flight, online objects, deletions, lookup latency and lag over upstream
+    quantiles, and dead letters, with the figures read from the service and the simulator."""
+    simulator = Simulator(
+        SimulatorConfig(
+            upstream_listen=("127.0.0.1", 0),
+            upstream=UpstreamConfig(latency_min=0.01, latency_max=0.05, seed=1, invalid_400=0.05),
+            producer=ProducerConfig(period=0.1, seed=2),
+            truth_dir=tmp_path,
+        )
+    )
+    url = await simulator.start_upstream()
+    service = await start_service(objects_url=url, ttl=30)
+    simulator.start_producer(service.url + "/callback")
+    try:
+        board = dashboard.Dashboard(service.service, simulator, window=10)
+        await board.sample()
+        await asyncio.sleep(1.0)
+        figures = await board.sample()
+    finally:
+        await simulator.stop()
+    assert figures.sent >= 3
+    # The service counts a 202 before sending it, the producer once it has it.
+    assert figures.received >= figures.acknowledged >= 3
+    assert figures.processed >= 1
+    assert figures.inbox_pending is not None
+    assert figures.objects_online
+    assert figures.latencies["lookup"][0] is not None
+    assert figures.latencies["lag_over_upstream"][1] is not None
+    assert figures.dead_letters.get("http_4xx", 0) > 0
+    assert figures.upstream_requests > 0
+
+    console = Console(record=True, width=120, force_terminal=False)
+    console.print(dashboard.render(figures))
+    text = console.export_text()
+    for label in (
+        "callbacks sent",
+        "acknowledged (202)",
+        "inbox depth (pending)",
+        "lookups in flight",
+        "online objects",
+        "deleted: expired / offline",
+        "upstream lookup",
+        "lag over upstream",
+        "dead letters",
+    ):
+        assert label in text, label
+    assert f"{figures.objects_online:,}" in text
+    line = dashboard.line(figures)
+    assert f"sent {figures.sent} acked {figures.acknowledged}" in line
+
+
+async def test_demo_empties_its_own_database_and_refuses_anyone_elses(db: Database) -> None:
+    """The demo empties the tables of its own embedded database, but refuses to run on a
+    database given with --database-url that already holds callbacks."""
+    await db.pool.execute(
+        "INSERT INTO callbacks (received_at, object_ids, locked_until) VALUES (now(), '{1}', now())"
+    )
+    with pytest.raises(NotEmpty):
+        await start_fresh(db, owned=False)
+    await start_fresh(db, owned=True)
+    assert await db.pool.fetchval("SELECT count(*) FROM callbacks") == 0
+    await start_fresh(db, owned=False)  # now empty: accepted
