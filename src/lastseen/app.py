@@ -174,6 +174,9 @@ class Service:
             await self.workers.stop()
         if self.works and self.readiness.migrated:
             self.worker.stop_claiming()
+            # A claim under way when claiming stops still lands: wait for the loop to end, so
+            # that drain sees every callback this worker holds.
+            await self.supervisor.wait("worker", s.shutdown_grace)
             await self.worker.drain(s.shutdown_grace)
             await self.lookups.close()
         # The rest run until cancelled; then the writer's last batch is written here.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import resource
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,27 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
     finally:
         await close_database(db, embedded)
     return 0
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.bench import SCENARIOS, BenchOptions, run
+
+    scenarios = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        print(f"lastseen bench: unknown scenario {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    options = BenchOptions(scenarios=scenarios, out_dir=out, database_url=settings.database_url)
+    for name in ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(options, name, value)
+    if args.rates:
+        options.rates = tuple(float(r) for r in args.rates.split(","))
+    if args.smoke:
+        options = options.smoke()
+    return await run(options)
 
 
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -122,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(retry, ["service", "logging"])
     retry.add_argument("--limit", type=int, default=100_000, help="most dead letters retried")
     retry.set_defaults(run=_retry_dead_letters)
+
+    bench = commands.add_parser(
+        "bench", help="measure the whole system on this machine (see docs/benchmarks.md)"
+    )
+    bench.add_argument(
+        "--scenario",
+        default="all",
+        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak",
+    )
+    bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
+    bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
+    bench.add_argument("--seconds", type=float, help="ingest: seconds per round [5]")
+    bench.add_argument("--connections", type=int, help="ingest: connections [64]")
+    bench.add_argument("--rounds", type=int, help="ingest: rounds per handler [3]")
+    bench.add_argument("--rates", help="pipeline: callback rates per second to step through")
+    bench.add_argument("--step-seconds", type=float, help="pipeline: seconds per step [20]")
+    bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
+    bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
+    bench.add_argument("--smoke", action="store_true", help="tiny, seconds-long run (for tests)")
+    bench.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    bench.add_argument("--log-level", default="warning")
+    bench.set_defaults(run=_bench)
 
     simulate = commands.add_parser(
         "simulate",
@@ -213,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_open_file_limit() -> None:
+    """Every lookup in flight holds a socket: take all the file descriptors we may have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard > 0 else soft, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -221,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except LastseenError as exc:
         parser.error(str(exc))
     logs.configure(settings.log_format, settings.log_level)
+    _raise_open_file_limit()
     command: Command = args.run
     try:
         status = asyncio.run(command(settings, args))

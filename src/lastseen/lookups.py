@@ -185,6 +185,11 @@ class Lookups:
             return await self.fetch(lookup.object_id)
         except LookupFailed as failure:
             return failure
+        except Exception as exc:
+            # A bug here must not strand the callbacks waiting on this id: log it loudly and
+            # treat it as a failed attempt, which is retried and in the end dead-lettered.
+            log.exception("lookup attempt crashed", object_id=lookup.object_id)
+            return LookupFailed(lookup.object_id, "internal_error", repr(exc), permanent=False)
         finally:
             lookup.latency = time.perf_counter() - started
             lookup.sent_at = None

@@ -59,6 +59,8 @@ class Worker:
             # Cleared before the claim: a notification during the claim means another round.
             self._wake.clear()
             await self._ensure_listener()
+            if not self._claiming:
+                break
             room = self.max_active - len(self.jobs)
             claimed: list[Claimed] = []
             if room > 0:

@@ -50,7 +50,7 @@ class Simulator:
         # Short: requests still hanging when the run stops are not worth waiting for.
         self._runner = web.AppRunner(self.upstream.app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, backlog=4096)
         await site.start()
         server = site._server
         assert isinstance(server, asyncio.Server)
