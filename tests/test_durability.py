@@ -99,6 +99,49 @@ async def test_sigterm_finishes_work_and_exits_0(
     assert done == 10
 
 
+async def test_callbacks_are_committed_synchronously_whatever_the_server_default(
+    db_url: str, sql: asyncpg.Connection
+) -> None:
+    """The test server runs with synchronous_commit off; lastseen's connections turn it on,
+    because a 202 promises the callback survives a crash of PostgreSQL too."""
+    from lastseen.db import Database
+
+    assert await sql.fetchval("SHOW synchronous_commit") == "off"
+    database = await Database.open(db_url, size=1, timeout=5)
+    try:
+        assert await database.pool.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await database.close()
+
+
+@pytest.mark.slow
+async def test_sigterm_hands_back_what_it_could_not_finish(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """If held callbacks cannot finish within the shutdown grace, they are handed back at once
+    (no lease left to run out), not marked done, and the service still exits 0."""
+    upstream, upstream_url = await start_upstream(first_faults=("hang",), hang_seconds=30)
+    serve = await spawn(
+        env={
+            "LASTSEEN_DATABASE_URL": db_url,
+            "LASTSEEN_OBJECTS_URL": upstream_url,
+            "LASTSEEN_SHUTDOWN_GRACE": "0.5",
+            "LASTSEEN_LOOKUP_TIMEOUT": "30",
+        }
+    )
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, serve.url, [4]) is not None
+    await eventually(lambda: _true(upstream.requests_by_id[4] == 1))
+    serve.signal(signal.SIGTERM)
+    assert await serve.wait() == 0
+    row = await sql.fetchrow(
+        "SELECT done_at, locked_by, locked_until <= now() AS free FROM callbacks"
+    )
+    assert row["done_at"] is None
+    assert row["locked_by"] is None
+    assert row["free"]
+
+
 async def test_readiness_follows_the_database(
     pg_url: str, db_url: str, start_service: StartService
 ) -> None:

@@ -163,3 +163,31 @@ async def test_request_has_host_and_path_prefix() -> None:
     request = client.request_bytes("/objects/7")
     assert request.startswith(b"GET /api/objects/7 HTTP/1.1\r\nHost: upstream.example:8080\r\n")
     assert request.endswith(b"\r\n\r\n")
+
+
+async def test_interim_answers_are_skipped(raw_server: Callable[[Reply], Awaitable[str]]) -> None:
+    """A 100 Continue before the real answer is not taken for the answer."""
+    answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    url = await raw_server(_keep_alive(answer))
+    client = UpstreamClient(url, timeout=2)
+    assert await client.get("/objects/1") == (200, b"ok")
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n",
+    ],
+)
+async def test_bad_framing_is_an_error(
+    raw_server: Callable[[Reply], Awaitable[str]], answer: bytes
+) -> None:
+    """A bad chunk size or a negative Content-Length is a bad response, not a crash."""
+    url = await raw_server(_keep_alive(answer))
+    client = UpstreamClient(url, timeout=2)
+    with pytest.raises(HttpError) as caught:
+        await client.get("/objects/1")
+    assert caught.value.reason == "bad_response"
+    await client.close()

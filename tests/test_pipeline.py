@@ -107,10 +107,10 @@ async def test_offline_after_online_and_back(
 
 
 async def scripted_upstream(
-    script: dict[int, list[tuple[float, bool]]],
+    script: dict[int, list[tuple[float, bool]]], counts: defaultdict[int, int]
 ) -> tuple[str, web.AppRunner]:
-    """An upstream whose n-th answer for an id waits and answers as ``script[id][n]`` says."""
-    counts: defaultdict[int, int] = defaultdict(int)
+    """An upstream whose n-th answer for an id waits and answers as ``script[id][n]`` says;
+    ``counts`` counts the requests per id as they arrive."""
 
     async def handle(request: web.Request) -> web.Response:
         object_id = int(request.match_info["object_id"])
@@ -130,13 +130,15 @@ async def test_an_older_result_finishing_last_does_not_win(
 ) -> None:
     """Callback A's slow 'online' answer arrives after callback B's quick 'offline' one; B is
     newer, so the object ends absent. And the other way round, it ends online with B's time."""
+    counts: defaultdict[int, int] = defaultdict(int)
     url, runner = await scripted_upstream(
-        {1: [(0.6, True), (0.01, False)], 2: [(0.6, False), (0.01, True)]}
+        {1: [(0.6, True), (0.01, False)], 2: [(0.6, False), (0.01, True)]}, counts
     )
     try:
         service = await start_service(objects_url=url, ttl=30)
         await service.post('{"object_ids": [1, 2]}')
-        await asyncio.sleep(0.2)  # A's lookups are under way; B needs lookups of its own
+        # Once A's requests are under way, B cannot join them and gets requests of its own.
+        await eventually(lambda: _true(counts[1] == 1 and counts[2] == 1))
         _, b = await service.post('{"object_ids": [1, 2]}')
         await all_done(sql, 2)
         assert await objects(sql) == {2: await received_at(sql, b["callback_id"])}

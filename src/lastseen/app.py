@@ -116,8 +116,8 @@ class Service:
         site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
         server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
         self.supervisor.start("migrate", self._migrate_then_work(), finite=True)
 

@@ -43,6 +43,8 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 
 def translate(operation: str, exc: BaseException) -> DatabaseError:
     """The package's own error for a driver error."""
+    if isinstance(exc, asyncpg.DataError):  # a bad argument, although an InterfaceError
+        return DatabaseError(operation, str(exc))
     if isinstance(exc, _RETRYABLE):
         return RetryableConflict(operation, str(exc))
     if isinstance(exc, _UNAVAILABLE):
@@ -211,6 +213,10 @@ class Database:
         return sorted(row[0] for row in rows)
 
     @_edge
+    async def notify_inbox(self) -> None:
+        await self.pool.execute(Q["notify_inbox"])
+
+    @_edge
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         rows = await self.pool.fetch(Q["claim_callbacks"], worker, limit, lease)
         return [Claimed(r[0], r[1], r[2]) for r in rows]
@@ -263,6 +269,8 @@ class Database:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(Q["take_reaper_lock"]):
                 return None
+            if not await conn.fetchval(Q["any_expired"], cutoff):
+                return 0
             rows = await conn.fetch(Q["reap_objects"], cutoff, limit)
         return len(rows)
 
@@ -272,7 +280,7 @@ class Database:
     ) -> tuple[int, int]:
         """Deletes old done callbacks and stale observations; returns how many of each."""
         callbacks = await self.pool.execute(Q["prune_callbacks"], done_before, limit)
-        observations = await self.pool.execute(Q["prune_observations"], observed_before)
+        observations = await self.pool.execute(Q["prune_observations"], observed_before, limit)
         return _count(callbacks), _count(observations)
 
     @_edge

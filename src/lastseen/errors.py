@@ -65,6 +65,9 @@ class LookupFailed(LastseenError):
     """One upstream lookup failed; ``permanent`` says whether retrying could help."""
 
     def __init__(self, object_id: int, reason: str, detail: str, *, permanent: bool) -> None:
+        # The detail ends up in a text column: PostgreSQL refuses NUL, and an upstream can
+        # answer anything. Keep it printable and short.
+        detail = detail.replace("\x00", "\\0")[:500]
         super().__init__(f"object {object_id}: {reason}: {detail}")
         self.object_id = object_id
         self.reason = reason

@@ -19,6 +19,9 @@ import asyncio
 import ssl
 from urllib.parse import urlsplit
 
+# An answer about one object is a few dozen bytes; anything this large is not one.
+MAX_RESPONSE = 1 << 20
+
 
 class HttpError(Exception):
     """The request got no usable answer: connection trouble, a timeout, or a bad response."""
@@ -80,6 +83,9 @@ class _Answer(asyncio.Protocol):
         if waiter is None or waiter.done():
             return
         buffer = self.buffer
+        if len(buffer) > MAX_RESPONSE:
+            self._fail(f"the answer is larger than {MAX_RESPONSE} bytes")
+            return
         head_end = buffer.find(b"\r\n\r\n")
         if head_end < 0:
             if eof and self.received_any:
@@ -92,6 +98,11 @@ class _Answer(asyncio.Protocol):
         except ValueError:
             self._fail(f"bad status line {lines[0][:80]!r}")
             return
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            del buffer[: head_end + 4]
+            self._parse(eof=eof)
+            return
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -103,13 +114,19 @@ class _Answer(asyncio.Protocol):
         start = head_end + 4
         body: bytes | None
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            body = self._dechunk(start)
+            try:
+                body = self._dechunk(start)
+            except ValueError:
+                self._fail("bad chunk size")
+                return
             if body is None and eof:
                 self._fail("the connection closed inside a chunked body")
                 return
         elif b"content-length" in headers:
             try:
                 length = int(headers[b"content-length"])
+                if length < 0:
+                    raise ValueError(length)
             except ValueError:
                 self._fail("bad Content-Length")
                 return
@@ -117,7 +134,7 @@ class _Answer(asyncio.Protocol):
             if body is None and eof:
                 self._fail("the connection closed inside the body")
                 return
-        elif status in (204, 304) or 100 <= status < 200:
+        elif status in (204, 304):
             body = b""
         else:
             # No framing: the body runs to the end of the connection.

@@ -65,6 +65,7 @@ class GroupCommit:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._committing: list[list[_Entry]] = []
         self._wake = asyncio.Event()
+        self._committed = asyncio.Event()
         self._open = False
         self._closing = False
 
@@ -101,28 +102,46 @@ class GroupCommit:
 
     async def run(self) -> None:
         """The committers; runs until cancelled, or until ``close`` has drained the queue."""
-        expiry = asyncio.create_task(self._expire(), name="group-commit-expiry")
+        helpers = [
+            asyncio.create_task(self._expire(), name="group-commit-expiry"),
+            asyncio.create_task(self._notifier(), name="group-commit-notify"),
+        ]
         try:
             await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
         finally:
-            expiry.cancel()
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _notifier(self) -> None:
+        # At most one notification in flight; commits meanwhile are covered by the next one.
+        # A lost notification only delays work until the workers' next poll.
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            try:
+                await self.db.notify_inbox()
+            except DatabaseError as exc:
+                log.warning("could not notify workers; they will poll", error=str(exc))
+                await asyncio.sleep(self.retry_delay)
 
     async def _expire(self) -> None:
         # One sweeper instead of a timer per request: at thousands of requests per second,
         # per-request timers cost more than the check.
         loop = asyncio.get_running_loop()
-        failure = CommitTimeout(self.timeout)
         while True:
             await asyncio.sleep(min(0.05, self.timeout / 4))
             now = loop.time()
+            # A new exception per request: one shared object would collect every raise's
+            # traceback, and with it every expired request's frame, forever.
             while self._queue and self._queue[0].deadline < now:
                 entry = self._queue.popleft()
                 if not entry.future.done():
-                    entry.future.set_exception(failure)
+                    entry.future.set_exception(CommitTimeout(self.timeout))
             for batch in self._committing:
                 for entry in batch:
                     if entry.deadline < now and not entry.future.done():
-                        entry.future.set_exception(failure)
+                        entry.future.set_exception(CommitTimeout(self.timeout))
 
     async def _committer(self) -> None:
         while True:
@@ -156,10 +175,11 @@ class GroupCommit:
             log.error("group commit refused", error=str(exc), size=len(batch))
             for entry in batch:
                 if not entry.future.done():
-                    entry.future.set_exception(exc)
+                    entry.future.set_exception(DatabaseError(exc.operation, exc.detail))
             return
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
+        self._committed.set()
         for entry, callback_id in zip(batch, ids, strict=True):
             if not entry.future.done():
                 entry.future.set_result(callback_id)
@@ -199,7 +219,8 @@ class Leases:
             held = list(self.held)
             try:
                 kept = await self.db.extend_leases(self.worker, held, self.lease)
-            except DatabaseUnavailable as exc:
+            except DatabaseError as exc:
+                # The next round, a third of a lease later, tries again.
                 log.warning("could not renew leases", error=str(exc), held=len(held))
                 continue
             lost = (set(held) & self.held) - kept

@@ -57,6 +57,7 @@ class Reaper:
         return deleted
 
     async def prune_once(self) -> tuple[int, int]:
+        """One prune of each kind, up to ``PRUNE_LIMIT`` rows each."""
         now = time.time()
         return await self.db.prune(
             _at(now - self.audit_retention), _at(now - self.ttl), PRUNE_LIMIT
@@ -70,10 +71,13 @@ class Reaper:
             try:
                 deleted = await self.reap_once()
                 if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + self.prune_interval
                     callbacks, observations = await self.prune_once()
                     if callbacks or observations:
                         log.info("pruned", callbacks=callbacks, observations=observations)
+                    # A full round means more is waiting: prune again next time round, so
+                    # pruning keeps up with any ingest rate.
+                    full = PRUNE_LIMIT in (callbacks, observations)
+                    next_prune = time.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
                 log.warning("reaper round failed", error=str(exc))
             if deleted != REAP_LIMIT:

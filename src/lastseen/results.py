@@ -60,6 +60,7 @@ class ResultWriter:
         self._dead: list[DeadLetter] = []
         self._done: list[int] = []
         self._wake = asyncio.Event()
+        self._failures = 0  # consecutive non-transient write failures
 
     def add_result(
         self,
@@ -102,43 +103,43 @@ class ResultWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Writes what is pending, at most one batch; on failure keeps it for the next try."""
+        """Writes everything pending now, a batch per transaction; the dead letters and the done
+        marks go with the last batch, after every result they depend on."""
         if not self.pending:
             return
-        ids = list(self._results)[: self.max_batch]
-        results = {i: self._results.pop(i) for i in ids}
+        results, self._results = self._results, {}
         lags, self._lags = self._lags, []
         dead, self._dead = self._dead, []
         done, self._done = self._done, []
-        if self._results:
-            # More than a batch was pending. Callbacks finished now may have results among
-            # those left behind, so they are marked done with a later batch.
-            self._done, done = done, []
-            self._wake.set()
-        batch = ResultBatch(
-            ids=ids,
-            seen_at=[results[i][0] for i in ids],
-            online=[results[i][1] for i in ids],
-            dead_letters=dead,
-            completed=done,
-        )
-        cutoff = datetime.fromtimestamp(time.time() - self.ttl, UTC)
-        try:
-            upserted, deleted = await self.db.write_results(batch, cutoff)
-        except (DatabaseUnavailable, RetryableConflict, DatabaseError) as exc:
-            log.warning("writing results failed, will retry", error=str(exc), results=len(ids))
-            for object_id, (seen_at, online) in results.items():
-                self._merge(object_id, seen_at, online)
-            self._lags[:0] = lags
-            self._dead[:0] = dead
-            self._done[:0] = done
-            self._wake.set()
-            await asyncio.sleep(self.retry_delay)
-            return
+        ids = list(results)
+        chunks = [ids[i : i + self.max_batch] for i in range(0, len(ids), self.max_batch)] or [[]]
+        for n, chunk in enumerate(chunks):
+            last = n == len(chunks) - 1
+            batch = ResultBatch(
+                ids=chunk,
+                seen_at=[results[i][0] for i in chunk],
+                online=[results[i][1] for i in chunk],
+                dead_letters=dead if last else [],
+                completed=done if last else [],
+            )
+            cutoff = datetime.fromtimestamp(time.time() - self.ttl, UTC)
+            try:
+                upserted, deleted = await self.db.write_results(batch, cutoff)
+            except DatabaseError as exc:
+                for object_id in ids[n * self.max_batch :]:
+                    self._merge(object_id, *results[object_id])
+                self._lags[:0] = lags
+                self._dead[:0] = dead
+                self._done[:0] = done
+                self._wake.set()
+                self._failing(exc)
+                await asyncio.sleep(self.retry_delay)
+                return
+            self._failures = 0
+            self.metrics.results_batch.observe(len(chunk) + len(batch.dead_letters))
+            self.metrics.objects_upserted.inc(upserted)
+            self.metrics.objects_deleted.labels("offline").inc(deleted)
         written = time.time()
-        self.metrics.results_batch.observe(len(ids) + len(dead))
-        self.metrics.objects_upserted.inc(upserted)
-        self.metrics.objects_deleted.labels("offline").inc(deleted)
         for received, latency in lags:
             for received_ts in received:
                 lag = written - received_ts
@@ -146,3 +147,15 @@ class ResultWriter:
                 self.metrics.lag_over_upstream.observe(max(0.0, lag - latency))
         if done:
             self.on_done(done)
+
+    def _failing(self, exc: DatabaseError) -> None:
+        """Transient failures are retried for as long as they last. Anything else is retried a
+        few times and then raised: the task dies loudly, its process is restarted, and the
+        callbacks' leases lapse, rather than a worker renewing leases on work it cannot write."""
+        if isinstance(exc, (DatabaseUnavailable, RetryableConflict)):
+            log.warning("writing results failed, will retry", error=str(exc))
+            return
+        self._failures += 1
+        log.error("writing results refused", error=str(exc), attempt=self._failures)
+        if self._failures >= 5:
+            raise exc

@@ -51,6 +51,13 @@ def _json(data: object, status: int = 200) -> web.Response:
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except DatabaseError as exc:
+        return web.Response(
+            status=503,
+            body=error_body("database_unavailable", str(exc)),
+            content_type="application/json",
+            headers={"Retry-After": "1"},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -116,7 +123,7 @@ class Routes:
         try:
             after = int(request.query.get("after", -(2**63)))
             limit = int(request.query.get("limit", PAGE_LIMIT))
-            if not 1 <= limit <= PAGE_LIMIT:
+            if not 1 <= limit <= PAGE_LIMIT or not -(2**63) <= after < 2**63:
                 raise ValueError(limit)
         except ValueError:
             return _json(

@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 
 from lastseen.db import Claimed, Database, DeadLetter
-from lastseen.errors import DatabaseError, DatabaseUnavailable
+from lastseen.errors import DatabaseError
 from lastseen.inbox import Leases
 from lastseen.lookups import Job, Lookup, Lookups, Outcome
 from lastseen.metrics import Metrics
@@ -66,7 +66,8 @@ class Worker:
             if room > 0:
                 try:
                     claimed = await self.leases.claim(room)
-                except DatabaseUnavailable as exc:
+                except DatabaseError as exc:
+                    # Unreachable, a deadlock, a read-only failover: try again at the next poll.
                     log.warning("could not claim callbacks", error=str(exc))
                 for callback in claimed:
                     self._start(callback)

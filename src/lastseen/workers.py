@@ -104,7 +104,9 @@ class WorkerProcess:
             log.info("worker process started", number=self.number, pid=self.proc.pid)
             started = asyncio.get_running_loop().time()
             code = await self.proc.wait()
-            if self._stopping:
+            if self._stopping or code == 0:
+                # 0 is a clean stop, asked for by a signal (Ctrl-C reaches the whole process
+                # group before this process gets to stop its children): not a crash.
                 return
             log.error("worker process exited; starting it again", number=self.number, code=code)
             if asyncio.get_running_loop().time() - started > 60:
@@ -136,7 +138,7 @@ class WorkerProcesses:
             WorkerProcess(n, settings, database_url) for n in range(settings.worker_processes)
         ]
 
-    async def scrape(self, timeout: float = 1.0) -> list[str]:
+    async def scrape(self, timeout: float = 3.0) -> list[str]:
         """The /metrics text of each child that answers in time."""
 
         async def one(http: aiohttp.ClientSession, child: WorkerProcess) -> str | None:

@@ -2,17 +2,22 @@
 -- Multi-row work takes arrays and unnests them: one round trip per batch, never one per row.
 
 -- name: insert_callbacks
--- Stores a group commit's callbacks: $1 receive times (epoch seconds), $2 each one's distinct
--- ids as an array literal ('{1,2,3}'): one text value per callback is far cheaper to send
--- than hundreds of array elements.
-WITH stored AS (
-    INSERT INTO callbacks (received_at, object_ids, locked_until)
-    SELECT to_timestamp(r.received_at), r.ids::bigint[], now()
-    FROM unnest($1::float8[], $2::text[]) WITH ORDINALITY AS r(received_at, ids, ord)
-    ORDER BY r.ord
-    RETURNING id
-)
-SELECT stored.id FROM stored CROSS JOIN (SELECT pg_notify('lastseen_inbox', '')) AS wake;
+-- Stores a group commit's callbacks: $1 receive times (epoch seconds), $2 each one's ids as an
+-- array literal ('{1,2,3}'): one text value per callback is far cheaper to send than hundreds
+-- of array elements.
+INSERT INTO callbacks (received_at, object_ids, locked_until)
+SELECT to_timestamp(r.received_at), r.ids::bigint[], now()
+FROM unnest($1::float8[], $2::text[]) WITH ORDINALITY AS r(received_at, ids, ord)
+ORDER BY r.ord
+RETURNING id;
+
+-- name: notify_inbox
+-- Wakes the workers. Its own transaction, with asynchronous commit: NOTIFY holds a cluster-wide
+-- lock until its commit is flushed, which would serialize the durable commits if they notified.
+BEGIN;
+SET LOCAL synchronous_commit = off;
+SELECT pg_notify('lastseen_inbox', '');
+COMMIT;
 
 -- name: claim_callbacks
 -- Leases up to $2 claimable callbacks (new, released, or with a lapsed lease) to worker $1 for $3 s.
@@ -31,10 +36,16 @@ RETURNING c.id, c.received_at, c.object_ids;
 
 -- name: extend_leases
 -- Renews worker $1's leases on the callbacks $2 for another $3 s; returns the ones it still holds.
-UPDATE callbacks
+-- Rows are locked in id order, like complete_callbacks, so the two cannot deadlock.
+WITH mine AS (
+    SELECT id FROM callbacks
+    WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL
+    ORDER BY id FOR UPDATE
+)
+UPDATE callbacks AS c
 SET locked_until = now() + make_interval(secs => $3)
-WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL
-RETURNING id;
+FROM mine WHERE c.id = mine.id
+RETURNING c.id;
 
 -- name: release_callbacks
 -- Hands worker $1's unfinished callbacks $2 back to the inbox at once (used on shutdown).
@@ -62,8 +73,9 @@ WITH newest AS (
     JOIN observations AS o ON o.id = r.id AND o.seen_at = r.seen_at AND o.online = r.online
     ORDER BY r.id
 ), gone AS (
+    -- The row check matters when the observation that made the row was pruned meanwhile.
     DELETE FROM objects AS obj USING newest
-    WHERE obj.id = newest.id AND NOT newest.online
+    WHERE obj.id = newest.id AND NOT newest.online AND obj.last_seen <= newest.seen_at
     RETURNING 1
 ), seen AS (
     INSERT INTO objects AS obj (id, last_seen)
@@ -83,29 +95,40 @@ SET reason = excluded.reason, detail = excluded.detail, attempts = excluded.atte
     created_at = now();
 
 -- name: complete_callbacks
--- Marks callbacks done once every id has a result or a dead letter.
-UPDATE callbacks SET done_at = now(), locked_by = NULL
-WHERE id = ANY($1::bigint[]) AND done_at IS NULL;
+-- Marks callbacks done once every id has a result or a dead letter (locking in id order).
+WITH finished AS (
+    SELECT id FROM callbacks WHERE id = ANY($1::bigint[]) AND done_at IS NULL
+    ORDER BY id FOR UPDATE
+)
+UPDATE callbacks AS c SET done_at = now(), locked_by = NULL
+FROM finished WHERE c.id = finished.id;
 
 -- name: take_reaper_lock
 -- One reaper at a time across instances: true for the transaction that gets this lock.
 SELECT pg_try_advisory_xact_lock(hashtext('lastseen.reaper'));
 
+-- name: any_expired
+-- Is any object last seen before $1? (A cheap index probe before the real work.)
+SELECT EXISTS (SELECT 1 FROM objects WHERE last_seen < $1);
+
 -- name: reap_objects
--- Deletes up to $2 objects last seen before $1, except ids named by a pending callback received
--- since $1: that callback's own result decides about them.
-WITH expired AS (
-    SELECT id FROM objects WHERE last_seen < $1
-    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
-), protected AS (
-    SELECT x.id
+-- Deletes up to $2 objects last seen before $1, oldest first, except ids named by a pending
+-- callback received since $1: that callback's own result decides about them. The protected ids
+-- are collected once into a hash (not compared callback by callback), and the limit applies
+-- after they are set aside, so protected rows cannot crowd out deletable ones.
+WITH protected AS (
+    SELECT DISTINCT x.id
     FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
     WHERE c.done_at IS NULL AND c.received_at >= $1
-      AND c.object_ids && ARRAY(SELECT id FROM expired)
+), doomed AS (
+    SELECT obj.id FROM objects AS obj
+    WHERE obj.last_seen < $1 AND NOT EXISTS (SELECT 1 FROM protected WHERE protected.id = obj.id)
+    ORDER BY obj.last_seen
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
 )
-DELETE FROM objects AS obj USING expired
-WHERE obj.id = expired.id AND obj.last_seen < $1
-  AND expired.id NOT IN (SELECT id FROM protected)
+DELETE FROM objects AS obj USING doomed
+WHERE obj.id = doomed.id AND obj.last_seen < $1
 RETURNING obj.id;
 
 -- name: prune_callbacks
@@ -114,8 +137,10 @@ DELETE FROM callbacks
 WHERE id IN (SELECT id FROM callbacks WHERE done_at < $1 LIMIT $2);
 
 -- name: prune_observations
--- Deletes observations older than $1: a result that old can no longer create a row.
-DELETE FROM observations WHERE seen_at < $1;
+-- Deletes up to $2 observations older than $1 (a result that old can no longer create a row),
+-- skipping rows a results writer holds.
+DELETE FROM observations
+WHERE id IN (SELECT id FROM observations WHERE seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED);
 
 -- name: inbox_stats
 -- Pending callbacks and the receive time of the oldest one.
