@@ -55,7 +55,7 @@ class BenchOptions:
     rounds: int = 3
     ids_per_callback: int = 200
     # pipeline
-    rates: Sequence[float] = (5, 10, 20, 40, 80)
+    rates: Sequence[float] = (10, 20, 40, 60, 80, 100, 120)
     step_seconds: float = 20.0
     latency_min: float = 0.3
     latency_max: float = 4.3
