@@ -250,3 +250,28 @@ async def test_kill_9_of_serve_leaves_no_worker_behind(db_url: str, spawn: Spawn
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.slow
+async def test_metrics_add_up_the_worker_processes_once(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """/metrics of a multi-process service shows the worker's counters, and the database-wide
+    gauges once, not once per process."""
+    upstream, upstream_url = await start_upstream(latency_min=5, latency_max=5)
+    serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
+    async with aiohttp.ClientSession() as http:
+        for i in range(3):
+            assert await _post(http, serve.url, [i]) is not None
+        await eventually(lambda: _true(upstream.stats["requests"] == 3))
+
+        async def metric(name: str) -> float:
+            async with http.get(serve.url + "/metrics") as response:
+                text = await response.text()
+            line = next(x for x in text.splitlines() if x.startswith(name + " "))
+            return float(line.split()[1])
+
+        assert await metric("lastseen_inbox_pending") == 3
+        assert await metric("lastseen_callbacks_claimed_total") == 3
+        assert await metric("lastseen_lookups_in_flight") == 3
+        assert await metric("lastseen_callbacks_received_total") == 3

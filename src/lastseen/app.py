@@ -98,7 +98,13 @@ class Service:
         )
         handler = CallbackHandler(self.commit, m, s.max_body_bytes) if self.ingests else None
         self.app = build_app(
-            Routes(db, m, self.readiness, workers.scrape if workers else None),
+            Routes(
+                db,
+                m,
+                self.readiness,
+                workers.scrape if workers else None,
+                samples_database=s.parent_pid is None,
+            ),
             handler,
             max_body_bytes=s.max_body_bytes,
             noop=s.noop_route,

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
     bench.add_argument("--seconds", type=float, help="ingest: seconds per round [5]")
-    bench.add_argument("--connections", type=int, help="ingest: connections [64]")
+    bench.add_argument("--connections", type=int, help="ingest: connections [128]")
     bench.add_argument("--rounds", type=int, help="ingest: rounds per handler [3]")
     bench.add_argument("--rates", help="pipeline: callback rates per second to step through")
     bench.add_argument("--step-seconds", type=float, help="pipeline: seconds per step [20]")

@@ -82,11 +82,16 @@ class Routes:
         metrics: Metrics,
         readiness: Readiness,
         other_processes: Callable[[], Awaitable[list[str]]] | None = None,
+        *,
+        samples_database: bool = True,
     ) -> None:
         self.db = db
         self.metrics = metrics
         self.readiness = readiness
         self.other_processes = other_processes
+        # A worker process leaves the database-wide gauges to its parent, which adds the
+        # processes' metrics up: sampled in both, they would count twice.
+        self.samples_database = samples_database
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})
@@ -100,7 +105,7 @@ class Routes:
     async def metrics_page(self, request: web.Request) -> web.Response:
         # Figures that live in the database are sampled on scrape; a slow database only makes
         # them stale, never the scrape fail.
-        if self.readiness.migrated:
+        if self.readiness.migrated and self.samples_database:
             try:
                 pending, oldest = await asyncio.wait_for(self.db.inbox_stats(), 1.0)
                 online = await asyncio.wait_for(self.db.count_objects(), 1.0)
