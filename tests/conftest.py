@@ -130,20 +130,19 @@ StartUpstream = Callable[..., Awaitable[tuple[Upstream, str]]]
 @pytest.fixture
 async def start_upstream() -> AsyncIterator[StartUpstream]:
     """Starts simulated upstreams: ``await start_upstream(latency_min=..., ...)``."""
-    runners: list[web.AppRunner] = []
+    upstreams: list[Upstream] = []
 
     async def start(**config: Any) -> tuple[Upstream, str]:
         config.setdefault("latency_min", 0.01)
         config.setdefault("latency_max", 0.05)
         config.setdefault("seed", 1)
         upstream = Upstream(UpstreamConfig(**config))
-        runner, url = await serve_app(upstream.app())
-        runners.append(runner)
-        return upstream, url
+        upstreams.append(upstream)
+        return upstream, await upstream.serve("127.0.0.1", 0)
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for upstream in upstreams:
+        await upstream.close()
 
 
 def fast_settings(**overrides: Any) -> Settings:

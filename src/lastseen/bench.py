@@ -188,6 +188,14 @@ class Bench:
         self.simulators.append(process)
         return await process.start(wait_for_upstream=upstream)
 
+    async def upstream(self, latency_min: float, latency_max: float) -> SimulateProcess:
+        """The simulated upstream (even ids online) on a free port."""
+        return await self.simulate(
+            "--mode", "upstream", "--upstream-listen", "127.0.0.1:0",
+            "--latency-min", str(latency_min), "--latency-max", str(latency_max),
+            "--seed", str(self.options.seed), upstream=True,
+        )  # fmt: skip
+
     async def postgres_version(self) -> str:
         conn = await asyncpg.connect(self.server_url)
         try:
@@ -326,19 +334,7 @@ async def pipeline(bench: Bench) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for distribution, (max_ids, universe) in DISTRIBUTIONS.items():
         url = await bench.fresh_database(f"bench_pipeline_{distribution}")
-        upstream = await bench.simulate(
-            "--mode",
-            "upstream",
-            "--upstream-listen",
-            "127.0.0.1:0",
-            "--latency-min",
-            str(o.latency_min),
-            "--latency-max",
-            str(o.latency_max),
-            "--seed",
-            str(o.seed),
-            upstream=True,
-        )
+        upstream = await bench.upstream(o.latency_min, o.latency_max)
         serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl="30")
         steps = []
         for rate in o.rates:
@@ -482,17 +478,7 @@ async def expiry(bench: Bench) -> dict[str, Any]:
 
     o = bench.options
     url = await bench.fresh_database("bench_expiry")
-    upstream = await bench.simulate(
-        "--mode",
-        "upstream",
-        "--upstream-listen",
-        "127.0.0.1:0",
-        "--latency-min",
-        "0.01",
-        "--latency-max",
-        "0.05",
-        upstream=True,
-    )
+    upstream = await bench.upstream(0.01, 0.05)
     serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl=str(o.ttl))
     per_callback = 200
     ids = list(range(0, 2 * o.expiry_objects, 2))  # even: all online
@@ -540,17 +526,7 @@ async def soak(bench: Bench) -> dict[str, Any]:
     """A fixed rate for a while; RSS and inbox depth sampled: memory must stay flat."""
     o = bench.options
     url = await bench.fresh_database("bench_soak")
-    upstream = await bench.simulate(
-        "--mode",
-        "upstream",
-        "--upstream-listen",
-        "127.0.0.1:0",
-        "--latency-min",
-        str(o.latency_min),
-        "--latency-max",
-        str(o.latency_max),
-        upstream=True,
-    )
+    upstream = await bench.upstream(o.latency_min, o.latency_max)
     serve = await bench.serve(url, objects_url=upstream.upstream_url)
     producer = await bench.simulate(
         "--mode",

@@ -13,7 +13,6 @@ import dataclasses
 import signal
 
 import structlog
-from aiohttp import web
 
 from lastseen.simulate.config import SimulatorConfig
 from lastseen.simulate.producer import Producer
@@ -32,7 +31,6 @@ class Simulator:
         self.producer: Producer | None = None
         self.upstream_url: str | None = None
         self._writers: list[TruthWriter] = []
-        self._runner: web.AppRunner | None = None
         self._producing: asyncio.Task[None] | None = None
 
     def _writer(self, name: str) -> TruthWriter | None:
@@ -47,15 +45,7 @@ class Simulator:
         writer = self._writer(ANSWERS)
         self.upstream = Upstream(self.config.upstream, writer.write if writer else None)
         host, port = self.config.upstream_listen
-        # Short: requests still hanging when the run stops are not worth waiting for.
-        self._runner = web.AppRunner(self.upstream.app(), access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, backlog=4096)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        port = server.sockets[0].getsockname()[1]
-        self.upstream_url = f"http://{host}:{port}"
+        self.upstream_url = await self.upstream.serve(host, port)
         log.info("upstream listening", url=self.upstream_url, online=self.config.online_rule)
         return self.upstream_url
 
@@ -85,9 +75,9 @@ class Simulator:
         """Stops the producer, then the upstream, then closes the truth files."""
         try:
             await self.stop_producer()
-            if self._runner is not None:
-                await self._runner.cleanup()
-                self._runner = None
+            if self.upstream is not None:
+                # Requests still hanging when the run stops are not worth waiting for.
+                await self.upstream.close()
         finally:
             for writer in self._writers:
                 writer.close()

@@ -18,8 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from aiohttp import web
-
 OnlineRule = Callable[[int, float], bool]
 
 FAULTS = ("error_5xx", "hang", "malformed", "invalid_400", "wrong_id", "drop")
@@ -92,7 +90,13 @@ class Answer:
 
 
 class Upstream:
-    """The upstream as an aiohttp application; ``stats`` and ``answers`` are the ground truth."""
+    """The upstream as a small HTTP/1.1 server; ``stats`` and ``answers`` are the ground truth.
+
+    It speaks raw asyncio rather than aiohttp: a request costs one timer for its delay, not a
+    handler task, so that on a small machine the simulator leaves the CPU to the system under
+    test (``lastseen bench`` runs both on one host). Requests on one connection are answered in
+    order; keep-alive is the default, ``Connection: close`` and HTTP/1.0 are honoured.
+    """
 
     def __init__(
         self,
@@ -106,11 +110,25 @@ class Upstream:
         self.requests_by_id: Counter[int] = Counter()
         self.answers: list[Answer] = []
         self.in_flight = 0
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/objects/{object_id}", self.handle)
-        return app
+    async def serve(self, host: str, port: int) -> str:
+        """Listens on ``host:port`` (0: a free port); returns the base URL."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, backlog=4096, reuse_address=True
+        )
+        bound = self._server.sockets[0].getsockname()
+        return f"http://{host}:{bound[1]}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for connection in list(self._connections):
+                connection.close()
+            await self._server.wait_closed()
+            self._server = None
 
     def _fault(self) -> str | None:
         for fault in FAULTS:
@@ -119,54 +137,146 @@ class Upstream:
                 return fault
         return None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        config = self.config
-        self.in_flight += 1
-        self.stats["requests"] += 1
-        try:
-            await asyncio.sleep(self.random.uniform(config.latency_min, config.latency_max))
-            raw = request.match_info["object_id"]
-            try:
-                object_id = int(raw)
-            except ValueError:
-                self.stats["invalid_400"] += 1
-                return web.Response(status=400, text="invalid id", content_type="text/plain")
-            scripted = None
-            if config.track_ids or config.first_faults:
-                self.requests_by_id[object_id] += 1
-                seen = self.requests_by_id[object_id]
-                if seen <= len(config.first_faults):
-                    scripted = config.first_faults[seen - 1]
-            fault = scripted or self._fault()
-            now = time.time()
-            online = config.online(object_id, now)
-            self.stats[fault or "ok"] += 1
-            if config.record or self.on_answer is not None:
-                answer = Answer(object_id, now, None if fault else online, fault or "ok")
-                if config.record:
-                    self.answers.append(answer)
-                if self.on_answer is not None:
-                    self.on_answer(answer)
-            return await self._answer(request, object_id, online, fault)
-        finally:
-            self.in_flight -= 1
+    def delay(self) -> float:
+        return self.random.uniform(self.config.latency_min, self.config.latency_max)
 
-    async def _answer(
-        self, request: web.Request, object_id: int, online: bool, fault: str | None
-    ) -> web.StreamResponse:
-        body_type = self.config.content_type
+    def decide(self, raw_id: str) -> tuple[int, bytes, str | None]:
+        """The answer to ``GET /objects/{raw_id}`` once its delay is over: (status, body, fault)."""
+        config = self.config
+        try:
+            object_id = int(raw_id)
+        except ValueError:
+            self.stats["invalid_400"] += 1
+            return 400, b"invalid id", None
+        scripted = None
+        if config.track_ids or config.first_faults:
+            self.requests_by_id[object_id] += 1
+            seen = self.requests_by_id[object_id]
+            if seen <= len(config.first_faults):
+                scripted = config.first_faults[seen - 1]
+        fault = scripted or self._fault()
+        now = time.time()
+        online = config.online(object_id, now)
+        self.stats[fault or "ok"] += 1
+        if config.record or self.on_answer is not None:
+            answer = Answer(object_id, now, None if fault else online, fault or "ok")
+            if config.record:
+                self.answers.append(answer)
+            if self.on_answer is not None:
+                self.on_answer(answer)
         if fault == "error_5xx":
-            return web.Response(status=503, text="unavailable", content_type="text/plain")
-        if fault == "hang":
-            await asyncio.sleep(self.config.hang_seconds)
+            return 503, b"unavailable", fault
         if fault == "invalid_400":
-            return web.Response(status=400, text="invalid id", content_type="text/plain")
-        if fault == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            return web.Response(status=500)  # never sent: the connection is gone
+            return 400, b"invalid id", fault
         if fault == "malformed":
-            return web.Response(body=b'{"id": ', headers={"Content-Type": body_type})
+            return 200, b'{"id": ', fault
         answer_id = object_id + 1 if fault == "wrong_id" else object_id
-        body = f'{{"id":{answer_id},"online":{"true" if online else "false"}}}'
-        return web.Response(body=body.encode(), headers={"Content-Type": body_type})
+        body = b'{"id":%d,"online":%s}' % (answer_id, b"true" if online else b"false")
+        return 200, body, fault
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            503: b"Service Unavailable"}  # fmt: skip
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses a request, answers it after its delay, then the next."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.upstream._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.upstream._connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.upstream.in_flight -= 1
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > 65536:
+            self.close()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        if self.busy or self.transport is None:
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).split(b"\r\n")
+        del self.buffer[: end + 4]
+        parts = head[0].split(b" ")
+        method, target, version = [*parts, b"", b"", b""][:3]
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip().lower()
+        connection = headers.get(b"connection", b"")
+        close = connection == b"close" or (version != b"HTTP/1.1" and connection != b"keep-alive")
+        self.busy = True
+        self.upstream.in_flight += 1
+        self.upstream.stats["requests"] += 1
+        # Like the reference, every request waits first, bad ones included.
+        self.timer = asyncio.get_running_loop().call_later(
+            self.upstream.delay(), self._answer, method, target.decode(errors="replace"), close
+        )
+
+    def _answer(self, method: bytes, target: str, close: bool) -> None:
+        self.timer = None
+        self.upstream.in_flight -= 1
+        if method != b"GET":
+            self._send(405, b"method not allowed", close)
+        elif not target.startswith("/objects/") or "/" in target[9:]:
+            self._send(404, b"not found", close)
+        else:
+            status, body, fault = self.upstream.decide(target[9:])
+            if fault == "drop":
+                self.close()
+            elif fault == "hang":
+                self.upstream.in_flight += 1
+                self.timer = asyncio.get_running_loop().call_later(
+                    self.upstream.config.hang_seconds, self._hung, status, body, close
+                )
+            else:
+                self._send(status, body, close)
+
+    def _hung(self, status: int, body: bytes, close: bool) -> None:
+        self.timer = None
+        self.upstream.in_flight -= 1
+        self._send(status, body, close)
+
+    def _send(self, status: int, body: bytes, close: bool) -> None:
+        if self.transport is None:
+            return
+        content_type = (
+            self.upstream.config.content_type if status == 200 else "text/plain; charset=utf-8"
+        )
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            status,
+            _REASONS.get(status, b"Status"),
+            content_type.encode(),
+            len(body),
+            b"Connection: close\r\n" if close else b"",
+        )
+        self.transport.write(head + body)
+        if close:
+            self.close()
+            return
+        self.busy = False
+        self._next()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
