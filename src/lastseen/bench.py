@@ -67,7 +67,7 @@ class BenchOptions:
     # soak
     soak_seconds: float = 600.0
     soak_rate: float = 20.0
-    sample_every: float = 5.0
+    sample_every: float = 2.0
     seed: int = 1
 
     def smoke(self) -> BenchOptions:
@@ -424,7 +424,9 @@ async def _pipeline_step(
     cpu = meter.stop()
     # Steady state: from when the first lookups can have finished to when the producer stopped;
     # the ramp (nothing finishes for a few seconds) and the drain would understate the rate.
-    steady = [m for m in scrapes if m.at - first.at >= o.latency_max + 1.0] or scrapes
+    steady = [
+        m for m in scrapes if o.latency_max + 1.0 <= m.at - first.at <= o.step_seconds + 0.5
+    ] or scrapes
     begin, end = (steady[0], steady[-1]) if len(steady) > 1 else (first, scrapes[-1])
     seconds = max(end.at - begin.at, 1e-9)
 
