@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/lastseen serve
 
+# make demo DEMO_ARGS="--duration 60"
 demo: install
-	$(BIN)/lastseen demo
+	$(BIN)/lastseen demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -101,12 +101,17 @@ class CpuMeter:
     def _cpu(pid: int) -> float:
         try:
             root = psutil.Process(abs(pid))
-            total = 0.0
-            for proc in [root, *(root.children(recursive=True) if pid > 0 else [])]:
-                with _quiet():
-                    times = proc.cpu_times()
-                    total += times.user + times.system
-            return total
+            times = root.cpu_times()
+            total = times.user + times.system
+            if pid > 0:
+                # Children that ended (PostgreSQL backends come and go) are in the parent's
+                # children_* times once reaped; the ones alive are counted one by one.
+                total += times.children_user + times.children_system
+                for proc in root.children(recursive=True):
+                    with _quiet():
+                        child = proc.cpu_times()
+                        total += child.user + child.system
+            return float(total)
         except psutil.Error:
             return 0.0
 
@@ -740,7 +745,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
                     ax.plot(t, [p["lookups_per_s"] for p in step["timeline"]], color="tab:blue")
                     twin.plot(
                         t,
-                        [p["lag_over_upstream_p99_ms"] or 0 for p in step["timeline"]],
+                        [max(p["lag_over_upstream_p99_ms"] or 0, 1.0) for p in step["timeline"]],
                         color="tab:red",
                         alpha=0.6,
                     )
@@ -756,7 +761,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
                     offset = t[-1] if t else offset + step["steady_seconds"]
             ax.set_ylabel("lookups / s", color="tab:blue")
             twin.set_ylabel("lag over upstream p99 (ms)", color="tab:red")
-            twin.set_yscale("symlog")
+            twin.set_yscale("log")
             ax.set_title("pipeline: rising callback rates")
             ax.set_xlabel("seconds")
         else:
