@@ -217,6 +217,14 @@ OPTIONS: tuple[Option, ...] = (
         "housekeeping",
     ),
     Option(
+        "gc_threshold",
+        _non_negative(int),
+        "100000",
+        "allocations between young garbage collections, after freezing start-up objects "
+        "(0: Python's defaults)",
+        "service",
+    ),
+    Option(
         "noop_route",
         _bool,
         "false",
@@ -275,6 +283,7 @@ class Settings:
     audit_retention: float
     prune_interval: float
     shutdown_grace: float
+    gc_threshold: int
     noop_route: bool
     log_format: str
     log_level: str
