@@ -220,8 +220,7 @@ OPTIONS: tuple[Option, ...] = (
         "gc_threshold",
         _non_negative(int),
         "100000",
-        "allocations between young garbage collections, after freezing start-up objects "
-        "(0: Python's defaults)",
+        "allocations between young garbage collections in pipeline processes (0: Python's default)",
         "service",
     ),
     Option(
