@@ -80,3 +80,12 @@ def test_top_level_help_lists_the_commands() -> None:
     out = subprocess.run([*LASTSEEN, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("serve", "dead-letters", "retry-dead-letters"):
         assert command in out
+
+
+def test_the_readme_documents_every_setting() -> None:
+    """Each LASTSEEN_* variable has a row in the README's configuration table."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [option.env for option in OPTIONS if f"| `{option.env}` |" not in readme]
+    assert missing == []
