@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import pytest
@@ -10,8 +11,11 @@ from conftest import StartService
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lastseen.db import Database
 from lastseen.errors import InvalidCallback
+from lastseen.inbox import GroupCommit
 from lastseen.ingest import parse_callback
+from lastseen.metrics import Metrics
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -164,3 +168,25 @@ async def test_unknown_paths_get_a_json_404(start_service: StartService) -> None
     status, answer = await service.get("/nowhere")
     assert status == 404
     assert answer["error"] == "not_found"
+
+
+async def test_a_group_commit_closes_at_its_byte_limit(
+    db: Database, sql: asyncpg.Connection
+) -> None:
+    """Callbacks queued together are split into several commits once a batch holds the byte
+    limit's worth of ids; each is stored and gets its own id."""
+    commit = GroupCommit(
+        db, Metrics(), max_batch=1000, concurrency=1, timeout=5, max_batch_bytes=2000
+    )
+    commit.open()
+    runner = asyncio.create_task(commit.run())
+    ids = list(range(100))  # about 300 bytes as an array literal
+    futures = [commit.submit(time.time(), ids) for _ in range(20)]
+    stored = await asyncio.gather(*futures)
+    commit.close()
+    await runner
+    assert len(set(stored)) == 20
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 20
+    commits = commit.metrics.registry.get_sample_value("lastseen_commit_batch_size_count")
+    assert commits is not None
+    assert commits >= 3  # 20 x ~300 bytes at 2,000 bytes a batch

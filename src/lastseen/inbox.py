@@ -55,10 +55,14 @@ class GroupCommit:
         concurrency: int,
         timeout: float,
         retry_delay: float = 0.05,
+        max_batch_bytes: int = 64 << 20,
     ) -> None:
         self.db = db
         self.metrics = metrics
         self.max_batch = max_batch
+        # Many large bodies in one INSERT could pass PostgreSQL's 1 GB limit on one value
+        # and fail the whole group; a batch closes at this many bytes of ids.
+        self.max_batch_bytes = max_batch_bytes
         self.concurrency = concurrency
         self.timeout = timeout
         self.retry_delay = retry_delay
@@ -94,10 +98,12 @@ class GroupCommit:
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
-        while self._queue and len(batch) < self.max_batch:
+        size = 0
+        while self._queue and len(batch) < self.max_batch and size < self.max_batch_bytes:
             entry = self._queue.popleft()
             if not entry.future.done():
                 batch.append(entry)
+                size += len(entry.ids)
         return batch
 
     async def run(self) -> None:
