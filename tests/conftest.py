@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -243,9 +244,12 @@ async def spawn() -> AsyncIterator[Spawn]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.02
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, every: float = 0.02
 ) -> None:
-    """Waits until ``check()`` is true; fails the test after ``timeout`` seconds."""
+    """Waits until ``check()`` (plain or async) is true; fails the test after ``timeout`` s."""
     async with asyncio.timeout(timeout):
-        while not await check():
+        while True:
+            result = check()
+            if await result if inspect.isawaitable(result) else result:
+                return
             await asyncio.sleep(every)

@@ -43,7 +43,7 @@ async def test_kill_9_after_202_loses_nothing(
                 acknowledged[callback_id] = ids
 
         producers = [asyncio.create_task(producer(n)) for n in range(20)]
-        await eventually(lambda: _at_least(acknowledged, 200))
+        await eventually(lambda: len(acknowledged) >= 200)
         serve.kill()  # while 20 requests are in flight
         await asyncio.gather(*producers)
     assert await serve.wait() == -signal.SIGKILL
@@ -66,10 +66,6 @@ async def test_kill_9_after_202_loses_nothing(
     finally:
         again.signal(signal.SIGTERM)
         assert await again.wait() == 0
-
-
-async def _at_least(acknowledged: dict[int, list[int]], n: int) -> bool:
-    return len(acknowledged) >= n
 
 
 @pytest.mark.slow
@@ -131,7 +127,7 @@ async def test_sigterm_hands_back_what_it_could_not_finish(
     )
     async with aiohttp.ClientSession() as http:
         assert await _post(http, serve.url, [4]) is not None
-    await eventually(lambda: _true(upstream.requests_by_id[4] == 1))
+    await eventually(lambda: upstream.requests_by_id[4] == 1)
     serve.signal(signal.SIGTERM)
     assert await serve.wait() == 0
     row = await sql.fetchrow(
@@ -221,10 +217,10 @@ async def test_a_dead_worker_process_is_started_again(
     """kill -9 of the worker process: the service starts a new one, which does the work."""
     _, upstream_url = await start_upstream()
     serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
-    await eventually(lambda: _true(len(_children(serve.pid)) == 1))
+    await eventually(lambda: len(_children(serve.pid)) == 1)
     (first,) = _children(serve.pid)
     os.kill(first, signal.SIGKILL)
-    await eventually(lambda: _true(_children(serve.pid) not in ([], [first])))
+    await eventually(lambda: _children(serve.pid) not in ([], [first]))
     async with aiohttp.ClientSession() as http:
         assert await _post(http, serve.url, [2, 3]) is not None
 
@@ -241,15 +237,11 @@ async def test_kill_9_of_serve_leaves_no_worker_behind(db_url: str, spawn: Spawn
     import psutil
 
     serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url})
-    await eventually(lambda: _true(len(_children(serve.pid)) == 1))
+    await eventually(lambda: len(_children(serve.pid)) == 1)
     (child,) = _children(serve.pid)
     serve.kill()
     await serve.wait()
-    await eventually(lambda: _true(not psutil.pid_exists(child)), timeout=20)
-
-
-async def _true(value: bool) -> bool:
-    return value
+    await eventually(lambda: not psutil.pid_exists(child), timeout=20)
 
 
 @pytest.mark.slow
@@ -263,7 +255,7 @@ async def test_metrics_add_up_the_worker_processes_once(
     async with aiohttp.ClientSession() as http:
         for i in range(3):
             assert await _post(http, serve.url, [i]) is not None
-        await eventually(lambda: _true(upstream.stats["requests"] == 3))
+        await eventually(lambda: upstream.stats["requests"] == 3)
 
         async def metric(name: str) -> float:
             async with http.get(serve.url + "/metrics") as response:

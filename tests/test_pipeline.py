@@ -138,7 +138,7 @@ async def test_an_older_result_finishing_last_does_not_win(
         service = await start_service(objects_url=url, ttl=30)
         await service.post('{"object_ids": [1, 2]}')
         # Once A's requests are under way, B cannot join them and gets requests of its own.
-        await eventually(lambda: _true(counts[1] == 1 and counts[2] == 1))
+        await eventually(lambda: counts[1] == 1 and counts[2] == 1)
         _, b = await service.post('{"object_ids": [1, 2]}')
         await all_done(sql, 2)
         assert await objects(sql) == {2: await received_at(sql, b["callback_id"])}
@@ -169,16 +169,12 @@ async def test_a_lookup_sent_before_a_callback_does_not_serve_it(
     upstream, url = await start_upstream(latency_min=0.4, latency_max=0.4)
     service = await start_service(objects_url=url, ttl=30)
     await service.post('{"object_ids": [8]}')
-    await eventually(lambda: _true(upstream.in_flight == 1))
+    await eventually(lambda: upstream.in_flight == 1)
     _, later = await service.post('{"object_ids": [8]}')
     await all_done(sql, 2)
     assert upstream.requests_by_id[8] == 2
     assert service.sample("lastseen_lookups_coalesced_total") == 0
     assert await objects(sql) == {8: await received_at(sql, later["callback_id"])}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 @pytest.mark.parametrize(
@@ -330,7 +326,7 @@ async def test_a_killed_workers_callback_is_finished_by_another(
         }
     )
     assert (await first_post(first.url, '{"object_ids": [6]}')) == 202
-    await eventually(lambda: _true(upstream.requests_by_id[6] == 1))
+    await eventually(lambda: upstream.requests_by_id[6] == 1)
     first.kill()
     await first.wait()
     await start_service(objects_url=url, ttl=30, lease=1.0)

@@ -311,7 +311,7 @@ async def test_producer_gives_up_after_1s_never_retries_and_counts_it() -> None:
     )
     with structlog.testing.capture_logs() as logs:
         running = asyncio.create_task(producer.run())
-        await eventually(lambda: _true(len(sent) >= 2), timeout=10)
+        await eventually(lambda: len(sent) >= 2, timeout=10)
         producer.stop()
         await running
     release.set()
@@ -327,10 +327,6 @@ async def test_producer_gives_up_after_1s_never_retries_and_counts_it() -> None:
     failures = [e for e in logs if e["event"] == "callback not acknowledged"]
     assert len(failures) == len(sent)
     assert {e["outcome"] for e in failures} == {"timeout"}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_producer_counts_refused_connections_and_error_replies() -> None:

@@ -212,8 +212,10 @@ async def client_session(settings: Settings) -> AsyncIterator[UpstreamClient]:
         await client.close()
 
 
-async def open_database(settings: Settings) -> tuple[Database, EmbeddedPostgres | None]:
-    """The pool, on the configured database or on an embedded one started for it."""
+@contextlib.asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """The pool, on the configured database or on an embedded one started for it; on exit the
+    pool closes, then the embedded server stops (if no other lastseen process uses it)."""
     embedded = None
     url = settings.database_url
     if url is None:
@@ -221,17 +223,13 @@ async def open_database(settings: Settings) -> tuple[Database, EmbeddedPostgres 
         url = await asyncio.to_thread(embedded.start)
     try:
         db = await Database.open(url, size=settings.pool_size, timeout=DB_TIMEOUT)
-    except BaseException:
+        try:
+            yield db
+        finally:
+            await db.close()
+    finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
-        raise
-    return db, embedded
-
-
-async def close_database(db: Database, embedded: EmbeddedPostgres | None) -> None:
-    await db.close()
-    if embedded is not None:
-        await asyncio.to_thread(embedded.stop)
 
 
 def tune_gc(threshold: int) -> None:
@@ -263,18 +261,14 @@ async def run(settings: Settings) -> int:
         settings.role == "all" and settings.worker_processes == 0
     )
     tune_gc(settings.gc_threshold if runs_pipeline else 0)
-    db, embedded = await open_database(settings)
-    try:
-        async with client_session(settings) as session:
-            workers = None
-            if settings.role == "all" and settings.worker_processes > 0:
-                # The pipeline moves to child processes; this one keeps the front door.
-                workers = WorkerProcesses(settings, db.url)
-                settings = settings.replace(role="ingest")
-            service = Service(settings, db, session, workers=workers)
-            failure = await service.run_until(stop)
-    finally:
-        await close_database(db, embedded)
+    async with database(settings) as db, client_session(settings) as session:
+        workers = None
+        if settings.role == "all" and settings.worker_processes > 0:
+            # The pipeline moves to child processes; this one keeps the front door.
+            workers = WorkerProcesses(settings, db.url)
+            settings = settings.replace(role="ingest")
+        service = Service(settings, db, session, workers=workers)
+        failure = await service.run_until(stop)
     if failure:
         log.error("stopped after a failure", failure=failure)
         return 1

@@ -27,8 +27,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -126,11 +125,6 @@ class CpuMeter:
             name: round(100 * (self._cpu(pid) - self._start[name]) / elapsed, 1)
             for name, pid in self.pids.items()
         }
-
-
-@asynccontextmanager
-async def _noop_context() -> AsyncIterator[None]:
-    yield
 
 
 def _quiet() -> Any:

@@ -30,32 +30,26 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.app import close_database, open_database
+    from lastseen.app import database
 
-    db, embedded = await open_database(settings)
-    try:
+    async with database(settings) as db:
         await db.migrate()
         counts = await db.count_dead_letters()
         for letter in await db.list_dead_letters(args.limit):
             print(msgspec.json.encode(letter).decode())
-        total = sum(counts.values())
-        by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
-        print(f"{total} dead letters ({by_reason})", file=sys.stderr)
-    finally:
-        await close_database(db, embedded)
+    total = sum(counts.values())
+    by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
+    print(f"{total} dead letters ({by_reason})", file=sys.stderr)
     return 0
 
 
 async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.app import close_database, open_database
+    from lastseen.app import database
 
-    db, embedded = await open_database(settings)
-    try:
+    async with database(settings) as db:
         await db.migrate()
         created = await db.retry_dead_letters(args.limit)
-        print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
-    finally:
-        await close_database(db, embedded)
+    print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
     return 0
 
 

@@ -303,11 +303,6 @@ class Database:
         return None if row is None else row[1]
 
     @_edge
-    async def get_callback(self, callback_id: int) -> dict[str, Any] | None:
-        row = await self.pool.fetchrow(Q["get_callback"], callback_id)
-        return None if row is None else dict(row)
-
-    @_edge
     async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
         rows = await self.pool.fetch(Q["list_dead_letters"], limit)
         return [DeadLetter(*r[:6]) for r in rows]

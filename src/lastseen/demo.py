@@ -32,7 +32,7 @@ from rich.console import Console, RenderableType
 from rich.live import Live
 
 from lastseen import dashboard
-from lastseen.app import Service, client_session, close_database, open_database
+from lastseen.app import Service, client_session, database
 from lastseen.db import Database
 from lastseen.errors import DatabaseError, LastseenError
 from lastseen.settings import Settings
@@ -133,21 +133,27 @@ async def run(settings: Settings, sim: SimulatorConfig, options: DemoOptions) ->
     try:
         upstream_url = await simulator.start_upstream()
         settings = settings.replace(objects_url=upstream_url, data_dir=demo_dir)
-        db, embedded = await open_database(settings)
-        try:
-            await start_fresh(db, owned=embedded is not None)
-            async with client_session(settings) as session:
-                service = Service(settings, db, session)
-                await service.start()
-                try:
-                    report = await _run_service(
-                        service, simulator, settings, sim.truth_dir, options, stops, live, console
-                    )
-                finally:
-                    await service.stop()
-        finally:
-            await simulator.stop()
-            await close_database(db, embedded)
+        async with database(settings) as db:
+            try:
+                await start_fresh(db, owned=settings.database_url is None)
+                async with client_session(settings) as session:
+                    service = Service(settings, db, session)
+                    await service.start()
+                    try:
+                        report = await _run_service(
+                            service,
+                            simulator,
+                            settings,
+                            sim.truth_dir,
+                            options,
+                            stops,
+                            live,
+                            console,
+                        )
+                    finally:
+                        await service.stop()
+            finally:
+                await simulator.stop()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

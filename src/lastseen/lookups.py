@@ -144,11 +144,6 @@ class Lookups:
             # _run catches everything it expects; anything else is a bug worth a loud log.
             log.error("lookup task crashed", error=repr(task.exception()))
 
-    @property
-    def open_lookups(self) -> int:
-        """Lookups not finished yet: waiting for a slot, under way, or waiting to retry."""
-        return len(self._ready) + len(self._tasks) + len(self._backoffs)
-
     async def _run(self, lookup: Lookup) -> None:
         """One attempt; then the outcome, or a retry after a backoff (without a slot)."""
         lookup.attempts += 1

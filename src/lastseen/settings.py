@@ -323,12 +323,6 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    @property
-    def listen_url(self) -> str:
-        host, port = self.listen
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{host}:{port}"
-
 
 def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
     """Adds one flag per setting (or per setting of ``groups``) to ``parser``."""

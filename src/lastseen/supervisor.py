@@ -52,10 +52,6 @@ class Supervisor:
         if task is not None:
             await asyncio.wait({task}, timeout=timeout)
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._tasks)
-
     async def stop(self, grace: float = 0.0) -> None:
         """Waits up to ``grace`` seconds for the tasks to end by themselves, then cancels them."""
         self._stopping = True

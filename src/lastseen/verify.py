@@ -371,10 +371,9 @@ async def run(
     max_examples: int,
 ) -> int:
     """``lastseen verify``: prints the report; 0 when it passes, 1 on any discrepancy."""
-    from lastseen.app import close_database, open_database
+    from lastseen.app import database
 
-    db, embedded = await open_database(settings)
-    try:
+    async with database(settings) as db:
         report = await verify(
             db,
             truth_dir,
@@ -386,7 +385,5 @@ async def run(
             seed=seed,
             max_examples=max_examples,
         )
-    finally:
-        await close_database(db, embedded)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1

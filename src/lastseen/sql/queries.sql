@@ -158,11 +158,6 @@ SELECT id, last_seen FROM objects WHERE id > $1 ORDER BY id LIMIT $2;
 -- One online object.
 SELECT id, last_seen FROM objects WHERE id = $1;
 
--- name: get_callback
--- One stored callback with its state.
-SELECT id, received_at, object_ids, locked_until, locked_by, claims, retry_of, done_at
-FROM callbacks WHERE id = $1;
-
 -- name: list_dead_letters
 -- Up to $1 dead letters, oldest first.
 SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
