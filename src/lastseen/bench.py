@@ -195,6 +195,27 @@ class Bench:
             "--seed", str(self.options.seed), upstream=True,
         )  # fmt: skip
 
+    async def producer(
+        self,
+        serve: ServeProcess,
+        rate: float,
+        seconds: float,
+        *,
+        connections: int,
+        max_ids: int | None = None,
+        universe: int | None = None,
+    ) -> SimulateProcess:
+        """The simulated producer, open loop at ``rate`` for ``seconds``; the id draws are the
+        simulator's defaults (the reference's) unless given."""
+        args = ["--mode", "producer", "--target", serve.url + "/callback", "--rate", str(rate),
+                "--connections", str(connections), "--duration", str(seconds),
+                "--seed", str(self.options.seed)]  # fmt: skip
+        if max_ids is not None:
+            args += ["--max-ids", str(max_ids)]
+        if universe is not None:
+            args += ["--id-universe", str(universe)]
+        return await self.simulate(*args, upstream=False)
+
     async def postgres_version(self) -> str:
         conn = await asyncpg.connect(self.server_url)
         try:
@@ -373,24 +394,8 @@ async def _pipeline_step(
 ) -> dict[str, Any]:
     o = bench.options
     meter = bench.cpu(serve=serve.pid, upstream=upstream.pid)
-    producer = await bench.simulate(
-        "--mode",
-        "producer",
-        "--target",
-        serve.url + "/callback",
-        "--rate",
-        str(rate),
-        "--connections",
-        "32",
-        "--max-ids",
-        str(max_ids),
-        "--id-universe",
-        str(universe),
-        "--duration",
-        str(o.step_seconds),
-        "--seed",
-        str(o.seed),
-        upstream=False,
+    producer = await bench.producer(
+        serve, rate, o.step_seconds, connections=32, max_ids=max_ids, universe=universe
     )
     meter.start()
     first = previous = await scrape(serve.url)
@@ -529,21 +534,7 @@ async def soak(bench: Bench) -> dict[str, Any]:
     url = await bench.fresh_database("bench_soak")
     upstream = await bench.upstream(o.latency_min, o.latency_max)
     serve = await bench.serve(url, objects_url=upstream.upstream_url)
-    producer = await bench.simulate(
-        "--mode",
-        "producer",
-        "--target",
-        serve.url + "/callback",
-        "--rate",
-        str(o.soak_rate),
-        "--connections",
-        "16",
-        "--duration",
-        str(o.soak_seconds),
-        "--seed",
-        str(o.seed),
-        upstream=False,
-    )
+    producer = await bench.producer(serve, o.soak_rate, o.soak_seconds, connections=16)
     started = time.monotonic()
     samples: list[dict[str, Any]] = []
     while producer.proc is not None and producer.proc.returncode is None:
