@@ -382,3 +382,18 @@ async def test_kill_9_at_any_moment_loses_no_callback(
     assert set(acknowledged) <= done
     named = {i for r in await sql.fetch("SELECT object_ids FROM callbacks") for i in r[0]}
     assert sorted(await objects(sql)) == sorted(i for i in named if i % 2 == 0)
+
+
+async def test_a_working_worker_keeps_its_lease(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """A callback whose lookups outlast the lease stays with the worker that holds it: the lease
+    is renewed, so a second worker polling all along never claims it."""
+    _, url = await start_upstream(latency_min=1.5, latency_max=1.5)
+    holder = await start_service(objects_url=url, ttl=30, lease=0.6)
+    await holder.post('{"object_ids": [2]}')
+    await eventually(lambda: holder.sample("lastseen_callbacks_claimed_total") == 1)
+    other = await start_service(objects_url=url, ttl=30, lease=0.6)
+    await all_done(sql, 1)
+    assert await sql.fetchval("SELECT claims FROM callbacks") == 1
+    assert other.sample("lastseen_callbacks_claimed_total") == 0

@@ -150,7 +150,7 @@ class Service:
             self.supervisor.start("group-commit", self.commit.run(), finite=True)
         if self.works:
             self.supervisor.start("results", self.results.run())
-            self.supervisor.start("leases", self.leases.renew_forever())
+            self.supervisor.start("leases", self.leases.renew_forever(self.worker.jobs.keys))
             self.supervisor.start("worker", self.worker.run(), finite=True)
             self.supervisor.start("reaper", self.reaper.run())
 
@@ -195,7 +195,7 @@ class Service:
                     await self.results.flush()
                     if self.results.pending >= before:
                         break
-                await self.leases.release_all()
+                await self.leases.release(list(self.worker.jobs))
             except DatabaseError as exc:
                 log.warning("could not hand back leases; they will lapse", error=str(exc))
         await self.worker.close()

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import structlog
 
@@ -197,45 +197,38 @@ class GroupCommit:
 
 
 class Leases:
-    """Claims callbacks for one worker and keeps its leases alive."""
+    """Claims callbacks for one worker and keeps its leases alive. What the worker holds is
+    the worker's to say (``held``): the callbacks it claimed and has not finished."""
 
     def __init__(self, db: Database, worker: str, *, lease: float, batch: int) -> None:
         self.db = db
         self.worker = worker
         self.lease = lease
         self.batch = batch
-        self.held: set[int] = set()
 
     async def claim(self, room: int) -> list[Claimed]:
         """Leases up to ``room`` callbacks (at most one claim batch)."""
-        claimed = await self.db.claim(self.worker, min(room, self.batch), self.lease)
-        self.held.update(c.id for c in claimed)
-        return claimed
+        return await self.db.claim(self.worker, min(room, self.batch), self.lease)
 
-    def finished(self, ids: Sequence[int]) -> None:
-        """Stops renewing these (they are done)."""
-        self.held.difference_update(ids)
-
-    async def renew_forever(self) -> None:
-        """Renews the held leases three times per lease period."""
+    async def renew_forever(self, held: Callable[[], Collection[int]]) -> None:
+        """Renews the leases on ``held()`` three times per lease period."""
         while True:
             await asyncio.sleep(self.lease / 3)
-            if not self.held:
+            ids = list(held())
+            if not ids:
                 continue
-            held = list(self.held)
             try:
-                kept = await self.db.extend_leases(self.worker, held, self.lease)
+                kept = await self.db.extend_leases(self.worker, ids, self.lease)
             except DatabaseError as exc:
                 # The next round, a third of a lease later, tries again.
-                log.warning("could not renew leases", error=str(exc), held=len(held))
+                log.warning("could not renew leases", error=str(exc), held=len(ids))
                 continue
-            lost = (set(held) & self.held) - kept
+            lost = (set(ids) & set(held())) - kept
             if lost:
                 # Another worker took them after our lease ran out; both finishing is harmless.
                 log.warning("leases lost", count=len(lost))
 
-    async def release_all(self) -> None:
-        """Hands back what is unfinished so another worker takes it without waiting."""
-        if self.held:
-            await self.db.release(self.worker, list(self.held))
-            self.held.clear()
+    async def release(self, ids: Collection[int]) -> None:
+        """Hands ``ids`` back so another worker takes them without waiting."""
+        if ids:
+            await self.db.release(self.worker, list(ids))

@@ -143,7 +143,6 @@ class Worker:
         """Callbacks whose "done" is committed."""
         for callback_id in ids:
             self.jobs.pop(callback_id, None)
-        self.leases.finished(ids)
         self.metrics.callbacks_completed.inc(len(ids))
         self.metrics.callbacks_active.set(len(self.jobs))
         self._wake.set()  # room for more
