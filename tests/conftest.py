@@ -23,12 +23,12 @@ import pytest
 from aiohttp import web
 
 from lastseen import logs
-from lastseen.app import Service, client_session
-from lastseen.db import Database
-from lastseen.embedded import EmbeddedPostgres
-from lastseen.processes import ServeProcess
+from lastseen.app import Service, upstream_client
+from lastseen.devtools.launch import ServeProcess
+from lastseen.devtools.simulate.upstream import Upstream, UpstreamConfig
 from lastseen.settings import Settings
-from lastseen.simulate.upstream import Upstream, UpstreamConfig
+from lastseen.storage.database import Database
+from lastseen.storage.embedded import EmbeddedPostgres
 
 logs.configure("console", "warning")
 
@@ -208,7 +208,7 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
         overrides.setdefault("database_url", db_url)
         settings = fast_settings(**overrides)
         database = await Database.open(settings.database_url or "", size=5, timeout=5)
-        client_context = client_session(settings)
+        client_context = upstream_client(settings)
         service = Service(settings, database, await client_context.__aenter__())
         await service.start()
         started.append((service, database, client_context))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lastseen.bench import SCENARIOS, histogram_quantile
-from lastseen.loadgen import percentile
-from lastseen.processes import LASTSEEN
+from lastseen.devtools.bench.runner import SCENARIOS, histogram_quantile
+from lastseen.devtools.launch import LASTSEEN
+from lastseen.devtools.loadgen import percentile
 
 
 @pytest.mark.slow

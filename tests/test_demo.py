@@ -13,13 +13,13 @@ from prometheus_client import CollectorRegistry, Histogram
 from rich.console import Console
 from simtools import run_cli
 
-from lastseen import dashboard
-from lastseen.db import Database
-from lastseen.demo import NotEmpty, start_fresh
-from lastseen.simulate.config import SimulatorConfig
-from lastseen.simulate.producer import ProducerConfig
-from lastseen.simulate.run import Simulator
-from lastseen.simulate.upstream import UpstreamConfig
+from lastseen.devtools import dashboard
+from lastseen.devtools.demo import NotEmpty, start_fresh
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.producer import ProducerConfig
+from lastseen.devtools.simulate.run import Simulator
+from lastseen.devtools.simulate.upstream import UpstreamConfig
+from lastseen.storage.database import Database
 
 # Time compressed about 25 times; free ports; no terminal (stdout is a pipe).
 FAST = [

@@ -100,7 +100,7 @@ async def test_callbacks_are_committed_synchronously_whatever_the_server_default
 ) -> None:
     """The test server runs with synchronous_commit off; lastseen's connections turn it on,
     because a 202 promises the callback survives a crash of PostgreSQL too."""
-    from lastseen.db import Database
+    from lastseen.storage.database import Database
 
     assert await sql.fetchval("SHOW synchronous_commit") == "off"
     database = await Database.open(db_url, size=1, timeout=5)

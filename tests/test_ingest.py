@@ -11,11 +11,11 @@ from conftest import StartService
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lastseen.db import Database
 from lastseen.errors import InvalidCallback
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import parse_callback
 from lastseen.metrics import Metrics
+from lastseen.storage.database import Database
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

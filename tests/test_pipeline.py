@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from conftest import Spawn, StartService, StartUpstream, eventually, serve_app
 
-from lastseen.processes import LASTSEEN
+from lastseen.devtools.launch import LASTSEEN
 
 
 async def all_done(sql: asyncpg.Connection, expected: int | None = None) -> None:

@@ -10,9 +10,9 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lastseen.db import Database, ResultBatch
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
+from lastseen.storage.database import Database, ResultBatch
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from lastseen.cli import build_parser
+from lastseen.devtools.launch import LASTSEEN
 from lastseen.errors import ConfigError
-from lastseen.processes import LASTSEEN
 from lastseen.settings import OPTIONS, Settings, from_arguments
 
 

@@ -20,13 +20,13 @@ from conftest import StartService, eventually, serve_app
 from simtools import Background, all_done, run_cli
 
 from lastseen.cli import build_parser
-from lastseen.db import Database
-from lastseen.simulate import truth
-from lastseen.simulate.config import SimulatorConfig
-from lastseen.simulate.producer import Producer, ProducerConfig, draw_ids
-from lastseen.simulate.run import Simulator
-from lastseen.simulate.upstream import UpstreamConfig
-from lastseen.verify import Report, verify
+from lastseen.devtools.simulate import truth
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.producer import Producer, ProducerConfig, draw_ids
+from lastseen.devtools.simulate.run import Simulator
+from lastseen.devtools.simulate.upstream import UpstreamConfig
+from lastseen.devtools.verify import Report, verify
+from lastseen.storage.database import Database
 
 TTL = 2.0
 REAP = 0.05  # conftest's fast_settings
@@ -86,7 +86,7 @@ async def check_run(db: Database, truth_dir: Path, ttl: float = TTL) -> Report:
 
 
 async def independent_check(sql: asyncpg.Connection, truth_dir: Path, ttl: float) -> list[str]:
-    """What is wrong, computed without lastseen.verify, for a run without faults and the
+    """What is wrong, computed without lastseen.devtools.verify, for a run without faults and the
     ``even`` online rule: every acknowledged callback is done, and objects holds the even ids
     whose newest callback is within the TTL, with its receive time. Ids within the TTL edge
     (the reaper's interval, plus slack) may be either way."""

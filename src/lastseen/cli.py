@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 
 from lastseen import __version__, logs
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
 from lastseen.errors import LastseenError
 from lastseen.settings import Settings, add_arguments, from_arguments
-from lastseen.simulate.config import SimulatorConfig
-from lastseen.simulate.config import add_arguments as add_simulator_arguments
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -54,7 +54,7 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.bench import SCENARIOS, BenchOptions, run
+    from lastseen.devtools.bench.runner import SCENARIOS, BenchOptions, run
 
     scenarios = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
     unknown = set(scenarios) - set(SCENARIOS)
@@ -75,13 +75,13 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.simulate.run import run
+    from lastseen.devtools.simulate.run import run
 
     return await run(SimulatorConfig.from_arguments(args))
 
 
 async def _verify(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.verify import run
+    from lastseen.devtools.verify import run
 
     return await run(
         settings,
@@ -94,7 +94,7 @@ async def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.demo import DemoOptions, run
+    from lastseen.devtools.demo import DemoOptions, run
 
     # The demo runs its own upstream, and the whole pipeline inside its one process (its
     # dashboard reads the pipeline's metrics there): flags that say otherwise cannot apply.

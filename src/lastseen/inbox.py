@@ -1,15 +1,10 @@
-"""The inbox: durable storage of received callbacks, and the leases workers take on them.
+"""The inbox: durable storage of received callbacks, by group commit (leases.py reads it).
 
-Writing: group commit. A 202 means the callback is committed with synchronous commit, so every
+A 202 means the callback is committed with synchronous commit, so every
 request waits for an fsync. Rather than one transaction per request, requests queue here and a
 few committers each take everything that queued meanwhile and store it with one multi-row
 INSERT. While one commit waits for its fsync, the next batch forms; an idle service commits a
 lone request at once, so the batching adds no latency when there is nothing to batch.
-
-Reading: leases. A worker claims callbacks with ``FOR UPDATE SKIP LOCKED`` and sets
-``locked_until``; it renews the lease while it works. If it dies, the lease runs out and any
-worker claims the callback again. Redoing a callback is harmless: lookups only read, and result
-writes are monotonic (see results.py).
 """
 
 from __future__ import annotations
@@ -18,11 +13,10 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 
 import structlog
 
-from lastseen.db import Claimed, Database, id_array
 from lastseen.errors import (
     CommitTimeout,
     DatabaseError,
@@ -31,6 +25,7 @@ from lastseen.errors import (
     RetryableConflict,
 )
 from lastseen.metrics import Metrics
+from lastseen.storage.database import Database, id_array
 
 log = structlog.get_logger("lastseen.inbox")
 
@@ -38,7 +33,7 @@ log = structlog.get_logger("lastseen.inbox")
 @dataclasses.dataclass(slots=True)
 class _Entry:
     received_at: float  # epoch seconds
-    ids: str  # array literal, see db.id_array
+    ids: str  # array literal, see storage.database.id_array
     future: asyncio.Future[int]
     deadline: float  # loop time after which the request gets its 503
 
@@ -194,41 +189,3 @@ class GroupCommit:
         """Refuses new callbacks; ``run`` returns once what was queued is committed."""
         self._closing = True
         self._wake.set()
-
-
-class Leases:
-    """Claims callbacks for one worker and keeps its leases alive. What the worker holds is
-    the worker's to say (``held``): the callbacks it claimed and has not finished."""
-
-    def __init__(self, db: Database, worker: str, *, lease: float, batch: int) -> None:
-        self.db = db
-        self.worker = worker
-        self.lease = lease
-        self.batch = batch
-
-    async def claim(self, room: int) -> list[Claimed]:
-        """Leases up to ``room`` callbacks (at most one claim batch)."""
-        return await self.db.claim(self.worker, min(room, self.batch), self.lease)
-
-    async def renew_forever(self, held: Callable[[], Collection[int]]) -> None:
-        """Renews the leases on ``held()`` three times per lease period."""
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            ids = list(held())
-            if not ids:
-                continue
-            try:
-                kept = await self.db.extend_leases(self.worker, ids, self.lease)
-            except DatabaseError as exc:
-                # The next round, a third of a lease later, tries again.
-                log.warning("could not renew leases", error=str(exc), held=len(ids))
-                continue
-            lost = (set(ids) & set(held())) - kept
-            if lost:
-                # Another worker took them after our lease ran out; both finishing is harmless.
-                log.warning("leases lost", count=len(lost))
-
-    async def release(self, ids: Collection[int]) -> None:
-        """Hands ``ids`` back so another worker takes them without waiting."""
-        if ids:
-            await self.db.release(self.worker, list(ids))

@@ -22,6 +22,7 @@ from lastseen.errors import (
 )
 from lastseen.inbox import GroupCommit
 from lastseen.metrics import Metrics
+from lastseen.web import error_response, json_response
 
 log = structlog.get_logger("lastseen.ingest")
 
@@ -56,14 +57,6 @@ def parse_callback(body: bytes) -> list[int]:
         raise InvalidCallback("malformed_json", f"body is not valid JSON: {exc}") from None
 
 
-def error_body(error: str, detail: str) -> bytes:
-    return msgspec.json.encode({"error": error, "detail": detail})
-
-
-def _reply(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
-
-
 class CallbackHandler:
     """The request handler; counts every outcome."""
 
@@ -94,8 +87,7 @@ class CallbackHandler:
         else:
             self.metrics.callbacks_received.inc()
             self.metrics.ids_received.inc(len(ids))
-            body = msgspec.json.encode({"callback_id": callback_id, "ids": len(ids)})
-            response = _reply(202, body)
+            response = json_response({"callback_id": callback_id, "ids": len(ids)}, 202)
         self.metrics.reply_seconds.observe(time.perf_counter() - started)
         return response
 
@@ -103,4 +95,4 @@ class CallbackHandler:
         self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None
     ) -> web.Response:
         self.metrics.callbacks_rejected.labels(reason).inc()
-        return _reply(status, error_body(reason, detail), headers)
+        return error_response(status, reason, detail, headers)

@@ -8,9 +8,8 @@ later than now) and, once sent, only callbacks received before the send. A callb
 join starts a new lookup, which becomes the one later callbacks join. Under a backlog, every
 claimed callback was received in the past, so one lookup per distinct id serves them all.
 
-Failures. Connection errors, timeouts, 5xx, 429 and bodies that do not parse are retried with
-exponential backoff and jitter, without holding a slot; any other 4xx, or an answer about a
-different id, is permanent. A permanent failure, or running out of attempts, is reported as
+Failures. Transient failures (upstream.py says which) are retried with exponential backoff and
+jitter, without holding a slot. A permanent failure, or running out of attempts, is reported as
 such to every callback the lookup serves; it never blocks other ids.
 """
 
@@ -18,56 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import random
 import time
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable
 
-import msgspec
 import structlog
 
+from lastseen.backoff import backoff
 from lastseen.errors import LookupFailed
-from lastseen.http_client import HttpError, UpstreamClient
 from lastseen.metrics import Metrics
+from lastseen.model import HeldCallback, Lookup, Outcome
 
 log = structlog.get_logger("lastseen.lookups")
 
 
-class UpstreamObject(msgspec.Struct):
-    id: int
-    online: bool
-
-
-_decoder = msgspec.json.Decoder(UpstreamObject)
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class Job:
-    """A claimed callback being worked on: how many of its distinct ids still lack an outcome."""
-
-    id: int
-    received_at: datetime
-    received_ts: float
-    remaining: int
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class Lookup:
-    """One id's lookup and the jobs it serves."""
-
-    object_id: int
-    jobs: list[Job]
-    sent_at: float | None = None  # wall-clock time of the request under way, if one is
-    attempts: int = 0
-    latency: float = 0.0  # duration of the request that gave the answer
-
-    def accepts(self, job: Job) -> bool:
-        return self.sent_at is None or job.received_ts <= self.sent_at
-
-
-Outcome = bool | LookupFailed  # online or not, or why there is no answer
 Deliver = Callable[[Lookup, Outcome], None]
+Fetch = Callable[[int], Awaitable[bool]]
 
 
 class RateLimiter:
@@ -86,11 +50,11 @@ class RateLimiter:
 
 
 class Lookups:
-    """Runs lookups against ``objects_url``; calls ``deliver`` once per lookup with its outcome."""
+    """Runs lookups with ``fetch``; calls ``deliver`` once per lookup with its outcome."""
 
     def __init__(
         self,
-        client: UpstreamClient,
+        fetch: Fetch,
         metrics: Metrics,
         deliver: Deliver,
         *,
@@ -101,7 +65,7 @@ class Lookups:
         retry_base: float,
         retry_max: float,
     ) -> None:
-        self.client = client
+        self.fetch = fetch
         self.metrics = metrics
         self.deliver = deliver
         self.max_attempts = max_attempts
@@ -118,14 +82,14 @@ class Lookups:
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
 
-    def add(self, job: Job, object_id: int) -> None:
-        """Looks ``object_id`` up for ``job``, sharing a lookup when the rule above allows."""
+    def add(self, callback: HeldCallback, object_id: int) -> None:
+        """Looks ``object_id`` up for ``callback``, sharing a lookup when the rule above allows."""
         lookup = self._open.get(object_id)
-        if lookup is not None and lookup.accepts(job):
-            lookup.jobs.append(job)
+        if lookup is not None and lookup.accepts(callback):
+            lookup.callbacks.append(callback)
             self.metrics.coalesced.inc()
             return
-        lookup = self._open[object_id] = Lookup(object_id, [job])
+        lookup = self._open[object_id] = Lookup(object_id, [callback])
         self._ready.append(lookup)
         self._pump()
 
@@ -154,8 +118,7 @@ class Lookups:
             outcome.permanent or lookup.attempts >= self.max_attempts
         ):
             self.metrics.lookup_retries.labels(outcome.reason).inc()
-            delay = min(self.retry_max, self.retry_base * 2 ** (lookup.attempts - 1))
-            delay = delay / 2 + random.uniform(0, delay / 2)
+            delay = backoff(lookup.attempts, self.retry_base, self.retry_max, jitter=True)
             handle = asyncio.get_running_loop().call_later(delay, self._retry, lookup)
             self._backoffs[lookup] = handle
             return
@@ -190,28 +153,6 @@ class Lookups:
             lookup.sent_at = None
             self.metrics.lookups_in_flight.dec()
             self.metrics.lookup_seconds.observe(lookup.latency)
-
-    async def fetch(self, object_id: int) -> bool:
-        """One request: whether the object is online, or ``LookupFailed``."""
-        try:
-            status, body = await self.client.get(f"/objects/{object_id}")
-        except HttpError as exc:
-            raise LookupFailed(object_id, exc.reason, exc.detail, permanent=False) from None
-        if status >= 500 or status == 429:
-            reason = "http_429" if status == 429 else "http_5xx"
-            raise LookupFailed(object_id, reason, f"status {status}", permanent=False)
-        if not 200 <= status < 300:
-            detail = f"status {status}: {body[:200].decode(errors='replace')}"
-            raise LookupFailed(object_id, "http_4xx", detail, permanent=True)
-        try:
-            answer = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            detail = f"{exc}: {body[:200].decode(errors='replace')}"
-            raise LookupFailed(object_id, "malformed_body", detail, permanent=False) from None
-        if answer.id != object_id:
-            detail = f"asked for {object_id}, the answer is about {answer.id}"
-            raise LookupFailed(object_id, "wrong_id", detail, permanent=True)
-        return answer.online
 
     async def close(self) -> None:
         """Cancels the lookups under way (their callbacks stay in the inbox for a redo)."""

@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 import structlog
 
-from lastseen.db import Database
 from lastseen.errors import DatabaseError
 from lastseen.metrics import Metrics
+from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.reaper")
 

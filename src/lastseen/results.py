@@ -7,7 +7,7 @@ meanwhile, and is tried again; a callback's "done" always travels with or after 
 
 Monotonic upserts. Lookups finish in any order, in any instance. Only the newest result per id
 counts, "newest" meaning the latest callback receive time. The ``observations`` table keeps the
-newest result per id, online or not; ``record_observations`` (sql/queries.sql) updates it only
+newest result per id, online or not; ``record_observations`` (storage/queries.sql) updates it only
 with newer results, locking each id's row, and ``apply_newest`` then changes ``objects`` only
 for results that are the newest: online -> insert or move ``last_seen`` forward; offline ->
 delete. So an old online answer that arrives after a newer offline one does not
@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 
 import structlog
 
-from lastseen.db import Database, DeadLetter, ResultBatch
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.metrics import Metrics
+from lastseen.model import DeadLetter, Lookup, Outcome
+from lastseen.storage.database import Database, ResultBatch
 
 log = structlog.get_logger("lastseen.results")
 
@@ -35,7 +36,8 @@ _Lag = tuple[Sequence[float], float]
 
 
 class ResultWriter:
-    """Collects results, dead letters and finished callbacks, and writes them in batches."""
+    """Collects lookups' outcomes and finished callbacks, and writes them in batches; tells
+    ``on_done`` which callbacks are done once that is committed."""
 
     def __init__(
         self,
@@ -61,6 +63,46 @@ class ResultWriter:
         self._done: list[int] = []
         self._wake = asyncio.Event()
         self._failures = 0  # consecutive non-transient write failures
+
+    def record(self, lookup: Lookup, outcome: Outcome) -> None:
+        """A lookup's outcome, for every callback it served; a callback whose last id this was
+        is done, once what it depends on is written."""
+        if isinstance(outcome, bool):
+            newest = max(lookup.callbacks, key=lambda callback: callback.received_ts)
+            self.add_result(
+                lookup.object_id,
+                newest.received_at,
+                outcome,
+                [callback.received_ts for callback in lookup.callbacks],
+                lookup.latency,
+            )
+        else:
+            self.metrics.dead_letters.labels(outcome.reason).inc(len(lookup.callbacks))
+            log.warning(
+                "lookup dead-lettered",
+                object_id=lookup.object_id,
+                reason=outcome.reason,
+                detail=outcome.detail,
+                attempts=lookup.attempts,
+                callbacks=len(lookup.callbacks),
+            )
+            self.add_dead_letters(
+                [
+                    DeadLetter(
+                        callback.id,
+                        lookup.object_id,
+                        callback.received_at,
+                        outcome.reason,
+                        outcome.detail,
+                        lookup.attempts,
+                    )
+                    for callback in lookup.callbacks
+                ]
+            )
+        for callback in lookup.callbacks:
+            callback.remaining -= 1
+            if callback.remaining == 0:
+                self.add_done(callback.id)
 
     def add_result(
         self,
@@ -147,6 +189,14 @@ class ResultWriter:
                 self.metrics.lag_over_upstream.observe(max(0.0, lag - latency))
         if done:
             self.on_done(done)
+
+    async def flush_all(self) -> None:
+        """Writes what is pending until nothing is, or until a write makes no progress."""
+        while self.pending:
+            before = self.pending
+            await self.flush()
+            if self.pending >= before:
+                return
 
     def _failing(self, exc: DatabaseError) -> None:
         """Transient failures are retried for as long as they last. Anything else is retried a

@@ -313,6 +313,17 @@ class Settings:
         settings.check()
         return settings
 
+    @property
+    def takes_callbacks(self) -> bool:
+        """Whether this instance serves POST /callback."""
+        return self.role in ("all", "ingest")
+
+    @property
+    def runs_pipeline(self) -> bool:
+        """Whether this instance's own process runs the pipeline (lastseen serve with worker
+        processes gives its role "all" to them and keeps "ingest")."""
+        return self.role in ("all", "worker")
+
     def check(self) -> None:
         """Rejects combinations that cannot work, with the setting to fix."""
         if self.lease <= self.poll_interval:

@@ -32,7 +32,9 @@ class Supervisor:
         task.add_done_callback(lambda t: self._finished(name, t, finite))
 
     def _finished(self, name: str, task: asyncio.Task[Any], finite: bool) -> None:
-        self._tasks.pop(name, None)
+        if self._tasks.get(name) is not task:
+            return  # cancel() took it: its end was asked for
+        del self._tasks[name]
         if task.cancelled() or self._stopping:
             return
         exc = task.exception()
@@ -52,6 +54,13 @@ class Supervisor:
         if task is not None:
             await asyncio.wait({task}, timeout=timeout)
 
+    async def cancel(self, *names: str) -> None:
+        """Cancels the named tasks (an end asked for, not a failure) and waits for them."""
+        tasks = [task for name in names if (task := self._tasks.pop(name, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await self._reap(tasks)
+
     async def stop(self, grace: float = 0.0) -> None:
         """Waits up to ``grace`` seconds for the tasks to end by themselves, then cancels them."""
         self._stopping = True
@@ -61,6 +70,10 @@ class Supervisor:
         _, pending = await asyncio.wait(tasks, timeout=grace) if grace > 0 else ((), set(tasks))
         for task in pending:
             task.cancel()
+        await self._reap(tasks)
+
+    @staticmethod
+    async def _reap(tasks: list[asyncio.Task[Any]]) -> None:
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for task, result in zip(tasks, results, strict=True):
             if isinstance(result, Exception):

@@ -1,4 +1,5 @@
-"""The HTTP surface besides /callback: health, readiness, metrics, the objects read API.
+"""The HTTP surface: the application, its JSON replies and errors, and every route but
+``POST /callback`` (ingest.py): health, readiness, metrics, the objects read API.
 
 Every error, from any route, is a JSON body ``{"error": ..., "detail": ...}``.
 """
@@ -14,21 +15,48 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lastseen.db import Database
 from lastseen.errors import DatabaseError
-from lastseen.ingest import CallbackHandler, error_body
 from lastseen.metrics import Metrics, merge
+from lastseen.storage.database import Database
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PAGE_LIMIT = 1000
+
+
+def json_response(
+    data: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=msgspec.json.encode(data),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The one shape of every error: ``{"error": code, "detail": text}``."""
+    return json_response({"error": error, "detail": detail}, status, headers)
 
 
 class Readiness:
     """Whether this instance can do its work: migrations applied, database reachable."""
 
     def __init__(self) -> None:
-        self.migrated = False
         self.reason = "migrations not applied yet"
+        self._migrated = asyncio.Event()
+
+    @property
+    def migrated(self) -> bool:
+        return self._migrated.is_set()
+
+    def set_migrated(self) -> None:
+        self._migrated.set()
+
+    async def wait_migrated(self) -> None:
+        await self._migrated.wait()
 
     async def check(self, db: Database, timeout: float = 1.0) -> str | None:
         """None when ready, otherwise why not."""
@@ -41,34 +69,19 @@ class Readiness:
         return None
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=msgspec.json.encode(data), content_type="application/json"
-    )
-
-
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except DatabaseError as exc:
-        return web.Response(
-            status=503,
-            body=error_body("database_unavailable", str(exc)),
-            content_type="application/json",
-            headers={"Retry-After": "1"},
-        )
+        return error_response(503, "database_unavailable", str(exc), {"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = exc.reason.lower().replace(" ", "_")
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
-        return web.Response(
-            status=exc.status,
-            body=error_body(error, f"{request.method} {request.path}: {exc.reason}"),
-            content_type="application/json",
-            headers=headers,
-        )
+        detail = f"{request.method} {request.path}: {exc.reason}"
+        return error_response(exc.status, error, detail, headers)
 
 
 def _object(object_id: int, last_seen: datetime) -> dict[str, object]:
@@ -94,13 +107,13 @@ class Routes:
         self.samples_database = samples_database
 
     async def health(self, request: web.Request) -> web.Response:
-        return _json({"status": "alive"})
+        return json_response({"status": "alive"})
 
     async def ready(self, request: web.Request) -> web.Response:
         reason = await self.readiness.check(self.db)
         if reason is not None:
-            return _json({"ready": False, "reason": reason}, status=503)
-        return _json({"ready": True})
+            return json_response({"ready": False, "reason": reason}, status=503)
+        return json_response({"ready": True})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         # Figures that live in the database are sampled on scrape; a slow database only makes
@@ -131,11 +144,9 @@ class Routes:
             if not 1 <= limit <= PAGE_LIMIT or not -(2**63) <= after < 2**63:
                 raise ValueError(limit)
         except ValueError:
-            return _json(
-                {"error": "bad_query", "detail": f"after: an id; limit: 1 to {PAGE_LIMIT}"}, 400
-            )
+            return error_response(400, "bad_query", f"after: an id; limit: 1 to {PAGE_LIMIT}")
         rows = await self.db.list_objects(after, limit)
-        return _json(
+        return json_response(
             {
                 "objects": [_object(i, seen) for i, seen in rows],
                 "next_after": rows[-1][0] if len(rows) == limit else None,
@@ -146,13 +157,13 @@ class Routes:
         try:
             object_id = int(request.match_info["object_id"])
         except ValueError:
-            return _json({"error": "bad_id", "detail": "the id must be an integer"}, 400)
+            return error_response(400, "bad_id", "the id must be an integer")
         if not -(2**63) <= object_id < 2**63:
-            return _json({"error": "bad_id", "detail": "the id must fit 64 bits"}, 400)
+            return error_response(400, "bad_id", "the id must fit 64 bits")
         last_seen = await self.db.get_object(object_id)
         if last_seen is None:
-            return _json({"error": "not_found", "detail": f"object {object_id} is not online"}, 404)
-        return _json(_object(object_id, last_seen))
+            return error_response(404, "not_found", f"object {object_id} is not online")
+        return json_response(_object(object_id, last_seen))
 
 
 async def _noop(request: web.Request) -> web.Response:
@@ -163,7 +174,7 @@ async def _noop(request: web.Request) -> web.Response:
 
 def build_app(
     routes: Routes,
-    callbacks: CallbackHandler | None,
+    callbacks: Handler | None,
     *,
     max_body_bytes: int,
     noop: bool = False,
@@ -171,7 +182,7 @@ def build_app(
     """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
     if callbacks is not None:
-        app.router.add_post("/callback", callbacks.handle)
+        app.router.add_post("/callback", callbacks)
     if noop:
         app.router.add_post("/noop", _noop)
     app.router.add_get("/health", routes.health)

@@ -1,26 +1,24 @@
-"""The worker: claims callbacks from the inbox, looks their ids up, hands outcomes to the writer.
+"""The worker: claims callbacks from the inbox and hands each distinct id to the lookups.
 
-It wakes at once on a notification from the group commit (LISTEN/NOTIFY) and also polls, so a
-lost notification, or a lapsed lease of a crashed worker, only delays work. It holds at most
-``max_active_callbacks`` unfinished callbacks in memory; the rest wait in the inbox.
+It wakes at once on a notification from the group commit (LISTEN/NOTIFY), or when held
+callbacks finish and make room, and it also polls, so a lost notification, or a lapsed lease of
+a crashed worker, only delays work. It holds at most ``max_active`` unfinished callbacks; the
+rest wait in the inbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import asyncpg
 import structlog
 
-from lastseen.db import Claimed, Database, DeadLetter
 from lastseen.errors import DatabaseError
-from lastseen.inbox import Leases
-from lastseen.lookups import Job, Lookup, Lookups, Outcome
-from lastseen.metrics import Metrics
-from lastseen.results import ResultWriter
+from lastseen.leases import HeldCallbacks, Leases
+from lastseen.model import Claimed, HeldCallback
+from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.worker")
 
@@ -29,39 +27,38 @@ class Worker:
     def __init__(
         self,
         db: Database,
-        metrics: Metrics,
         leases: Leases,
+        held: HeldCallbacks,
+        wake: asyncio.Event,
         *,
+        look_up: Callable[[HeldCallback, int], None],
+        done: Callable[[int], None],
         max_active: int,
         poll_interval: float,
     ) -> None:
+        """``look_up(callback, id)`` takes each distinct id of a claimed callback; ``done``
+        takes a callback with no ids at all. ``wake`` is set by whatever makes work claimable
+        or makes room: a notification, held callbacks finishing."""
         self.db = db
-        self.metrics = metrics
         self.leases = leases
+        self.held = held
+        self.wake = wake
+        self.look_up = look_up
+        self.done = done
         self.max_active = max_active
         self.poll_interval = poll_interval
-        self.jobs: dict[int, Job] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()  # set when the last held callback is done
         self._listener: asyncpg.Connection | None = None
         self._claiming = True
-        # Wired by the composition root (they need each other's callbacks).
-        self.lookups: Lookups
-        self.results: ResultWriter
-
-    @staticmethod
-    def new_id() -> str:
-        return f"worker-{uuid.uuid4().hex[:12]}"
 
     async def run(self) -> None:
         """Claims work until cancelled or ``stop_claiming``."""
         while self._claiming:
             # Cleared before the claim: a notification during the claim means another round.
-            self._wake.clear()
+            self.wake.clear()
             await self._ensure_listener()
             if not self._claiming:
                 break
-            room = self.max_active - len(self.jobs)
+            room = self.max_active - len(self.held)
             claimed: list[Claimed] = []
             if room > 0:
                 try:
@@ -74,91 +71,33 @@ class Worker:
             if claimed and len(claimed) == min(room, self.leases.batch):
                 continue  # there may be more waiting
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self.wake.wait(), self.poll_interval)
 
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():
             return
         try:
-            self._listener = await self.db.listen("lastseen_inbox", self._wake.set)
+            self._listener = await self.db.listen("lastseen_inbox", self.wake.set)
         except DatabaseError as exc:
             self._listener = None
             log.warning("cannot listen for new callbacks; polling", error=str(exc))
 
-    def _start(self, callback: Claimed) -> None:
-        if callback.id in self.jobs:
+    def _start(self, claimed: Claimed) -> None:
+        if claimed.id in self.held:
             return  # our lease lapsed and we claimed it again; we are still on it
         # A callback is stored as received; one lookup per distinct id is enough.
-        distinct = list(dict.fromkeys(callback.object_ids))
-        job = Job(callback.id, callback.received_at, callback.received_at.timestamp(), 0)
-        job.remaining = len(distinct)
-        self.metrics.callbacks_claimed.inc()
-        if not job.remaining:
-            self.results.add_done(job.id)
-        self.jobs[job.id] = job
-        self.metrics.callbacks_active.set(len(self.jobs))
+        distinct = list(dict.fromkeys(claimed.object_ids))
+        received_at = claimed.received_at
+        callback = HeldCallback(claimed.id, received_at, received_at.timestamp(), len(distinct))
+        self.held.add(callback)
+        if not distinct:
+            self.done(callback.id)
         for object_id in distinct:
-            self.lookups.add(job, object_id)
-
-    def deliver(self, lookup: Lookup, outcome: Outcome) -> None:
-        """A lookup's outcome, for every job it served."""
-        if isinstance(outcome, bool):
-            newest = max(lookup.jobs, key=lambda job: job.received_ts)
-            self.results.add_result(
-                lookup.object_id,
-                newest.received_at,
-                outcome,
-                [job.received_ts for job in lookup.jobs],
-                lookup.latency,
-            )
-        else:
-            self.metrics.dead_letters.labels(outcome.reason).inc(len(lookup.jobs))
-            log.warning(
-                "lookup dead-lettered",
-                object_id=lookup.object_id,
-                reason=outcome.reason,
-                detail=outcome.detail,
-                attempts=lookup.attempts,
-                callbacks=len(lookup.jobs),
-            )
-            self.results.add_dead_letters(
-                [
-                    DeadLetter(
-                        job.id,
-                        lookup.object_id,
-                        job.received_at,
-                        outcome.reason,
-                        outcome.detail,
-                        lookup.attempts,
-                    )
-                    for job in lookup.jobs
-                ]
-            )
-        for job in lookup.jobs:
-            job.remaining -= 1
-            if job.remaining == 0:
-                self.results.add_done(job.id)
-
-    def done(self, ids: Sequence[int]) -> None:
-        """Callbacks whose "done" is committed."""
-        for callback_id in ids:
-            self.jobs.pop(callback_id, None)
-        self.metrics.callbacks_completed.inc(len(ids))
-        self.metrics.callbacks_active.set(len(self.jobs))
-        self._wake.set()  # room for more
-        if not self.jobs:
-            self._idle.set()
+            self.look_up(callback, object_id)
 
     def stop_claiming(self) -> None:
         self._claiming = False
-        self._wake.set()
-
-    async def drain(self, grace: float) -> None:
-        """Waits up to ``grace`` seconds for the held callbacks to finish."""
-        if self.jobs:
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+        self.wake.set()
 
     async def close(self) -> None:
         if self._listener is not None:

@@ -36,9 +36,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import psutil
 
-from lastseen.embedded import EmbeddedPostgres
-from lastseen.loadgen import percentile, run_load
-from lastseen.processes import ServeProcess, SimulateProcess
+from lastseen.devtools.launch import ServeProcess, SimulateProcess
+from lastseen.devtools.loadgen import percentile, run_load
+from lastseen.storage.embedded import EmbeddedPostgres
 
 SCENARIOS = ("ingest", "pipeline", "expiry", "soak")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lastseen.simulate.producer import ProducerConfig
-from lastseen.simulate.upstream import UpstreamConfig, parse_online_rule
+from lastseen.devtools.simulate.producer import ProducerConfig
+from lastseen.devtools.simulate.upstream import UpstreamConfig, parse_online_rule
 
 MODES = ("both", "upstream", "producer")
 

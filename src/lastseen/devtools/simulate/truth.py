@@ -16,7 +16,7 @@ from typing import IO, TypeVar
 
 import msgspec
 
-from lastseen.simulate.upstream import Answer
+from lastseen.devtools.simulate.upstream import Answer
 
 CALLBACKS = "callbacks.jsonl"
 ANSWERS = "answers.jsonl"

@@ -31,16 +31,16 @@ import structlog
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from lastseen import dashboard
-from lastseen.app import Service, client_session, database
-from lastseen.db import Database
+from lastseen.app import Service, database, upstream_client
+from lastseen.devtools import dashboard
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.run import Simulator
+from lastseen.devtools.verify import Report, verify
 from lastseen.errors import DatabaseError, LastseenError
 from lastseen.settings import Settings
-from lastseen.simulate.config import SimulatorConfig
-from lastseen.simulate.run import Simulator
-from lastseen.verify import Report, verify
+from lastseen.storage.database import Database
 
-log = structlog.get_logger("lastseen.demo")
+log = structlog.get_logger("lastseen.devtools.demo")
 
 TABLES = ("callbacks", "objects", "observations", "dead_letters")
 
@@ -136,7 +136,7 @@ async def run(settings: Settings, sim: SimulatorConfig, options: DemoOptions) ->
         async with database(settings) as db:
             try:
                 await start_fresh(db, owned=settings.database_url is None)
-                async with client_session(settings) as session:
+                async with upstream_client(settings) as session:
                     service = Service(settings, db, session)
                     await service.start()
                     try:

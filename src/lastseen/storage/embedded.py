@@ -27,7 +27,7 @@ import structlog
 
 from lastseen.errors import EmbeddedPostgresError
 
-log = structlog.get_logger("lastseen.embedded")
+log = structlog.get_logger("lastseen.storage.embedded")
 
 BUNDLED_MAJOR = "18"
 

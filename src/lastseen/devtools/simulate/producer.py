@@ -30,9 +30,9 @@ import aiohttp
 import msgspec
 import structlog
 
-from lastseen.simulate.truth import SentCallback
+from lastseen.devtools.simulate.truth import SentCallback
 
-log = structlog.get_logger("lastseen.simulate.producer")
+log = structlog.get_logger("lastseen.devtools.simulate.producer")
 
 OUTCOMES = ("acknowledged", "rejected", "timeout", "error")
 

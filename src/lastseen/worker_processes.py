@@ -25,9 +25,10 @@ import sys
 import aiohttp
 import structlog
 
+from lastseen.backoff import backoff
 from lastseen.settings import OPTIONS, Settings
 
-log = structlog.get_logger("lastseen.workers")
+log = structlog.get_logger("lastseen.worker_processes")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -98,7 +99,7 @@ class WorkerProcess:
 
     async def run(self) -> None:
         """Keeps the child running; returns after ``stop``."""
-        delay = 0.5
+        crashes = 0  # in a row: a child that ran a minute starts the count afresh
         while not self._stopping:
             self.proc = await self._spawn()
             log.info("worker process started", number=self.number, pid=self.proc.pid)
@@ -109,10 +110,9 @@ class WorkerProcess:
                 # group before this process gets to stop its children): not a crash.
                 return
             log.error("worker process exited; starting it again", number=self.number, code=code)
-            if asyncio.get_running_loop().time() - started > 60:
-                delay = 0.5
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            ran_a_while = asyncio.get_running_loop().time() - started > 60
+            crashes = 1 if ran_a_while else crashes + 1
+            await asyncio.sleep(backoff(crashes, 0.5, 30.0))
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""

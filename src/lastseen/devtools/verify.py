@@ -36,11 +36,11 @@ from pathlib import Path
 
 import asyncpg
 
-from lastseen.db import Database, translate
+from lastseen.devtools.simulate import truth
+from lastseen.devtools.simulate.upstream import parse_online_rule
 from lastseen.errors import LastseenError
 from lastseen.settings import Settings
-from lastseen.simulate import truth
-from lastseen.simulate.upstream import parse_online_rule
+from lastseen.storage.database import Database, translate
 
 # Read-only checks that belong to this command alone, so they live here and not in queries.sql.
 Q_NOW = "SELECT now()"

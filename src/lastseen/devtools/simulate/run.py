@@ -14,12 +14,12 @@ import signal
 
 import structlog
 
-from lastseen.simulate.config import SimulatorConfig
-from lastseen.simulate.producer import Producer
-from lastseen.simulate.truth import ANSWERS, CALLBACKS, TruthWriter
-from lastseen.simulate.upstream import Upstream
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.producer import Producer
+from lastseen.devtools.simulate.truth import ANSWERS, CALLBACKS, TruthWriter
+from lastseen.devtools.simulate.upstream import Upstream
 
-log = structlog.get_logger("lastseen.simulate")
+log = structlog.get_logger("lastseen.devtools.simulate")
 
 
 class Simulator:

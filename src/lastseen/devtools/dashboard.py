@@ -27,7 +27,7 @@ from lastseen.errors import DatabaseError
 
 if TYPE_CHECKING:
     from lastseen.app import Service
-    from lastseen.simulate.run import Simulator
+    from lastseen.devtools.simulate.run import Simulator
 
 # (upper bounds, cumulative counts), +Inf last, as a histogram exports its buckets.
 Buckets = tuple[tuple[float, ...], tuple[float, ...]]

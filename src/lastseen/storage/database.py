@@ -21,8 +21,9 @@ import msgspec
 import structlog
 
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
+from lastseen.model import Claimed, DeadLetter
 
-log = structlog.get_logger("lastseen.db")
+log = structlog.get_logger("lastseen.storage.database")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,8 +67,8 @@ def _edge(
 
 
 def load_queries() -> dict[str, str]:
-    """The statements of ``sql/queries.sql`` by name."""
-    text = importlib.resources.files("lastseen").joinpath("sql/queries.sql").read_text()
+    """The statements of ``queries.sql`` by name."""
+    text = importlib.resources.files("lastseen.storage").joinpath("queries.sql").read_text()
     queries: dict[str, str] = {}
     for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
         name, _, body = block.partition("\n")
@@ -77,7 +78,7 @@ def load_queries() -> dict[str, str]:
 
 def load_migrations() -> list[tuple[int, str, str]]:
     """(version, name, SQL) of each migration, in order."""
-    folder = importlib.resources.files("lastseen").joinpath("migrations")
+    folder = importlib.resources.files("lastseen.storage").joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
@@ -96,25 +97,6 @@ def id_array(ids: Sequence[int]) -> str:
 
 # Serializes migrations of concurrently starting instances.
 _MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claimed:
-    """A callback leased to this worker."""
-
-    id: int
-    received_at: datetime
-    object_ids: list[int]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeadLetter:
-    callback_id: int
-    object_id: int
-    received_at: datetime
-    reason: str
-    detail: str
-    attempts: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

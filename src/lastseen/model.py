@@ -1,0 +1,62 @@
+"""The values that travel along a callback's path, shared by the stages that hand them on.
+
+A claimed callback becomes a ``HeldCallback`` while this process works on it; each distinct id
+of it joins a ``Lookup``; a lookup ends in an ``Outcome`` for every callback it serves; an
+outcome is a result (online or not) or, for a permanent failure, a ``DeadLetter``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+from lastseen.errors import LookupFailed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claimed:
+    """A callback as the inbox leased it to this worker."""
+
+    id: int
+    received_at: datetime
+    object_ids: list[int]
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class HeldCallback:
+    """A claimed callback being worked on: how many of its distinct ids still lack an outcome."""
+
+    id: int
+    received_at: datetime
+    received_ts: float
+    remaining: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Lookup:
+    """One id's lookup and the callbacks it serves."""
+
+    object_id: int
+    callbacks: list[HeldCallback]
+    sent_at: float | None = None  # wall-clock time of the request under way, if one is
+    attempts: int = 0
+    latency: float = 0.0  # duration of the request that gave the answer
+
+    def accepts(self, callback: HeldCallback) -> bool:
+        """Whether its answer can say something about the object at ``callback``'s time."""
+        return self.sent_at is None or callback.received_ts <= self.sent_at
+
+
+Outcome = bool | LookupFailed  # online or not, or why there is no answer
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An id of one callback that could not be looked up, and why."""
+
+    callback_id: int
+    object_id: int
+    received_at: datetime
+    reason: str
+    detail: str
+    attempts: int

@@ -1,0 +1,110 @@
+"""The pipeline of one process: leases, worker, lookups, results and reaper, built together in
+the order a callback meets them, started together, stopped in order.
+
+Each stage is given, when it is built, where it hands its output: the worker hands ids to the
+lookups, the lookups hand outcomes to the results writer, the writer hands finished callbacks
+back to the held set, which makes room for the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from lastseen.errors import DatabaseError
+from lastseen.http_client import UpstreamClient
+from lastseen.leases import HeldCallbacks, Leases, new_worker_id
+from lastseen.lookups import Lookups
+from lastseen.metrics import Metrics
+from lastseen.reaper import Reaper
+from lastseen.results import ResultWriter
+from lastseen.settings import Settings
+from lastseen.storage.database import Database
+from lastseen.supervisor import Supervisor
+from lastseen.upstream import Upstream
+from lastseen.worker import Worker
+
+log = structlog.get_logger("lastseen.pipeline")
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        client: UpstreamClient,
+        metrics: Metrics,
+        supervisor: Supervisor,
+    ) -> None:
+        s = settings
+        self.supervisor = supervisor
+        wake = asyncio.Event()
+        self.held = HeldCallbacks(metrics, on_finished=wake.set)
+        self.leases = Leases(db, self.held, new_worker_id(), lease=s.lease, batch=s.claim_batch)
+        self.results = ResultWriter(
+            db,
+            metrics,
+            ttl=s.ttl,
+            max_batch=s.results_batch,
+            interval=s.results_interval,
+            on_done=self.held.finish,
+        )
+        self.lookups = Lookups(
+            Upstream(client).online,
+            metrics,
+            self.results.record,
+            max_in_flight=s.max_lookups,
+            rate=s.lookup_rps,
+            timeout=s.lookup_timeout,
+            max_attempts=s.max_attempts,
+            retry_base=s.retry_base,
+            retry_max=s.retry_max,
+        )
+        self.worker = Worker(
+            db,
+            self.leases,
+            self.held,
+            wake,
+            look_up=self.lookups.add,
+            done=self.results.add_done,
+            max_active=s.max_active_callbacks,
+            poll_interval=s.poll_interval,
+        )
+        self.reaper = Reaper(
+            db,
+            metrics,
+            ttl=s.ttl,
+            interval=s.reap_interval,
+            audit_retention=s.audit_retention,
+            prune_interval=s.prune_interval,
+        )
+        self._started = False
+
+    def start(self) -> None:
+        """Starts every stage under the supervisor (once the schema is in place)."""
+        self._started = True
+        self.supervisor.start("results", self.results.run())
+        self.supervisor.start("leases", self.leases.renew_forever())
+        self.supervisor.start("worker", self.worker.run(), finite=True)
+        self.supervisor.start("reaper", self.reaper.run())
+
+    async def stop(self, grace: float) -> None:
+        """Stops claiming, gives held callbacks ``grace`` seconds to finish, writes what is
+        pending and hands the rest back to the inbox."""
+        if not self._started:
+            return
+        self.worker.stop_claiming()
+        # A claim under way when claiming stops still lands: wait for the loop to end, so that
+        # what follows sees every callback this process holds.
+        await self.supervisor.wait("worker", grace)
+        await self.held.wait_empty(grace)
+        await self.lookups.close()
+        await self.supervisor.cancel("leases", "reaper", "results")
+        try:
+            await self.results.flush_all()
+            await self.leases.hand_back()
+        except DatabaseError as exc:
+            log.warning("could not hand back leases; they will lapse", error=str(exc))
+        await self.worker.close()
+        log.info("pipeline stopped", unfinished_callbacks=len(self.held))
