@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lastseen.devtools.bench.runner import SCENARIOS, histogram_quantile
+from lastseen.devtools.bench import SCENARIOS
 from lastseen.devtools.launch import LASTSEEN
-from lastseen.devtools.loadgen import percentile
 
 
 @pytest.mark.slow
@@ -46,15 +45,3 @@ def test_every_scenario_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert "durable/do-nothing" in report
     assert "expiry:" in report
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_percentiles_and_histogram_quantiles() -> None:
-    """Nearest-rank percentiles, and quantiles interpolated within histogram buckets."""
-    assert percentile([], 99) == 0.0
-    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert percentile(list(range(1, 101)), 99) == 99
-    before = [(0.1, 0.0), (1.0, 0.0), (float("inf"), 0.0)]
-    after = [(0.1, 50.0), (1.0, 100.0), (float("inf"), 100.0)]
-    assert histogram_quantile(before, after, 0.5) == pytest.approx(0.1)
-    assert histogram_quantile(before, after, 0.75) == pytest.approx(0.55)
-    assert histogram_quantile(before, before, 0.5) is None

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from pathlib import Path
 
 import pytest
 from conftest import StartService
-from prometheus_client import CollectorRegistry, Histogram
 from rich.console import Console
 from simtools import run_cli
 
@@ -77,25 +75,6 @@ async def test_demo_exits_1_when_verification_fails(tmp_path: Path) -> None:
     assert "lastseen verify: FAIL" in result.stdout
     assert "NOT all acknowledged callbacks were processed" in result.stdout
     assert "not_processed:" in result.stdout
-
-
-def test_quantiles_come_from_bucket_counts() -> None:
-    """Quantiles interpolate linearly within the bucket holding the rank, like Prometheus'
-    histogram_quantile; none without observations; the highest finite bound past the last."""
-    buckets = ((0.1, 0.5, 1.0, math.inf), (2.0, 5.0, 5.0, 5.0))
-    assert dashboard.quantile(buckets, 0.5) == pytest.approx(0.1 + 0.4 * (0.5 / 3))
-    assert dashboard.quantile(buckets, 0.2) == pytest.approx(0.05)
-    assert dashboard.quantile(((0.1, math.inf), (0.0, 0.0)), 0.5) is None
-    assert dashboard.quantile(((0.1, math.inf), (1.0, 4.0)), 0.99) == 0.1
-
-    registry = CollectorRegistry()
-    histogram = Histogram("h_seconds", "test", buckets=(0.01, 0.1, 1.0), registry=registry)
-    for value in [0.005] * 50 + [0.05] * 49 + [0.5]:
-        histogram.observe(value)
-    _, found = dashboard.read_registry(registry)
-    assert found["h_seconds"] == ((0.01, 0.1, 1.0, math.inf), (50.0, 99.0, 100.0, 100.0))
-    assert dashboard.quantile(found["h_seconds"], 0.5) == pytest.approx(0.01)
-    assert dashboard.quantile(found["h_seconds"], 0.99) == pytest.approx(0.1)
 
 
 async def test_dashboard_shows_every_figure(start_service: StartService, tmp_path: Path) -> None:

@@ -54,9 +54,9 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.devtools.bench.runner import SCENARIOS, BenchOptions, run
+    from lastseen.devtools.bench import SCENARIOS, BenchOptions, run
 
-    scenarios = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
+    scenarios = tuple(SCENARIOS) if args.scenario == "all" else tuple(args.scenario.split(","))
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         print(f"lastseen bench: unknown scenario {', '.join(sorted(unknown))}", file=sys.stderr)

@@ -13,83 +13,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 
+from lastseen.devtools.promtext import Reading, quantile, since
 from lastseen.errors import DatabaseError
 
 if TYPE_CHECKING:
     from lastseen.app import Service
     from lastseen.devtools.simulate.run import Simulator
 
-# (upper bounds, cumulative counts), +Inf last, as a histogram exports its buckets.
-Buckets = tuple[tuple[float, ...], tuple[float, ...]]
-
 LATENCIES = {
     "lookup": "lastseen_lookup_seconds",
     "lag_over_upstream": "lastseen_lag_over_upstream_seconds",
     "result_lag": "lastseen_result_lag_seconds",
 }
-
-
-def quantile(buckets: Buckets, q: float) -> float | None:
-    """The ``q`` quantile of a histogram's observations; None when it has none.
-
-    Linear within the bucket holding the rank; in the +Inf bucket, the highest finite bound.
-    """
-    bounds, cumulative = buckets
-    if not cumulative or cumulative[-1] <= 0:
-        return None
-    rank = q * cumulative[-1]
-    below = 0.0
-    lower = 0.0
-    for bound, count in zip(bounds, cumulative, strict=True):
-        if count >= rank and count > below:
-            if math.isinf(bound):
-                return lower
-            return lower + (bound - lower) * (rank - below) / (count - below)
-        below, lower = count, bound
-    return lower
-
-
-def read_registry(registry: CollectorRegistry) -> tuple[dict[str, float], dict[str, Buckets]]:
-    """Every sample as ``name`` or ``name{label=value,...}``, and every histogram's buckets."""
-    values: dict[str, float] = {}
-    buckets: dict[str, Buckets] = {}
-    for metric in registry.collect():
-        found: list[tuple[float, float]] = []
-        for sample in metric.samples:
-            if sample.name.endswith("_bucket") and "le" in sample.labels:
-                found.append((float(sample.labels["le"]), sample.value))
-                continue
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        if found:
-            found.sort()
-            buckets[metric.name] = (tuple(b for b, _ in found), tuple(c for _, c in found))
-    return values, buckets
-
-
-def total(values: dict[str, float], name: str) -> float:
-    """The sum of a metric's samples over all its labels."""
-    return sum(v for key, v in values.items() if key == name or key.startswith(name + "{"))
-
-
-def by_label(values: dict[str, float], name: str) -> dict[str, float]:
-    """A one-label metric's samples by label value."""
-    prefix = name + "{"
-    return {
-        key[len(prefix) : -1].split("=", 1)[1]: v
-        for key, v in values.items()
-        if key.startswith(prefix)
-    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +76,8 @@ class Dashboard:
         self.simulator = simulator
         self.window = window
         self.started = time.monotonic()
-        self._readings: collections.deque[tuple[float, dict[str, float], dict[str, Buckets]]]
-        self._readings = collections.deque()
+        # (reading, callbacks the producer has sent by then)
+        self._readings: collections.deque[tuple[Reading, int]] = collections.deque()
         self._pending: tuple[int, float | None] | None = None
         self._online: int | None = None
 
@@ -152,24 +95,23 @@ class Dashboard:
     async def sample(self) -> Figures:
         now = time.monotonic()
         await self._database_figures()
-        values, buckets = read_registry(self.service.metrics.registry)
+        reading = Reading.of_registry(self.service.metrics.registry, now)
         producer = self.simulator.producer
         upstream = self.simulator.upstream
-        if producer is not None:
-            values["sent"] = producer.stats["sent"]
-        self._readings.append((now, values, buckets))
-        while len(self._readings) > 2 and now - self._readings[1][0] >= self.window:
+        self._readings.append((reading, producer.stats["sent"] if producer else 0))
+        while len(self._readings) > 2 and now - self._readings[1][0].at >= self.window:
             self._readings.popleft()
-        then, old_values, old_buckets = self._readings[0]
-        span = now - then
+        old, old_sent = self._readings[0]
+        span = now - old.at
 
-        def rate(name: str) -> float:
-            return (total(values, name) - total(old_values, name)) / span if span > 0 else 0.0
+        def rate(new: float, old: float) -> float:
+            return (new - old) / span if span > 0 else 0.0
 
         latencies = {}
         for label, name in LATENCIES.items():
-            recent = _minus(buckets.get(name), old_buckets.get(name) if span > 0 else None)
+            recent = since(reading.buckets(name), old.buckets(name) if span > 0 else None)
             latencies[label] = (quantile(recent, 0.5), quantile(recent, 0.99))
+        deleted = reading.by_label("lastseen_objects_deleted_total", "cause")
         pending = self._pending
         stats = producer.stats if producer is not None else None
         return Figures(
@@ -179,26 +121,24 @@ class Dashboard:
             acknowledged=stats["acknowledged"] if stats else 0,
             not_acknowledged=producer.failed if producer else 0,
             producer_in_flight=producer.in_flight if producer else 0,
-            send_rate=rate("sent"),
-            received=int(total(values, "lastseen_callbacks_received_total")),
-            rejected=int(total(values, "lastseen_callbacks_rejected_total")),
-            processed=int(total(values, "lastseen_callbacks_completed_total")),
+            send_rate=rate(self._readings[-1][1], old_sent),
+            received=int(reading.total("lastseen_callbacks_received_total")),
+            rejected=int(reading.total("lastseen_callbacks_rejected_total")),
+            processed=int(reading.total("lastseen_callbacks_completed_total")),
             inbox_pending=None if pending is None else pending[0],
             oldest_pending=None if pending is None else pending[1],
-            lookups_in_flight=int(total(values, "lastseen_lookups_in_flight")),
-            lookups=int(total(values, "lastseen_lookups_total")),
-            lookup_rate=rate("lastseen_lookups_total"),
-            retries=int(total(values, "lastseen_lookup_retries_total")),
+            lookups_in_flight=int(reading.total("lastseen_lookups_in_flight")),
+            lookups=int(reading.total("lastseen_lookups_total")),
+            lookup_rate=rate(
+                reading.total("lastseen_lookups_total"), old.total("lastseen_lookups_total")
+            ),
+            retries=int(reading.total("lastseen_lookup_retries_total")),
             objects_online=self._online,
-            deleted_expired=int(
-                by_label(values, "lastseen_objects_deleted_total").get("expired", 0)
-            ),
-            deleted_offline=int(
-                by_label(values, "lastseen_objects_deleted_total").get("offline", 0)
-            ),
+            deleted_expired=int(deleted.get("expired", 0)),
+            deleted_offline=int(deleted.get("offline", 0)),
             dead_letters={
                 reason: int(n)
-                for reason, n in by_label(values, "lastseen_dead_letters_total").items()
+                for reason, n in reading.by_label("lastseen_dead_letters_total", "reason").items()
             },
             latencies=latencies,
             upstream_requests=upstream.stats["requests"] if upstream else 0,
@@ -209,14 +149,6 @@ class Dashboard:
                 else 0
             ),
         )
-
-
-def _minus(new: Buckets | None, old: Buckets | None) -> Buckets:
-    if new is None:
-        return ((), ())
-    if old is None or old[0] != new[0]:
-        return new
-    return new[0], tuple(a - b for a, b in zip(new[1], old[1], strict=True))
 
 
 def seconds(value: float | None) -> str:

@@ -272,6 +272,14 @@ class Database:
         return row[0], row[1]
 
     @_edge
+    async def server_version(self) -> str:
+        return str(await self.pool.fetchval(Q["server_version"]))
+
+    @_edge
+    async def count_callbacks(self) -> int:
+        return int(await self.pool.fetchval(Q["count_callbacks"]))
+
+    @_edge
     async def count_objects(self) -> int:
         return int(await self.pool.fetchval(Q["count_objects"]))
 

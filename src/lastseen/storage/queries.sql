@@ -187,3 +187,11 @@ SELECT stored.id FROM stored CROSS JOIN (SELECT pg_notify('lastseen_inbox', ''))
 -- name: ping
 -- Is the database there?
 SELECT 1;
+
+-- name: server_version
+-- The PostgreSQL server's version, for reports.
+SHOW server_version;
+
+-- name: count_callbacks
+-- How many callbacks are stored, done or not.
+SELECT count(*) FROM callbacks;

@@ -1,0 +1,177 @@
+"""The benchmark's report: the human table (``report.txt``) and the plot (``bench.png``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def render(results: dict[str, Any]) -> str:
+    """The human table, as plain text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=180, file=open(os.devnull, "w"))  # noqa: SIM115
+    m = results["machine"]
+    console.print(
+        f"lastseen bench {results['started']}  cores={m['cores']} memory={m['memory_gib']} GiB "
+        f"python={m['python']} postgresql={results.get('postgresql', '?')}"
+    )
+    scenarios = results["scenarios"]
+    if "ingest" in scenarios:
+        s = scenarios["ingest"]
+        table = Table(
+            title=f"ingest: {s['ids_per_callback']}-id bodies, {s['connections']} connections"
+        )
+        for column in ("round", "path", "ok/s", "p50 ms", "p99 ms", "max ms", "cpu % by process"):
+            table.add_column(column)
+        for r in s["rounds"]:
+            lat = r["latency_ms"]
+            cpu = " ".join(f"{k}={v}" for k, v in r["cpu_percent"].items())
+            table.add_row(
+                str(r["round"] + 1),
+                r["path"],
+                f"{r['ok_per_s']:.0f}",
+                str(lat["p50"]),
+                str(lat["p99"]),
+                str(lat["max"]),
+                cpu,
+            )
+        console.print(table)
+        console.print(
+            f"durable/do-nothing = {s['durable_per_s_median']:.0f}/{s['noop_per_s_median']:.0f}"
+            f" = {s['ratio']:.2f} (goal >= 0.5); durable p99 {s['durable_p99_ms_median']} ms"
+            f" (goal < 50); {s['acknowledged']} acknowledged, {s['stored_rows']} rows stored"
+        )
+    if "pipeline" in scenarios:
+        s = scenarios["pipeline"]
+        for name, run in s["distributions"].items():
+            lo, hi = s["upstream_latency_s"]
+            title = (
+                f"pipeline, {name} ids (up to {run['max_ids_per_callback']} per callback from "
+                f"{run['id_universe']:,}), upstream {lo}-{hi} s"
+            )
+            table = Table(title=title)
+            for column in (
+                "callbacks/s",
+                "lookups/s",
+                "ids resolved/s",
+                "coalesced/s",
+                "inbox end (max)",
+                "lag over upstream p50/p99 ms",
+                "result lag p50/p99 ms",
+                "keeping up",
+                "cpu % by process",
+            ):
+                table.add_column(column)
+            for step in run["steps"]:
+                lag, res = step["lag_over_upstream_ms"], step["result_lag_ms"]
+                table.add_row(
+                    f"{step['callbacks_per_s']:g}",
+                    f"{step['lookups_per_s']:.0f}",
+                    f"{step['ids_resolved_per_s']:.0f}",
+                    f"{step['coalesced_per_s']:.0f}",
+                    f"{step['inbox_pending_end']:.0f} ({step['inbox_pending_max']:.0f})",
+                    f"{lag['p50']}/{lag['p99']}",
+                    f"{res['p50']}/{res['p99']}",
+                    "yes" if step["keeping_up"] else "NO",
+                    " ".join(f"{k}={v}" for k, v in step["cpu_percent"].items()),
+                )
+            console.print(table)
+            console.print(f"most lookups/s sustained: {run['max_sustained_lookups_per_s']:.0f}")
+    if "expiry" in scenarios:
+        s = scenarios["expiry"]
+        late = s["after_ttl_ms"]
+        console.print(
+            f"expiry: {s['objects']} objects, TTL {s['ttl_s']} s; deleted after the TTL by "
+            f"p50 {late['p50']} ms, p99 {late['p99']} ms, max {late['max']} ms "
+            f"(polled every {s['poll_interval_ms']} ms); {s['deleted_before_ttl']} before it"
+        )
+    if "soak" in scenarios:
+        s = scenarios["soak"]
+        first = s["samples"][0]["rss_mib"] if s["samples"] else {}
+        last = s["samples"][-1]["rss_mib"] if s["samples"] else {}
+        rss = ", ".join(f"{k} {first.get(k)} -> {last.get(k)} MiB" for k in last)
+        console.print(
+            f"soak: {s['rate_per_s']} callbacks/s for {s['seconds']} s; RSS {rss}; growth over "
+            f"the second half {s['rss_growth_second_half_mib']} MiB; inbox max "
+            f"{s['inbox_pending_max']:.0f}"
+        )
+    return console.export_text()
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Throughput and lag over time as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    scenarios = results["scenarios"]
+    panels = [n for n in ("ingest", "pipeline", "soak") if n in scenarios]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)), squeeze=False)
+    for ax, name in zip((a[0] for a in axes), panels, strict=True):
+        s = scenarios[name]
+        if name == "ingest":
+            labels = [f"{r['path']} #{r['round'] + 1}" for r in s["rounds"]]
+            ax.bar(
+                labels,
+                [r["ok_per_s"] for r in s["rounds"]],
+                color=["tab:gray" if r["path"] == "/noop" else "tab:blue" for r in s["rounds"]],
+            )
+            ax.set_ylabel("acknowledged / s")
+            ax.set_title(f"ingest: durable vs do-nothing, ratio {s['ratio']:.2f}")
+        elif name == "pipeline":
+            twin = ax.twinx()
+            offset = 0.0
+            for dist, run in s["distributions"].items():
+                for step in run["steps"]:
+                    t = [offset + p["t"] for p in step["timeline"]]
+                    ax.plot(t, [p["lookups_per_s"] for p in step["timeline"]], color="tab:blue")
+                    twin.plot(
+                        t,
+                        [max(p["lag_over_upstream_p99_ms"] or 0, 1.0) for p in step["timeline"]],
+                        color="tab:red",
+                        alpha=0.6,
+                    )
+                    ax.axvline(offset, color="lightgray", lw=0.8)
+                    ax.text(
+                        offset,
+                        0,
+                        f"{dist} {step['callbacks_per_s']:g}/s",
+                        fontsize=7,
+                        rotation=90,
+                        va="bottom",
+                    )
+                    offset = t[-1] if t else offset + step["steady_seconds"]
+            ax.set_ylabel("lookups / s", color="tab:blue")
+            twin.set_ylabel("lag over upstream p99 (ms)", color="tab:red")
+            twin.set_yscale("log")
+            ax.set_title("pipeline: rising callback rates")
+            ax.set_xlabel("seconds")
+        else:
+            t = [p["t"] for p in s["samples"]]
+            for proc in s["samples"][-1]["rss_mib"] if s["samples"] else {}:
+                ax.plot(t, [p["rss_mib"].get(proc, 0) for p in s["samples"]], label=f"{proc} RSS")
+            ax.set_ylabel("MiB")
+            twin = ax.twinx()
+            twin.plot(
+                t,
+                [p["inbox_pending"] for p in s["samples"]],
+                color="tab:red",
+                alpha=0.5,
+                label="inbox",
+            )
+            twin.set_ylabel("inbox pending", color="tab:red")
+            ax.legend(loc="upper left")
+            ax.set_title(f"soak: {s['rate_per_s']} callbacks/s")
+            ax.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

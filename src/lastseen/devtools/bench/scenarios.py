@@ -1,0 +1,331 @@
+"""The benchmark's scenarios; each takes the run's ``Bench`` and returns its figures.
+
+- ingest: the most callbacks with 200-id bodies the service acknowledges durably per second,
+  next to a do-nothing POST handler on the same server in the same run, alternating rounds.
+- pipeline: rising callback rates until the service stops keeping up; per step lookups/s, ids
+  resolved/s, coalesced lookups, inbox depth, and the lag over upstream latency.
+- expiry: how long after the TTL each object is actually deleted.
+- soak: a fixed rate for a while, sampling RSS and inbox depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import psutil
+
+from lastseen.devtools.launch import ServeProcess, SimulateProcess
+from lastseen.devtools.loadgen import percentile, run_load
+from lastseen.devtools.promtext import Reading, quantile, since
+
+if TYPE_CHECKING:
+    from lastseen.devtools.bench.runner import Bench
+
+
+def callback_bodies(count: int, ids: int, seed: int, universe: int = 10_000_000) -> list[bytes]:
+    rng = random.Random(seed)
+    return [
+        json.dumps({"object_ids": [rng.randrange(universe) for _ in range(ids)]}).encode()
+        for _ in range(count)
+    ]
+
+
+async def ingest(bench: Bench) -> dict[str, Any]:
+    """Durable callbacks per second vs a do-nothing handler, same server, alternating rounds."""
+    o = bench.options
+    url = await bench.fresh_database("bench_ingest")
+    serve = await bench.serve(url, "--role", "ingest", noop_route="true")
+    parts = urlsplit(serve.url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    bodies = callback_bodies(500, o.ids_per_callback, o.seed)
+    await run_load(host, port, "/noop", bodies, connections=o.connections, seconds=1.0)  # warm up
+    rounds: list[dict[str, Any]] = []
+    for round_no in range(o.rounds):
+        for path in ("/noop", "/callback"):
+            meter = bench.cpu(serve=serve.pid)
+            meter.start()
+            result = await run_load(
+                host, port, path, bodies, connections=o.connections, seconds=o.seconds
+            )
+            entry = result.summary() | {"round": round_no, "cpu_percent": meter.stop()}
+            entry["ok_per_s"] = round(result.ok_rate(202), 1)
+            rounds.append(entry)
+            p99 = result.percentile(99) * 1000
+            bench.progress(
+                f"ingest {path} round {round_no + 1}: {entry['ok_per_s']}/s p99 {p99:.1f} ms"
+            )
+    async with bench.database(url) as db:
+        stored = await db.count_callbacks()
+    await serve.terminate()
+    noop = [r["ok_per_s"] for r in rounds if r["path"] == "/noop"]
+    durable = [r["ok_per_s"] for r in rounds if r["path"] == "/callback"]
+    durable_p99 = [r["latency_ms"]["p99"] for r in rounds if r["path"] == "/callback"]
+    acknowledged = sum(r["statuses"].get("202", 0) for r in rounds if r["path"] == "/callback")
+    return {
+        "connections": o.connections,
+        "seconds_per_round": o.seconds,
+        "ids_per_callback": o.ids_per_callback,
+        "rounds": rounds,
+        "noop_per_s_median": statistics.median(noop),
+        "durable_per_s_median": statistics.median(durable),
+        "ratio": round(statistics.median(durable) / statistics.median(noop), 3),
+        "durable_p99_ms_median": statistics.median(durable_p99),
+        "acknowledged": acknowledged,
+        "stored_rows": stored,
+        "goal": "ratio >= 0.5 and p99 < 50 ms",
+    }
+
+
+DISTRIBUTIONS = {
+    # name: (most ids per callback, id universe)
+    "reference": (200, 100),
+    "unique": (200, 10_000_000),
+}
+
+
+async def pipeline(bench: Bench) -> dict[str, Any]:
+    """Rising callback rates until the service no longer keeps up, for each id distribution."""
+    o = bench.options
+    runs: dict[str, Any] = {}
+    for distribution, (max_ids, universe) in DISTRIBUTIONS.items():
+        url = await bench.fresh_database(f"bench_pipeline_{distribution}")
+        upstream = await bench.upstream(o.latency_min, o.latency_max)
+        serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl="30")
+        steps = []
+        for rate in o.rates:
+            step = await _pipeline_step(bench, serve, upstream, rate, max_ids, universe)
+            steps.append(step)
+            bench.progress(
+                f"pipeline {distribution} {rate}/s: {step['lookups_per_s']} lookups/s, "
+                f"lag over upstream p99 {step['lag_over_upstream_ms']['p99']} ms, "
+                f"inbox {step['inbox_pending_end']}, keeping up: {step['keeping_up']}"
+            )
+            if not step["keeping_up"]:
+                break
+        await serve.terminate()
+        await upstream.terminate()
+        sustained = [s for s in steps if s["keeping_up"]]
+        runs[distribution] = {
+            "max_ids_per_callback": max_ids,
+            "id_universe": universe,
+            "steps": steps,
+            "max_sustained_lookups_per_s": max((s["lookups_per_s"] for s in sustained), default=0),
+        }
+    return {
+        "upstream_latency_s": [o.latency_min, o.latency_max],
+        "step_seconds": o.step_seconds,
+        "distributions": runs,
+        "goal": ">= 5000 lookups/s sustained; lag over upstream p99 < 100 ms at 1000 lookups/s",
+    }
+
+
+async def _pipeline_step(
+    bench: Bench,
+    serve: ServeProcess,
+    upstream: SimulateProcess,
+    rate: float,
+    max_ids: int,
+    universe: int,
+) -> dict[str, Any]:
+    o = bench.options
+    meter = bench.cpu(serve=serve.pid, upstream=upstream.pid)
+    producer = await bench.producer(
+        serve, rate, o.step_seconds, connections=32, max_ids=max_ids, universe=universe
+    )
+    meter.start()
+    first = previous = await bench.read_metrics(serve)
+    scrapes = [first]
+    timeline: list[dict[str, Any]] = []
+    while producer.proc is not None and producer.proc.returncode is None:
+        await asyncio.sleep(o.sample_every)
+        now = await bench.read_metrics(serve)
+        if now.total("lastseen_lookups_total") < previous.total("lastseen_lookups_total"):
+            continue  # a worker process did not answer in time: an incomplete reading
+        scrapes.append(now)
+        dt = now.at - previous.at
+        timeline.append(
+            {
+                "t": round(now.at - first.at, 2),
+                "lookups_per_s": round(_delta(previous, now, "lastseen_lookups_total") / dt, 1),
+                "inbox_pending": now.get("lastseen_inbox_pending"),
+                "lookups_in_flight": now.get("lastseen_lookups_in_flight"),
+                "lag_over_upstream_p99_ms": _ms(
+                    _quantile(previous, now, "lastseen_lag_over_upstream_seconds", 0.99)
+                ),
+            }
+        )
+        previous = now
+    await producer.wait()
+    cpu = meter.stop()
+    # Steady state: from when the first lookups can have finished to when the producer stopped;
+    # the ramp (nothing finishes for a few seconds) and the drain would understate the rate.
+    steady = [
+        m for m in scrapes if o.latency_max + 1.0 <= m.at - first.at <= o.step_seconds + 0.5
+    ] or scrapes
+    begin, end = (steady[0], steady[-1]) if len(steady) > 1 else (first, scrapes[-1])
+    seconds = max(end.at - begin.at, 1e-9)
+
+    def rate_of(name: str) -> float:
+        return round(_delta(begin, end, name) / seconds, 1)
+
+    lag = ("lastseen_lag_over_upstream_seconds", "lastseen_result_lag_seconds")
+    lag_quantiles = {
+        name: {f"p{int(q * 100)}": _ms(_quantile(begin, end, name, q)) for q in (0.5, 0.99)}
+        for name in lag
+    }
+    pending = [m.get("lastseen_inbox_pending") for m in steady]
+    # Keeping up: the lag stays under a second and the inbox holds no more than the callbacks
+    # of the last few seconds (every callback waits for its slowest lookup).
+    backlog_bound = rate * (o.latency_max + 2.0) + 10
+    keeping_up = (
+        max(pending, default=0) <= backlog_bound and (lag_quantiles[lag[0]]["p99"] or 0) < 1000
+    )
+    return {
+        "callbacks_per_s": rate,
+        "producer": producer.summary,
+        "steady_seconds": round(seconds, 1),
+        "lookups_per_s": rate_of("lastseen_lookups_total"),
+        "ids_resolved_per_s": rate_of("lastseen_result_lag_seconds_count"),
+        "coalesced_per_s": rate_of("lastseen_lookups_coalesced_total"),
+        "dead_letters": _delta(first, scrapes[-1], "lastseen_dead_letters_total"),
+        "inbox_pending_end": pending[-1] if pending else 0,
+        "inbox_pending_max": max(pending, default=0),
+        "lag_over_upstream_ms": lag_quantiles[lag[0]],
+        "result_lag_ms": lag_quantiles[lag[1]],
+        "cpu_percent": cpu,
+        "keeping_up": keeping_up,
+        "timeline": timeline,
+    }
+
+
+def _delta(before: Reading, after: Reading, name: str) -> float:
+    return after.total(name) - before.total(name)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _quantile(before: Reading, after: Reading, name: str, q: float) -> float | None:
+    return quantile(since(after.buckets(name), before.buckets(name)), q)
+
+
+async def expiry(bench: Bench) -> dict[str, Any]:
+    """How long after its TTL each object is actually deleted.
+
+    Rows are watched from the first callback on, so an object counts as seen even if the
+    service (on a busy machine) writes it late and the reaper takes it soon after.
+    """
+    o = bench.options
+    url = await bench.fresh_database("bench_expiry")
+    upstream = await bench.upstream(0.01, 0.05)
+    serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl=str(o.ttl))
+    per_callback = 200
+    ids = list(range(0, 2 * o.expiry_objects, 2))  # even: all online
+    seen: dict[int, float] = {}  # id: last_seen
+    gone_at: dict[int, float] = {}
+    async with aiohttp.ClientSession() as http, bench.database(url) as db:
+        for start in range(0, len(ids), per_callback):
+            body = {"object_ids": ids[start : start + per_callback]}
+            async with http.post(serve.url + "/callback", json=body) as response:
+                assert response.status == 202, await response.text()
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(o.ttl + 30):
+            while True:
+                present = dict(await db.list_objects(-(2**63), len(ids) + 1))
+                now = time.time()
+                seen.update((i, last_seen.timestamp()) for i, last_seen in present.items())
+                for object_id in seen.keys() - present.keys() - gone_at.keys():
+                    gone_at[object_id] = now
+                pending, _ = await db.inbox_stats()
+                if not pending and len(gone_at) == len(seen):
+                    break
+                await asyncio.sleep(0.01)
+    await serve.terminate()
+    await upstream.terminate()
+    late = [gone_at[i] - (seen[i] + o.ttl) for i in seen]
+    return {
+        "ttl_s": o.ttl,
+        "objects": len(seen),
+        "expected_objects": len(ids),
+        "poll_interval_ms": 10,
+        "after_ttl_ms": {
+            "p50": round(percentile(late, 50) * 1000, 1),
+            "p99": round(percentile(late, 99) * 1000, 1),
+            "max": round(max(late, default=0.0) * 1000, 1),
+            "min": round(min(late, default=0.0) * 1000, 1),
+        },
+        "deleted_before_ttl": sum(1 for x in late if x < 0),
+        "goal": "every object deleted within TTL + 1 s, none before the TTL",
+    }
+
+
+async def soak(bench: Bench) -> dict[str, Any]:
+    """A fixed rate for a while; RSS and inbox depth sampled: memory must stay flat."""
+    o = bench.options
+    url = await bench.fresh_database("bench_soak")
+    upstream = await bench.upstream(o.latency_min, o.latency_max)
+    serve = await bench.serve(url, objects_url=upstream.upstream_url)
+    producer = await bench.producer(serve, o.soak_rate, o.soak_seconds, connections=16)
+    started = time.monotonic()
+    samples: list[dict[str, Any]] = []
+    while producer.proc is not None and producer.proc.returncode is None:
+        await asyncio.sleep(o.sample_every)
+        metrics = await bench.read_metrics(serve)
+        samples.append(
+            {
+                "t": round(time.monotonic() - started, 1),
+                "rss_mib": _rss_mib(serve.pid),
+                "inbox_pending": metrics.get("lastseen_inbox_pending"),
+                "lookups_total": metrics.total("lastseen_lookups_total"),
+            }
+        )
+    await producer.wait()
+    await serve.terminate()
+    await upstream.terminate()
+    half = samples[len(samples) // 2 :] or samples
+    growth = {
+        name: round(half[-1]["rss_mib"][name] - half[0]["rss_mib"][name], 1)
+        for name in (half[0]["rss_mib"] if half else {})
+        if name in half[-1]["rss_mib"]
+    }
+    return {
+        "rate_per_s": o.soak_rate,
+        "seconds": o.soak_seconds,
+        "samples": samples,
+        "rss_growth_second_half_mib": growth,
+        "inbox_pending_max": max((s["inbox_pending"] for s in samples), default=0),
+        "producer": producer.summary,
+        "goal": "RSS flat over the soak",
+    }
+
+
+def _rss_mib(pid: int) -> dict[str, float]:
+    """RSS of ``serve`` and of each of its worker processes, in MiB."""
+    try:
+        root = psutil.Process(pid)
+        found = {"serve": root.memory_info().rss / 2**20}
+        for n, child in enumerate(root.children()):
+            with contextlib.suppress(psutil.Error):
+                found[f"worker{n}"] = child.memory_info().rss / 2**20
+        return {k: round(v, 1) for k, v in found.items()}
+    except psutil.Error:
+        return {}
+
+
+Scenario = Callable[["Bench"], Awaitable[dict[str, Any]]]
+SCENARIOS: dict[str, Scenario] = {
+    "ingest": ingest,
+    "pipeline": pipeline,
+    "expiry": expiry,
+    "soak": soak,
+}
