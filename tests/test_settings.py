@@ -53,6 +53,9 @@ def test_flags_override_the_environment() -> None:
     [
         ("LASTSEEN_TTL", "0"),
         ("LASTSEEN_TTL", "soon"),
+        ("LASTSEEN_TTL", "nan"),
+        ("LASTSEEN_LEASE", "inf"),
+        ("LASTSEEN_SHUTDOWN_GRACE", "-inf"),
         ("LASTSEEN_LISTEN", "9090"),
         ("LASTSEEN_DATABASE_URL", "mysql://x"),
         ("LASTSEEN_OBJECTS_URL", "ftp://x"),
@@ -60,7 +63,8 @@ def test_flags_override_the_environment() -> None:
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
-    """A bad value is refused with the name of the variable to fix."""
+    """A bad value, a time that is not a finite number among them, is refused with the name of
+    the variable to fix."""
     with pytest.raises(ConfigError, match=variable):
         Settings.load({variable: value})
 

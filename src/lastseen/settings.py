@@ -18,64 +18,13 @@ from urllib.parse import urlsplit
 import platformdirs
 
 from lastseen.errors import ConfigError
-
-
-def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def _url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"expected an http(s) URL, got {value!r}")
-    return value.rstrip("/")
+from lastseen.parsers import boolean, choice, host_port, http_url, non_negative, positive
 
 
 def _database_url(value: str) -> str:
     if urlsplit(value).scheme not in ("postgres", "postgresql"):
         raise ValueError(f"expected a postgresql:// URL, got {value!r}")
     return value
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
-
-
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(value: str) -> Any:
-        parsed = kind(value)
-        if parsed <= 0:
-            raise ValueError(f"must be greater than 0, got {value!r}")
-        return parsed
-
-    return parse
-
-
-def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(value: str) -> Any:
-        parsed = kind(value)
-        if parsed < 0:
-            raise ValueError(f"must be 0 or more, got {value!r}")
-        return parsed
-
-    return parse
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    return parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +46,8 @@ class Option:
         return "--" + self.field.replace("_", "-")
 
 
-_seconds = _positive(float)
-_count = _positive(int)
+_seconds = positive(float)
+_count = positive(int)
 
 OPTIONS: tuple[Option, ...] = (
     # Where things are.
@@ -110,9 +59,9 @@ OPTIONS: tuple[Option, ...] = (
         "service",
     ),
     Option(
-        "listen", _host_port, "127.0.0.1:9090", "host:port the HTTP server listens on", "service"
+        "listen", host_port, "127.0.0.1:9090", "host:port the HTTP server listens on", "service"
     ),
-    Option("objects_url", _url, "http://127.0.0.1:9010", "base URL of the upstream", "service"),
+    Option("objects_url", http_url, "http://127.0.0.1:9010", "base URL of the upstream", "service"),
     Option("ttl", _seconds, "30", "seconds an object stays after it was last seen", "service"),
     Option(
         "data_dir",
@@ -123,7 +72,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "role",
-        _choice("all", "ingest", "worker"),
+        choice("all", "ingest", "worker"),
         "all",
         "what this instance runs: all, ingest (HTTP only) or worker (pipeline only)",
         "service",
@@ -144,14 +93,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool_size", _count, "10", "PostgreSQL connections per process", "service"),
     Option(
         "worker_processes",
-        _non_negative(int),
+        non_negative(int),
         "1",
         "pipeline processes beside the HTTP process (0: all in one process)",
         "service",
     ),
     Option(
         "parent_pid",
-        _positive(int),
+        positive(int),
         None,
         "set by lastseen serve for its worker processes: exit when that process does",
         "service",
@@ -185,7 +134,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "lookup_rps",
-        _non_negative(float),
+        non_negative(float),
         "0",
         "upstream requests per second at most (0: no limit)",
         "lookups",
@@ -211,35 +160,35 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "shutdown_grace",
-        _non_negative(float),
+        non_negative(float),
         "10",
         "seconds shutdown waits for work in flight before it cancels",
         "housekeeping",
     ),
     Option(
         "gc_threshold",
-        _non_negative(int),
+        non_negative(int),
         "100000",
         "allocations between young garbage collections in pipeline processes (0: Python's default)",
         "service",
     ),
     Option(
         "noop_route",
-        _bool,
+        boolean,
         "false",
         "also serve POST /noop, which reads the body and answers 202 doing nothing (for bench)",
         "bench",
     ),
     Option(
         "log_format",
-        _choice("auto", "json", "console"),
+        choice("auto", "json", "console"),
         "auto",
         "log format: json, console, or auto (console on a terminal)",
         "logging",
     ),
     Option(
         "log_level",
-        _choice("debug", "info", "warning", "error"),
+        choice("debug", "info", "warning", "error"),
         "info",
         "least severe level logged",
         "logging",

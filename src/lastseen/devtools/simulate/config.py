@@ -8,47 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
 from lastseen.devtools.simulate.producer import ProducerConfig
 from lastseen.devtools.simulate.upstream import UpstreamConfig, parse_online_rule
+from lastseen.parsers import at_least, http_url, loopback_host_port, share
 
 MODES = ("both", "upstream", "producer")
-
-
-def host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected host:port, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"expected an http(s) URL, got {value!r}")
-    return value
-
-
-def _rate(value: str) -> float:
-    parsed = float(value)
-    if not 0.0 <= parsed <= 1.0:
-        raise ValueError(f"expected a probability from 0 to 1, got {value!r}")
-    return parsed
-
-
-def _at_least(kind: Callable[[str], Any], low: float) -> Callable[[str], Any]:
-    def parse(value: str) -> Any:
-        parsed = kind(value)
-        if parsed < low:
-            raise ValueError(f"must be at least {low:g}, got {value!r}")
-        return parsed
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
 
 
 def _online(value: str) -> str:
@@ -56,8 +22,8 @@ def _online(value: str) -> str:
     return value
 
 
-_seconds = _at_least(float, 0.0)
-_count = _at_least(int, 1)
+_seconds = at_least(float, 0.0)
+_count = at_least(int, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     up = parser.add_argument_group("simulated upstream (GET /objects/{id})")
     up.add_argument(
         "--upstream-listen",
-        type=host_port,
+        type=loopback_host_port,
         default=("127.0.0.1", 9010),
         metavar="HOST:PORT",
         help="where the upstream listens; port 0 picks a free one [127.0.0.1:9010]",
@@ -193,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     )
     for flag, what in faults:
         up.add_argument(
-            flag, type=_rate, default=0.0, metavar="P", help=f"share of requests that {what} [0]"
+            flag, type=share, default=0.0, metavar="P", help=f"share of requests that {what} [0]"
         )
     up.add_argument(
         "--hang-seconds",
@@ -207,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     if standalone:
         prod.add_argument(
             "--target",
-            type=_url,
+            type=http_url,
             default=ProducerConfig.target,
             metavar="URL",
             help=f"where callbacks are posted [{ProducerConfig.target}]",
@@ -221,14 +187,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     )
     prod.add_argument(
         "--timeout",
-        type=_at_least(float, 0.001),
+        type=at_least(float, 0.001),
         default=1.0,
         metavar="SECONDS",
         help="client timeout of each POST; a slower reply is a missed callback, never retried [1]",
     )
     prod.add_argument(
         "--max-ids",
-        type=_at_least(int, 0),
+        type=at_least(int, 0),
         default=199,
         metavar="N",
         help="ids per callback: a uniform count from 0 to N [199]",
