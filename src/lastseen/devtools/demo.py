@@ -42,8 +42,6 @@ from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.devtools.demo")
 
-TABLES = ("callbacks", "objects", "observations", "dead_letters")
-
 
 class NotEmpty(LastseenError):
     """The demo was pointed at a database that holds data it must not touch."""
@@ -65,12 +63,9 @@ async def start_fresh(db: Database, owned: bool) -> None:
     database that holds this run only."""
     await db.migrate()
     if owned:
-        await db.pool.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+        await db.empty_tables()
         return
-    used = await db.pool.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM callbacks) OR EXISTS (SELECT 1 FROM objects)"
-    )
-    if used:
+    if await db.holds_data():
         raise NotEmpty(
             "the demo needs an empty database to verify its run, and this one holds callbacks "
             "or objects: leave out --database-url to use the demo's own embedded one"

@@ -40,29 +40,7 @@ from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.upstream import parse_online_rule
 from lastseen.errors import LastseenError
 from lastseen.settings import Settings
-from lastseen.storage.database import Database, translate
-
-# Read-only checks that belong to this command alone, so they live here and not in queries.sql.
-Q_NOW = "SELECT now()"
-# The fingerprint of a callback's ids is that of its distinct ids in order: whether lastseen
-# stores the ids deduplicated or as received, and in which order, is its own business.
-Q_CALLBACKS = """
-SELECT id, received_at, done_at IS NOT NULL,
-       md5(ARRAY(SELECT DISTINCT x FROM unnest(object_ids) AS x ORDER BY x)::text)
-FROM callbacks
-"""
-# Per id: the newest processed callback naming it that was not dead-lettered for it.
-Q_NEWEST = """
-SELECT x.id, max(c.received_at)
-FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
-WHERE c.done_at IS NOT NULL
-  AND NOT EXISTS (
-      SELECT 1 FROM dead_letters AS d WHERE d.callback_id = c.id AND d.object_id = x.id)
-GROUP BY x.id
-"""
-Q_PENDING_IDS = "SELECT DISTINCT unnest(object_ids) FROM callbacks WHERE done_at IS NULL"
-Q_OBJECTS = "SELECT id, last_seen FROM objects"
-Q_DEAD_LETTERS = "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+from lastseen.storage.database import Database, Q, translate
 
 PROBLEMS = {
     "not_stored": "acknowledged callbacks that are not in the callbacks table",
@@ -83,9 +61,9 @@ class TruthMissing(LastseenError):
 
 
 def fingerprint(ids: list[int]) -> str:
-    """The md5 of the distinct ids in order, as ``Q_CALLBACKS`` computes it from what is stored
-    (PostgreSQL prints an array as ``{1,2,3}``): comparing these keeps a long run's ids out of
-    memory."""
+    """The md5 of the distinct ids in order, as the query ``callback_fingerprints`` computes it
+    from what is stored (PostgreSQL prints an array as ``{1,2,3}``): comparing these keeps a long
+    run's ids out of memory."""
     text = "{" + ",".join(map(str, sorted(set(ids)))) + "}"
     return hashlib.md5(text.encode()).hexdigest()
 
@@ -231,14 +209,14 @@ async def verify(
             db.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            now: datetime = await conn.fetchval(Q_NOW)
+            now: datetime = await conn.fetchval(Q["now"])
             report.now = now
             pruned_before = now - timedelta(seconds=audit_retention)
             await _check_callbacks(report, conn, acked, pruned_before)
-            newest = {r[0]: r[1] for r in await conn.fetch(Q_NEWEST)}
-            pending = {r[0] for r in await conn.fetch(Q_PENDING_IDS)}
-            rows = {r[0]: r[1] for r in await conn.fetch(Q_OBJECTS)}
-            report.dead_letters = {r[0]: r[1] for r in await conn.fetch(Q_DEAD_LETTERS)}
+            newest = {r[0]: r[1] for r in await conn.fetch(Q["newest_processed_receipts"])}
+            pending = {r[0] for r in await conn.fetch(Q["pending_ids"])}
+            rows = {r[0]: r[1] for r in await conn.fetch(Q["all_objects"])}
+            report.dead_letters = {r[0]: r[1] for r in await conn.fetch(Q["count_dead_letters"])}
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise translate("verify", exc) from exc
     if rule is not None:
@@ -253,7 +231,9 @@ async def _check_callbacks(
     report: Report, conn: asyncpg.Connection, acked: dict[int, _Acked], pruned_before: datetime
 ) -> None:
     unmatched = dict(acked)
-    async for callback_id, received_at, done, digest in conn.cursor(Q_CALLBACKS, prefetch=5000):
+    async for callback_id, received_at, done, digest in conn.cursor(
+        Q["callback_fingerprints"], prefetch=5000
+    ):
         report.stored += 1
         sent = unmatched.pop(callback_id, None)
         if sent is None:

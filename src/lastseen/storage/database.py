@@ -157,13 +157,9 @@ class Database:
         """Applies the migrations this database lacks; returns the versions applied now."""
         applied_now = []
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS lastseen_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r[0] for r in await conn.fetch("SELECT version FROM lastseen_migrations")}
+            await conn.execute(Q["take_migration_lock"], _MIGRATION_LOCK)
+            await conn.execute(Q["create_migrations_table"])
+            done = {r[0] for r in await conn.fetch(Q["applied_migrations"])}
             known = load_migrations()
             unknown = done - {version for version, _, _ in known}
             if unknown:
@@ -172,9 +168,7 @@ class Database:
                 if version in done:
                     continue
                 await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO lastseen_migrations (version, name) VALUES ($1, $2)", version, name
-                )
+                await conn.execute(Q["record_migration"], version, name)
                 applied_now.append(version)
         return applied_now
 
@@ -221,7 +215,7 @@ class Database:
         """
         upserted = deleted = 0
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit = off")
+            await conn.execute(Q["commit_asynchronously"])
             if batch.ids:
                 # Two statements, not one: if the first waits for another writer of the same
                 # ids, the second's fresh snapshot sees what that writer did to objects.
@@ -270,6 +264,14 @@ class Database:
         row = await self.pool.fetchrow(Q["inbox_stats"])
         assert row is not None
         return row[0], row[1]
+
+    @_edge
+    async def empty_tables(self) -> None:
+        await self.pool.execute(Q["empty_tables"])
+
+    @_edge
+    async def holds_data(self) -> bool:
+        return bool(await self.pool.fetchval(Q["holds_data"]))
 
     @_edge
     async def server_version(self) -> str:

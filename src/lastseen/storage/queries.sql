@@ -1,6 +1,26 @@
 -- Every statement lastseen runs, by name. The line after the name says what it is for.
 -- Multi-row work takes arrays and unnests them: one round trip per batch, never one per row.
 
+-- name: take_migration_lock
+-- Serializes the migrations of instances that start together (until the transaction ends).
+SELECT pg_advisory_xact_lock($1);
+
+-- name: create_migrations_table
+-- The bookkeeping of which migrations a database has.
+CREATE TABLE IF NOT EXISTS lastseen_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+-- The versions this database has.
+SELECT version FROM lastseen_migrations;
+
+-- name: record_migration
+-- Notes migration $1 (named $2) as applied.
+INSERT INTO lastseen_migrations (version, name) VALUES ($1, $2);
+
 -- name: insert_callbacks
 -- Stores a group commit's callbacks: $1 receive times (epoch seconds), $2 each one's ids as an
 -- array literal ('{1,2,3}'): one text value per callback is far cheaper to send than hundreds
@@ -52,6 +72,11 @@ RETURNING c.id;
 UPDATE callbacks
 SET locked_until = now(), locked_by = NULL
 WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL;
+
+-- name: commit_asynchronously
+-- Lets the results transaction commit without waiting for its flush (results.py says why
+-- that is safe).
+SET LOCAL synchronous_commit = off;
 
 -- name: record_observations
 -- Records results ($1 ids, $2 receive times, $3 online) that are newer than what is known for
@@ -195,3 +220,40 @@ SHOW server_version;
 -- name: count_callbacks
 -- How many callbacks are stored, done or not.
 SELECT count(*) FROM callbacks;
+
+-- name: empty_tables
+-- Empties every table of a database that is the demo's own, so that it holds one run only.
+TRUNCATE callbacks, objects, observations, dead_letters RESTART IDENTITY;
+
+-- name: holds_data
+-- Does the database hold any callback or object?
+SELECT EXISTS (SELECT 1 FROM callbacks) OR EXISTS (SELECT 1 FROM objects);
+
+-- name: now
+-- The database's clock: the moment a REPEATABLE READ transaction sees.
+SELECT now();
+
+-- name: callback_fingerprints
+-- Every callback with whether it is done and the md5 of its distinct ids in order (how
+-- lastseen stores the ids, deduplicated or not, in which order, is its own business).
+SELECT id, received_at, done_at IS NOT NULL,
+       md5(ARRAY(SELECT DISTINCT x FROM unnest(object_ids) AS x ORDER BY x)::text)
+FROM callbacks;
+
+-- name: newest_processed_receipts
+-- Per id: the receive time of the newest processed callback naming it that was not
+-- dead-lettered for it.
+SELECT x.id, max(c.received_at)
+FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
+WHERE c.done_at IS NOT NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM dead_letters AS d WHERE d.callback_id = c.id AND d.object_id = x.id)
+GROUP BY x.id;
+
+-- name: pending_ids
+-- Every id named by a callback that is not done.
+SELECT DISTINCT unnest(object_ids) FROM callbacks WHERE done_at IS NULL;
+
+-- name: all_objects
+-- Every online object.
+SELECT id, last_seen FROM objects;
