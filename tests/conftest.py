@@ -9,35 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import web
+from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
 
 from lastseen import logs
 from lastseen.app import Service, upstream_client
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.simulate.upstream import Upstream, UpstreamConfig
-from lastseen.settings import Settings
-from lastseen.storage.database import Database
+from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
 
 logs.configure("console", "warning")
 
 _names = itertools.count()
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
 
 
 @pytest.fixture(scope="session")
@@ -113,21 +104,6 @@ async def sql(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    """Serves ``app`` on a free loopback port; returns the runner and the base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server)
-    port = server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}"
-
-
-StartUpstream = Callable[..., Awaitable[tuple[Upstream, str]]]
-
-
 @pytest.fixture
 async def start_upstream() -> AsyncIterator[StartUpstream]:
     """Starts simulated upstreams: ``await start_upstream(latency_min=..., ...)``."""
@@ -144,58 +120,6 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
     yield start
     for upstream in upstreams:
         await upstream.close()
-
-
-def fast_settings(**overrides: Any) -> Settings:
-    """Settings with time compressed for tests; ``overrides`` by field name."""
-    base: dict[str, Any] = dict(
-        listen=("127.0.0.1", 0),
-        ttl=2.0,
-        lease=2.0,
-        poll_interval=0.1,
-        lookup_timeout=2.0,
-        retry_base=0.02,
-        retry_max=0.1,
-        max_attempts=4,
-        results_interval=0.002,
-        reap_interval=0.05,
-        prune_interval=0.5,
-        shutdown_grace=2.0,
-        commit_timeout=2.0,
-        data_dir=Path("/nonexistent-lastseen-test-dir"),
-    )
-    base.update(overrides)
-    return Settings.load({}, base)
-
-
-class Running:
-    """A service started in this process, with a client for its HTTP API."""
-
-    def __init__(self, service: Service, http: aiohttp.ClientSession) -> None:
-        self.service = service
-        self.http = http
-        self.url = f"http://127.0.0.1:{service.port}"
-
-    async def post(self, body: bytes | str, **kwargs: Any) -> tuple[int, Any]:
-        async with self.http.post(self.url + "/callback", data=body, **kwargs) as response:
-            return response.status, await response.json(content_type=None)
-
-    async def get(self, path: str) -> tuple[int, Any]:
-        async with self.http.get(self.url + path) as response:
-            return response.status, await response.json(content_type=None)
-
-    def sample(self, name: str, **labels: str) -> float:
-        """The current value of one metric sample (0 if it has none yet)."""
-        value = self.service.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-    async def wait_ready(self, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not self.service.readiness.migrated:
-                await asyncio.sleep(0.01)
-
-
-StartService = Callable[..., Coroutine[Any, Any, Running]]
 
 
 @pytest.fixture
@@ -224,9 +148,6 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
     await http.close()
 
 
-Spawn = Callable[..., Coroutine[Any, Any, ServeProcess]]
-
-
 @pytest.fixture
 async def spawn() -> AsyncIterator[Spawn]:
     """Starts ``lastseen serve`` subprocesses (``await spawn(*args, env=...)``), ready to use;
@@ -241,15 +162,3 @@ async def spawn() -> AsyncIterator[Spawn]:
     yield start
     for process in started:
         await process.stop()
-
-
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, every: float = 0.02
-) -> None:
-    """Waits until ``check()`` (plain or async) is true; fails the test after ``timeout`` s."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = check()
-            if await result if inspect.isawaitable(result) else result:
-                return
-            await asyncio.sleep(every)

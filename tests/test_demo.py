@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import StartService
+from helpers.cli import run_cli
+from helpers.services import StartService
 from rich.console import Console
-from simtools import run_cli
 
 from lastseen.devtools import dashboard
 from lastseen.devtools.demo import NotEmpty, start_fresh

@@ -10,8 +10,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import pytest
-from conftest import Spawn, StartService, StartUpstream, eventually
-from procs import DatabaseProxy, unix_socket_of
+from helpers.proxy import DatabaseProxy, unix_socket_of
+from helpers.services import Spawn, StartService, StartUpstream
+from helpers.waiting import eventually
 
 
 async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:

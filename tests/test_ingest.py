@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 import pytest
-from conftest import StartService
+from helpers.services import StartService
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -12,7 +12,8 @@ from datetime import datetime
 import asyncpg
 import pytest
 from aiohttp import web
-from conftest import Spawn, StartService, StartUpstream, eventually, serve_app
+from helpers.services import Spawn, StartService, StartUpstream, serve_app
+from helpers.waiting import eventually
 
 from lastseen.devtools.launch import LASTSEEN
 

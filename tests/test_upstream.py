@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import aiohttp
-from conftest import StartUpstream
+from helpers.services import StartUpstream
 
 
 async def test_answers_like_the_reference(start_upstream: StartUpstream) -> None:

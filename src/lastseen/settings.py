@@ -47,7 +47,7 @@ class Option:
 
 
 _seconds = positive(float)
-_count = positive(int)
+_positive_int = positive(int)
 
 OPTIONS: tuple[Option, ...] = (
     # Where things are.
@@ -78,11 +78,21 @@ OPTIONS: tuple[Option, ...] = (
         "service",
     ),
     # The front door.
-    Option("max_body_bytes", _count, "1048576", "largest accepted request body (bytes)", "ingest"),
     Option(
-        "commit_max_batch", _count, "2000", "most callbacks committed in one transaction", "ingest"
+        "max_body_bytes",
+        _positive_int,
+        "1048576",
+        "largest accepted request body (bytes)",
+        "ingest",
     ),
-    Option("commit_concurrency", _count, "2", "group commits in flight at once", "ingest"),
+    Option(
+        "commit_max_batch",
+        _positive_int,
+        "2000",
+        "most callbacks committed in one transaction",
+        "ingest",
+    ),
+    Option("commit_concurrency", _positive_int, "2", "group commits in flight at once", "ingest"),
     Option(
         "commit_timeout",
         _seconds,
@@ -90,7 +100,7 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a request waits for its commit before it gets 503",
         "ingest",
     ),
-    Option("pool_size", _count, "10", "PostgreSQL connections per process", "service"),
+    Option("pool_size", _positive_int, "10", "PostgreSQL connections per process", "service"),
     Option(
         "worker_processes",
         non_negative(int),
@@ -116,10 +126,10 @@ OPTIONS: tuple[Option, ...] = (
         "seconds between inbox polls when no notification arrives",
         "worker",
     ),
-    Option("claim_batch", _count, "200", "most callbacks claimed at once", "worker"),
+    Option("claim_batch", _positive_int, "200", "most callbacks claimed at once", "worker"),
     Option(
         "max_active_callbacks",
-        _count,
+        _positive_int,
         "20000",
         "most claimed, unfinished callbacks held by one process",
         "worker",
@@ -127,7 +137,7 @@ OPTIONS: tuple[Option, ...] = (
     # Lookups.
     Option(
         "max_lookups",
-        _count,
+        _positive_int,
         "16384",
         "most upstream lookups in flight at once (each holds a connection while it waits)",
         "lookups",
@@ -141,14 +151,20 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("lookup_timeout", _seconds, "10", "seconds one upstream request may take", "lookups"),
     Option(
-        "max_attempts", _count, "8", "attempts per lookup before it is dead-lettered", "lookups"
+        "max_attempts",
+        _positive_int,
+        "8",
+        "attempts per lookup before it is dead-lettered",
+        "lookups",
     ),
     Option(
         "retry_base", _seconds, "0.5", "first retry delay; it doubles on each attempt", "lookups"
     ),
     Option("retry_max", _seconds, "30", "longest retry delay", "lookups"),
     # Writing results.
-    Option("results_batch", _count, "2000", "most results written in one transaction", "results"),
+    Option(
+        "results_batch", _positive_int, "2000", "most results written in one transaction", "results"
+    ),
     Option(
         "results_interval", _seconds, "0.005", "seconds results wait to join a batch", "results"
     ),

@@ -179,9 +179,7 @@ async def _run_service(
 ) -> Report | None:
     """From the service's start to the verification, with the dashboard on show."""
     async with asyncio.timeout(30):
-        # Readiness offers no event to wait on; migrating takes milliseconds.
-        while not service.readiness.migrated:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        await service.readiness.wait_migrated()
     host, _ = settings.listen
     host = "127.0.0.1" if host in ("", "0.0.0.0") else host
     simulator.start_producer(target=f"http://{host}:{service.port}/callback")

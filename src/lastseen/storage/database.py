@@ -15,6 +15,7 @@ import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -88,6 +89,11 @@ def load_migrations() -> list[tuple[int, str, str]]:
 
 
 Q = load_queries()
+
+
+def with_database(url: str, name: str) -> str:
+    """The URL of database ``name`` on the server of ``url``."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + name))
 
 
 def id_array(ids: Sequence[int]) -> str:
@@ -257,7 +263,7 @@ class Database:
         """Deletes old done callbacks and stale observations; returns how many of each."""
         callbacks = await self.pool.execute(Q["prune_callbacks"], done_before, limit)
         observations = await self.pool.execute(Q["prune_observations"], observed_before, limit)
-        return _count(callbacks), _count(observations)
+        return _rows_affected(callbacks), _rows_affected(observations)
 
     @_edge
     async def inbox_stats(self) -> tuple[int, datetime | None]:
@@ -309,6 +315,6 @@ class Database:
         return sorted(r[0] for r in await self.pool.fetch(Q["retry_dead_letters"], limit))
 
 
-def _count(status: str) -> int:
+def _rows_affected(status: str) -> int:
     """The row count of a command status such as ``DELETE 12``."""
     return int(status.rsplit(" ", 1)[-1])

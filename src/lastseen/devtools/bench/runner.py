@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -42,7 +41,7 @@ from lastseen.devtools.bench.report import plot, render
 from lastseen.devtools.bench.scenarios import SCENARIOS
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.promtext import Reading
-from lastseen.storage.database import Database
+from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
 
 
@@ -167,7 +166,7 @@ class Bench:
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
             await conn.close()
-        return urlunsplit(urlsplit(self.server_url)._replace(path="/" + name))
+        return with_database(self.server_url, name)
 
     async def serve(self, database_url: str, *args: str, **env: str) -> ServeProcess:
         environment = {"LASTSEEN_DATABASE_URL": database_url}

@@ -23,7 +23,7 @@ def _online(value: str) -> str:
 
 
 _seconds = at_least(float, 0.0)
-_count = at_least(int, 1)
+_at_least_one = at_least(int, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     )
     prod.add_argument(
         "--id-universe",
-        type=_count,
+        type=_at_least_one,
         default=100,
         metavar="N",
         help="each id is uniform from 0 to N-1 (e.g. 10000000) [100]",
@@ -216,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
     )
     prod.add_argument(
         "--connections",
-        type=_count,
+        type=_at_least_one,
         default=50,
         metavar="N",
         help="load mode: most connections used at once [50]",

@@ -1,4 +1,4 @@
-"""Helpers for the simulator and demo tests: the CLI as a subprocess, and waiting for the inbox."""
+"""The lastseen command as a subprocess, and waiting for the inbox to empty."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from conftest import eventually
 
-LASTSEEN = [sys.executable, "-m", "lastseen"]
+from helpers.waiting import eventually
+from lastseen.devtools.launch import LASTSEEN
 
 
 @dataclasses.dataclass(frozen=True)
