@@ -7,14 +7,6 @@ a fresh data directory, fsync on: durable commits are what is measured), ``lasts
 and the simulator's upstream and producer. Results go to ``OUT/results.json`` (every figure,
 every setting, the machine), ``OUT/report.txt`` (the human table) and ``OUT/bench.png``.
 
-Scenarios:
-- ingest: the most callbacks with 200-id bodies the service acknowledges durably per second,
-  next to a do-nothing POST handler on the same server in the same run, alternating rounds.
-- pipeline: rising callback rates until the service stops keeping up; per step lookups/s, ids
-  resolved/s, coalesced lookups, inbox depth, and the lag over upstream latency.
-- expiry: how long after the TTL each object is actually deleted.
-- soak: a fixed rate for a while, sampling RSS and inbox depth.
-
 The machine is shared and noisy: compare figures from one run, not across runs.
 """
 
