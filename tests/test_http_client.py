@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from lastseen.http_client import HttpError, UpstreamClient
+from lastseen.http_client import MAX_RESPONSE, HttpError, UpstreamClient, _Answer
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -190,4 +191,95 @@ async def test_bad_framing_is_an_error(
     with pytest.raises(HttpError) as caught:
         await client.get("/objects/1")
     assert caught.value.reason == "bad_response"
+    await client.close()
+
+
+class _NullTransport(asyncio.Transport):
+    """A transport that swallows the request: the tests below feed the answer by hand."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def _feed(answer: bytes, segment: int, max_response: int) -> tuple[int, bytes]:
+    """Parses ``answer`` delivered in segments of ``segment`` bytes."""
+    client = UpstreamClient("http://127.0.0.1:1", timeout=1, max_response=max_response)
+    conn = _Answer(client, max_response)
+    conn.connection_made(_NullTransport())
+    waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+    conn.send(b"GET / HTTP/1.1\r\n\r\n", waiter)
+    for start in range(0, len(answer), segment):
+        conn.data_received(answer[start : start + segment])
+    return await waiter
+
+
+def _one_byte_chunks(count: int) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"1\r\nx\r\n" * count + b"0\r\n\r\n"
+
+
+async def test_segmentation_costs_linear_time() -> None:
+    """A chunked answer of one-byte chunks, delivered one byte per segment, parses right, and
+    four times the chunks cost about four times the CPU, not sixteen (the parser never goes
+    back over what it has seen)."""
+    assert await _feed(_one_byte_chunks(3), 1, 1 << 20) == (200, b"xxx")
+
+    async def cpu(count: int) -> float:
+        answer = _one_byte_chunks(count)
+        started = time.process_time()
+        assert await _feed(answer, 1, 1 << 20) == (200, b"x" * count)
+        return time.process_time() - started
+
+    small = min([await cpu(2_000) for _ in range(3)])
+    large = min([await cpu(8_000) for _ in range(3)])
+    assert large < 8 * small + 0.05, (small, large)
+
+
+async def test_thousands_of_interim_answers_neither_recurse_nor_pass_the_cap() -> None:
+    """Interim answers are skipped in a loop (5,000 of them parse, no RecursionError); with the
+    default cap, which counts them too, so many are a bad response."""
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" * 5_000
+    answer += b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert await _feed(answer, 4096, 1 << 20) == (200, b"ok")
+    with pytest.raises(HttpError) as caught:
+        await _feed(answer, 4096, MAX_RESPONSE)
+    assert caught.value.reason == "bad_response"
+
+
+async def test_an_oversized_answer_fails_at_once(
+    raw_server: Callable[[Reply], Awaitable[str]],
+) -> None:
+    """A 50 MB Content-Length trickled slowly is refused as soon as its head arrives, not
+    waited for until the timeout."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50000000\r\n\r\n")
+        for _ in range(600):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    url = await raw_server(trickle)
+    client = UpstreamClient(url, timeout=30)
+    with pytest.raises(HttpError) as caught:
+        await client.get("/objects/1")
+    assert caught.value.reason == "bad_response"
+    assert "Content-Length" in caught.value.detail
+    await client.close()
+
+
+async def test_bytes_beyond_the_answer_retire_the_connection(
+    raw_server: Callable[[Reply], Awaitable[str]],
+) -> None:
+    """An answer followed by bytes nobody asked for is used, but its connection is not reused:
+    the next answer on it could belong to another request."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+    url = await raw_server(_keep_alive(answer))
+    client = UpstreamClient(url, timeout=2)
+    assert await client.get("/objects/1") == (200, b"ok")
+    assert not client._idle
     await client.close()

@@ -19,8 +19,11 @@ import asyncio
 import ssl
 from urllib.parse import urlsplit
 
-# An answer about one object is a few dozen bytes; anything this large is not one.
-MAX_RESPONSE = 1 << 20
+# An answer about one object is a few dozen bytes; anything this large is not one. The cap
+# counts every byte of one response, interim answers included, and bounds the memory of a
+# connection: at the in-flight cap, 16,384 connections hold at most 256 MiB of answers.
+MAX_RESPONSE = 16 << 10
+_MAX_CHUNK_LINE = 64  # "ffffffff;name=value": a chunk-size line longer than this is not one
 
 
 class HttpError(Exception):
@@ -33,16 +36,31 @@ class HttpError(Exception):
 
 
 class _Answer(asyncio.Protocol):
-    """One connection; parses one response at a time into ``waiter``."""
+    """One connection; parses one response at a time into ``waiter``.
 
-    def __init__(self, pool: UpstreamClient) -> None:
+    Parsing is incremental: each segment is looked at once, whatever the segmentation (a
+    response in one-byte segments costs as little as one in a single segment), interim answers
+    are skipped in a loop, and a response whose size passes ``max_response`` fails at once.
+    """
+
+    def __init__(self, pool: UpstreamClient, max_response: int) -> None:
         self.pool = pool
+        self.max_response = max_response
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.closed = False
         self.keep_alive = True
-        self.received_any = False
+        self._start()
+
+    def _start(self) -> None:
+        self.buffer = bytearray()
+        self.received = 0  # bytes of this response so far, interim answers included
+        self.scanned = 0  # where the search for the end of the head (or a line) resumes
+        self.status = 0
+        self.framing = ""  # "" while in the head; then "length", "chunked", "eof" or "none"
+        self.length = 0
+        self.parts: list[bytes] = []  # a chunked body's chunks so far
+        self.trailers = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -50,13 +68,20 @@ class _Answer(asyncio.Protocol):
 
     def send(self, request: bytes, waiter: asyncio.Future[tuple[int, bytes]]) -> None:
         assert self.transport is not None
-        self.buffer.clear()
-        self.received_any = False
+        self._start()
         self.waiter = waiter
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
-        self.received_any = True
+        if self.waiter is None or self.waiter.done():
+            # Bytes nobody asked for: the next answer on this connection could not be trusted.
+            self.keep_alive = False
+            self.close()
+            return
+        self.received += len(data)
+        if self.received > self.max_response:
+            self._fail(f"the answer is larger than {self.max_response} bytes")
+            return
         self.buffer += data
         self._parse(eof=False)
 
@@ -69,7 +94,7 @@ class _Answer(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self._parse(eof=True)
         if self.waiter is not None and not self.waiter.done():
-            kind = "stale" if not self.received_any else "connection"
+            kind = "stale" if not self.received else "connection"
             self.waiter.set_exception(HttpError(kind, repr(exc) if exc else "connection closed"))
 
     def _fail(self, detail: str) -> None:
@@ -82,27 +107,38 @@ class _Answer(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        buffer = self.buffer
-        if len(buffer) > MAX_RESPONSE:
-            self._fail(f"the answer is larger than {MAX_RESPONSE} bytes")
+        try:
+            while not self.framing:
+                if not self._head(eof):
+                    return
+            body = self._body(eof)
+        except ValueError as exc:
+            self._fail(str(exc))
             return
-        head_end = buffer.find(b"\r\n\r\n")
+        if body is not None:
+            self.waiter = None
+            waiter.set_result((self.status, body))
+
+    def _head(self, eof: bool) -> bool:
+        """Parses a head once it is complete; False while it is not. An interim answer
+        (100 Continue, 103 Early Hints) is dropped, and the real one's head is next."""
+        buffer = self.buffer
+        head_end = buffer.find(b"\r\n\r\n", self.scanned)
         if head_end < 0:
-            if eof and self.received_any:
-                self._fail("the connection closed inside the headers")
-            return  # with nothing received at all, connection_lost reports it
+            self.scanned = max(0, len(buffer) - 3)
+            if eof and self.received:
+                raise ValueError("the connection closed inside the headers")
+            return False  # with nothing received at all, connection_lost reports it
         lines = bytes(buffer[:head_end]).split(b"\r\n")
+        del buffer[: head_end + 4]
+        self.scanned = 0
         try:
             version, code = lines[0].split(b" ", 2)[:2]
             status = int(code)
         except ValueError:
-            self._fail(f"bad status line {lines[0][:80]!r}")
-            return
+            raise ValueError(f"bad status line {lines[0][:80]!r}") from None
         if 100 <= status < 200:
-            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
-            del buffer[: head_end + 4]
-            self._parse(eof=eof)
-            return
+            return True
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -111,59 +147,83 @@ class _Answer(asyncio.Protocol):
         self.keep_alive = (
             connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
         )
-        start = head_end + 4
-        body: bytes | None
+        self.status = status
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            try:
-                body = self._dechunk(start)
-            except ValueError:
-                self._fail("bad chunk size")
-                return
-            if body is None and eof:
-                self._fail("the connection closed inside a chunked body")
-                return
+            self.framing = "chunked"
         elif b"content-length" in headers:
             try:
-                length = int(headers[b"content-length"])
-                if length < 0:
-                    raise ValueError(length)
+                self.length = int(headers[b"content-length"])
             except ValueError:
-                self._fail("bad Content-Length")
-                return
-            body = bytes(buffer[start : start + length]) if len(buffer) - start >= length else None
-            if body is None and eof:
-                self._fail("the connection closed inside the body")
-                return
+                raise ValueError("bad Content-Length") from None
+            if not 0 <= self.length <= self.max_response:
+                raise ValueError(f"Content-Length {self.length} out of bounds")
+            self.framing = "length"
         elif status in (204, 304):
-            body = b""
+            self.framing = "none"
         else:
             # No framing: the body runs to the end of the connection.
             self.keep_alive = False
-            body = bytes(buffer[start:]) if eof else None
-        if body is not None:
-            self.waiter = None
-            waiter.set_result((status, body))
+            self.framing = "eof"
+        return True
 
-    def _dechunk(self, position: int) -> bytes | None:
+    def _body(self, eof: bool) -> bytes | None:
+        """The body once it is complete, else None."""
         buffer = self.buffer
-        parts: list[bytes] = []
+        body: bytes | None
+        if self.framing == "none":
+            body = b""
+        elif self.framing == "length":
+            body = bytes(buffer[: self.length]) if len(buffer) >= self.length else None
+            if body is not None and len(buffer) > self.length:
+                self.keep_alive = False  # more than was announced: out of step
+        elif self.framing == "eof":
+            body = bytes(buffer) if eof else None
+        else:
+            body = self._dechunk()
+        if body is None and eof:
+            raise ValueError("the connection closed inside the body")
+        return body
+
+    def _dechunk(self) -> bytes | None:
+        """Moves the complete chunks out of the buffer; the body once the last one is in."""
+        buffer = self.buffer
         while True:
-            line_end = buffer.find(b"\r\n", position)
+            line_end = buffer.find(b"\r\n", self.scanned)
             if line_end < 0:
+                self.scanned = max(0, len(buffer) - 1)
+                if not self.trailers and len(buffer) > _MAX_CHUNK_LINE:
+                    raise ValueError("bad chunk size")
                 return None
-            size = int(bytes(buffer[position:line_end]).split(b";")[0] or b"0", 16)
-            position = line_end + 2
-            if size == 0:
+            if self.trailers:
                 # Trailers, if any, end with an empty line.
-                end = buffer.find(b"\r\n", position)
-                while end > position:
-                    position = end + 2
-                    end = buffer.find(b"\r\n", position)
-                return b"".join(parts) if end >= 0 else None
-            if len(buffer) < position + size + 2:
+                del buffer[: line_end + 2]
+                self.scanned = 0
+                if line_end == 0:
+                    if buffer:
+                        self.keep_alive = False  # more than the answer: out of step
+                    return b"".join(self.parts)
+                continue
+            try:
+                size = int(bytes(buffer[:line_end]).split(b";")[0] or b"0", 16)
+            except ValueError:
+                raise ValueError("bad chunk size") from None
+            if size < 0:
+                raise ValueError("bad chunk size")
+            if size == 0:
+                del buffer[: line_end + 2]
+                self.scanned = 0
+                self.trailers = True
+                continue
+            end = line_end + 2 + size
+            if len(buffer) < end + 2:
+                # The size line stays; the next search for it starts at its end.
+                self.scanned = line_end
                 return None
-            parts.append(bytes(buffer[position : position + size]))
-            position += size + 2
+            if buffer[end : end + 2] != b"\r\n":
+                raise ValueError("a chunk longer than its size")
+            self.parts.append(bytes(buffer[line_end + 2 : end]))
+            del buffer[: end + 2]
+            self.scanned = 0
 
     def close(self) -> None:
         self.closed = True
@@ -174,7 +234,14 @@ class _Answer(asyncio.Protocol):
 class UpstreamClient:
     """Keep-alive GETs against one origin (``http://host:port`` or ``https://...``)."""
 
-    def __init__(self, base_url: str, *, timeout: float, max_idle: int = 20_000) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        max_idle: int = 20_000,
+        max_response: int = MAX_RESPONSE,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http(s) URL, got {base_url!r}")
@@ -191,6 +258,7 @@ class UpstreamClient:
         self._head = f"Host: {authority}\r\nUser-Agent: lastseen\r\nAccept: */*\r\n\r\n".encode()
         self.timeout = timeout
         self.max_idle = max_idle
+        self.max_response = max_response
         self._idle: list[_Answer] = []
         self._all: set[_Answer] = set()
 
@@ -201,7 +269,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         try:
             _, protocol = await loop.create_connection(
-                lambda: _Answer(self), self.host, self.port, ssl=self.ssl
+                lambda: _Answer(self, self.max_response), self.host, self.port, ssl=self.ssl
             )
         except OSError as exc:
             raise HttpError("connection", repr(exc)) from None
