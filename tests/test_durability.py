@@ -268,3 +268,34 @@ async def test_metrics_add_up_the_worker_processes_once(
         assert await metric("lastseen_callbacks_claimed_total") == 3
         assert await metric("lastseen_lookups_in_flight") == 3
         assert await metric("lastseen_callbacks_received_total") == 3
+
+
+@pytest.mark.slow
+async def test_a_dead_worker_process_s_callbacks_are_taken_back_at_once(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """kill -9 of the worker process in the middle of a callback, with a 30 s lease: the
+    service hands the callback back as soon as the process exits and its successor finishes
+    it, long before the lease would have run out."""
+    upstream, upstream_url = await start_upstream(first_faults=("hang",), hang_seconds=60)
+    serve = await spawn(
+        env={
+            "LASTSEEN_DATABASE_URL": db_url,
+            "LASTSEEN_OBJECTS_URL": upstream_url,
+            "LASTSEEN_LEASE": "30",
+            "LASTSEEN_LOOKUP_TIMEOUT": "60",
+        }
+    )
+    await eventually(lambda: len(_children(serve.pid)) == 1)
+    (first,) = _children(serve.pid)
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, serve.url, [6]) is not None
+    await eventually(lambda: upstream.requests_by_id[6] == 1)
+    os.kill(first, signal.SIGKILL)
+
+    async def done() -> bool:
+        return bool(await sql.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NOT NULL"))
+
+    await eventually(done, timeout=15)
+    assert await sql.fetchval("SELECT claims FROM callbacks") == 2
+    assert serve.events("handed back a dead worker's callbacks")

@@ -13,21 +13,9 @@ import asyncpg
 import pytest
 from aiohttp import web
 from helpers.services import Spawn, StartService, StartUpstream, serve_app
-from helpers.waiting import eventually
+from helpers.waiting import all_done, eventually
 
 from lastseen.devtools.launch import LASTSEEN
-
-
-async def all_done(sql: asyncpg.Connection, expected: int | None = None) -> None:
-    """Waits until every stored callback (at least ``expected`` of them) is done."""
-
-    async def check() -> bool:
-        total, pending = await sql.fetchrow(
-            "SELECT count(*), count(*) FILTER (WHERE done_at IS NULL) FROM callbacks"
-        )
-        return bool(pending == 0 and (expected is None or total >= expected))
-
-    await eventually(check, timeout=20)
 
 
 async def objects(sql: asyncpg.Connection) -> dict[int, datetime]:
@@ -399,3 +387,30 @@ async def test_a_working_worker_keeps_its_lease(
     await all_done(sql, 1)
     assert await sql.fetchval("SELECT claims FROM callbacks") == 1
     assert other.sample("lastseen_callbacks_claimed_total") == 0
+
+
+@pytest.mark.slow
+async def test_a_restarted_instance_takes_back_what_it_held(
+    db_url: str, start_upstream: StartUpstream, sql: asyncpg.Connection, spawn: Spawn
+) -> None:
+    """kill -9 of an instance in the middle of a callback, with a 30 s lease: started again
+    under the same instance id, it takes the callback back at once and finishes it."""
+    upstream, url = await start_upstream(first_faults=("hang",), hang_seconds=60)
+    env = {
+        "LASTSEEN_DATABASE_URL": db_url,
+        "LASTSEEN_OBJECTS_URL": url,
+        "LASTSEEN_WORKER_PROCESSES": "0",
+        "LASTSEEN_INSTANCE_ID": "instance-a",
+        "LASTSEEN_LEASE": "30",
+        "LASTSEEN_LOOKUP_TIMEOUT": "60",
+    }
+    first = await spawn(env=env)
+    assert (await first_post(first.url, '{"object_ids": [6]}')) == 202
+    await eventually(lambda: upstream.requests_by_id[6] == 1)
+    first.kill()
+    await first.wait()
+    second = await spawn(env=env)
+    await all_done(sql, 1, timeout=15)
+    assert await sql.fetchval("SELECT claims FROM callbacks") == 2
+    assert sorted(await objects(sql)) == [6]
+    assert second.events("took back a predecessor's callbacks")

@@ -16,9 +16,9 @@ import asyncpg
 import pytest
 import structlog
 from aiohttp import web
-from helpers.cli import Background, all_done, run_cli
+from helpers.cli import Background, run_cli
 from helpers.services import StartService, serve_app
-from helpers.waiting import eventually
+from helpers.waiting import all_done, eventually
 
 from lastseen.cli import build_parser
 from lastseen.devtools.simulate import truth

@@ -209,7 +209,7 @@ async def run(settings: Settings) -> int:
     here = settings.replace(role="ingest") if spawns_workers else settings
     tune_gc(here.gc_threshold if here.runs_pipeline else 0)
     async with database(settings) as db, upstream_client(settings) as client:
-        children = WorkerProcesses(settings, db.url) if spawns_workers else None
+        children = WorkerProcesses(settings, db) if spawns_workers else None
         service = Service(here, db, client, worker_processes=children)
         failure = await service.run_until(stop)
     if failure:

@@ -1,15 +1,21 @@
 """Leases: what this process holds of the inbox, and the leases that keep others off it.
 
 A worker claims callbacks with ``FOR UPDATE SKIP LOCKED`` and sets ``locked_until``; it renews
-the lease while it works. If it dies, the lease runs out and any worker claims the callback
-again. Redoing a callback is harmless: lookups only read, and result writes are monotonic (see
-results.py). On shutdown, the leases on unfinished callbacks are handed back at once.
+the lease while it works. Redoing a callback is harmless: lookups only read, and result writes
+are monotonic (see results.py). So a failure costs seconds, never the TTL:
+- on shutdown, the leases on unfinished callbacks are handed back at once;
+- leases are short (seconds) and renewed three times per lease, so what a vanished instance
+  held is claimed again by any worker within one lease;
+- leases carry a stable holder name (the instance's name, and a worker process's slot), and a
+  process starting under a name first takes back what a crashed predecessor of that name held;
+  ``lastseen serve`` also takes back a dead worker process's callbacks as soon as it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import Callable
 
@@ -23,8 +29,15 @@ from lastseen.storage.database import Database
 log = structlog.get_logger("lastseen.leases")
 
 
-def new_worker_id() -> str:
-    return f"worker-{uuid.uuid4().hex[:12]}"
+def holder_name(instance_id: str | None, listen: tuple[str, int]) -> str:
+    """The name this instance's leases carry: ``instance_id`` if set, else the host name and
+    listen port, which a restart on the same machine keeps. An instance on a port chosen at
+    random has no successor to take anything back, so it gets a name of its own."""
+    if instance_id:
+        return instance_id
+    port = listen[1]
+    suffix = str(port) if port else uuid.uuid4().hex[:12]
+    return f"{socket.gethostname()}:{suffix}"
 
 
 class HeldCallbacks:
@@ -82,6 +95,17 @@ class Leases:
         self.worker = worker
         self.lease = lease
         self.batch = batch
+
+    async def take_back(self) -> None:
+        """Hands back what a predecessor under this name held (it crashed, or it is still
+        stopping), so that it is claimed now rather than when its leases would run out."""
+        try:
+            count = await self.db.release_holder(self.worker)
+        except DatabaseError as exc:
+            log.warning("could not take back a predecessor's callbacks", error=str(exc))
+            return
+        if count:
+            log.info("took back a predecessor's callbacks", holder=self.worker, count=count)
 
     async def claim(self, room: int) -> list[Claimed]:
         """Leases up to ``room`` callbacks (at most one claim batch)."""

@@ -14,7 +14,7 @@ import structlog
 
 from lastseen.errors import DatabaseError
 from lastseen.http_client import UpstreamClient
-from lastseen.leases import HeldCallbacks, Leases, new_worker_id
+from lastseen.leases import HeldCallbacks, Leases, holder_name
 from lastseen.lookups import Lookups
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
@@ -41,7 +41,13 @@ class Pipeline:
         self.supervisor = supervisor
         wake = asyncio.Event()
         self.held = HeldCallbacks(metrics, on_finished=wake.set)
-        self.leases = Leases(db, self.held, new_worker_id(), lease=s.lease, batch=s.claim_batch)
+        self.leases = Leases(
+            db,
+            self.held,
+            holder_name(s.instance_id, s.listen),
+            lease=s.lease,
+            batch=s.claim_batch,
+        )
         self.results = ResultWriter(
             db,
             metrics,

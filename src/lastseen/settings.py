@@ -46,6 +46,12 @@ class Option:
         return "--" + self.field.replace("_", "-")
 
 
+def _name(value: str) -> str:
+    if not value.strip() or len(value) > 200:
+        raise ValueError(f"expected a name of 1 to 200 characters, got {value!r}")
+    return value.strip()
+
+
 _seconds = positive(float)
 _positive_int = positive(int)
 
@@ -109,6 +115,14 @@ OPTIONS: tuple[Option, ...] = (
         "service",
     ),
     Option(
+        "instance_id",
+        _name,
+        None,
+        "this instance's name on its leases; a restart under the same name takes back at once "
+        "what its predecessor held (default: host name and listen port)",
+        "service",
+    ),
+    Option(
         "parent_pid",
         positive(int),
         None,
@@ -117,7 +131,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     # Claiming work from the inbox.
     Option(
-        "lease", _seconds, "30", "seconds a claimed callback stays leased to a worker", "worker"
+        "lease",
+        _seconds,
+        "5",
+        "seconds a claimed callback stays leased to a worker that stops renewing it",
+        "worker",
     ),
     Option(
         "poll_interval",
@@ -230,6 +248,7 @@ class Settings:
     commit_timeout: float
     pool_size: int
     worker_processes: int
+    instance_id: str | None
     parent_pid: int | None
     lease: float
     poll_interval: float

@@ -52,6 +52,7 @@ class Worker:
 
     async def run(self) -> None:
         """Claims work until cancelled or ``stop_claiming``."""
+        await self.leases.take_back()
         while self._claiming:
             # Cleared before the claim: a notification during the claim means another round.
             self.wake.clear()

@@ -26,7 +26,10 @@ import aiohttp
 import structlog
 
 from lastseen.backoff import backoff
+from lastseen.errors import DatabaseError
+from lastseen.leases import holder_name
 from lastseen.settings import OPTIONS, Settings
+from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.worker_processes")
 
@@ -48,8 +51,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def child_environment(settings: Settings, database_url: str, port: int) -> dict[str, str]:
-    """The parent's settings as LASTSEEN_* variables, with the child's own role and port."""
+def child_environment(
+    settings: Settings, database_url: str, port: int, holder: str
+) -> dict[str, str]:
+    """The parent's settings as LASTSEEN_* variables, with the child's own role, port, and
+    the name its leases carry."""
     env = dict(os.environ)
     for option in OPTIONS:
         value = getattr(settings, option.field)
@@ -66,17 +72,21 @@ def child_environment(settings: Settings, database_url: str, port: int) -> dict[
         LASTSEEN_DATABASE_URL=database_url,
         LASTSEEN_WORKER_PROCESSES="0",
         LASTSEEN_PARENT_PID=str(os.getpid()),
+        LASTSEEN_INSTANCE_ID=holder,
     )
     return env
 
 
 class WorkerProcess:
-    """One child, started again whenever it exits until ``stop``."""
+    """One child, started again whenever it exits until ``stop``. Its leases carry the name
+    ``holder``, the same for every child of this slot: when one dies, what it held is handed
+    back at once, and its successor would take it back anyway."""
 
-    def __init__(self, number: int, settings: Settings, database_url: str) -> None:
+    def __init__(self, number: int, settings: Settings, db: Database, holder: str) -> None:
         self.number = number
         self.settings = settings
-        self.database_url = database_url
+        self.db = db
+        self.holder = holder
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -87,7 +97,7 @@ class WorkerProcess:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = _free_port()
-        env = child_environment(self.settings, self.database_url, self.port)
+        env = child_environment(self.settings, self.db.url, self.port, self.holder)
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -110,9 +120,20 @@ class WorkerProcess:
                 # group before this process gets to stop its children): not a crash.
                 return
             log.error("worker process exited; starting it again", number=self.number, code=code)
-            ran_a_while = asyncio.get_running_loop().time() - started > 60
+            await self._take_back()
+            # A child that ran for a while is started again at once; one that dies as it
+            # starts (a bad setting, a broken install) ever more slowly.
+            ran_a_while = asyncio.get_running_loop().time() - started > 2.0
             crashes = 1 if ran_a_while else crashes + 1
-            await asyncio.sleep(backoff(crashes, 0.5, 30.0))
+            await asyncio.sleep(backoff(crashes, 0.2, 30.0))
+
+    async def _take_back(self) -> None:
+        try:
+            count = await self.db.release_holder(self.holder)
+        except DatabaseError as exc:
+            log.warning("could not hand back a dead worker's callbacks", error=str(exc))
+            return
+        log.info("handed back a dead worker's callbacks", number=self.number, count=count)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""
@@ -132,10 +153,12 @@ class WorkerProcess:
 class WorkerProcesses:
     """The children of one ``lastseen serve``."""
 
-    def __init__(self, settings: Settings, database_url: str) -> None:
+    def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
+        parent = holder_name(settings.instance_id, settings.listen)
         self.children = [
-            WorkerProcess(n, settings, database_url) for n in range(settings.worker_processes)
+            WorkerProcess(n, settings, db, f"{parent}/worker-{n}")
+            for n in range(settings.worker_processes)
         ]
 
     async def scrape(self, timeout: float = 3.0) -> list[str]:

@@ -1,4 +1,4 @@
-"""The lastseen command as a subprocess, and waiting for the inbox to empty."""
+"""The lastseen command as a subprocess."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import os
 import signal
 from pathlib import Path
 from typing import Any
-
-import asyncpg
 
 from helpers.waiting import eventually
 from lastseen.devtools.launch import LASTSEEN
@@ -96,15 +94,3 @@ class Background:
     def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
-
-
-async def all_done(sql: asyncpg.Connection, timeout: float = 20.0) -> None:
-    """Waits until at least one callback is stored and none is pending."""
-
-    async def check() -> bool:
-        total, pending = await sql.fetchrow(
-            "SELECT count(*), count(*) FILTER (WHERE done_at IS NULL) FROM callbacks"
-        )
-        return bool(total and not pending)
-
-    await eventually(check, timeout=timeout)

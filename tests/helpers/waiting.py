@@ -6,6 +6,8 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+
 
 async def eventually(
     check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, every: float = 0.02
@@ -17,3 +19,15 @@ async def eventually(
             if await result if inspect.isawaitable(result) else result:
                 return
             await asyncio.sleep(every)
+
+
+async def all_done(sql: asyncpg.Connection, expected: int = 1, timeout: float = 20.0) -> None:
+    """Waits until at least ``expected`` callbacks are stored and none is pending."""
+
+    async def check() -> bool:
+        total, pending = await sql.fetchrow(
+            "SELECT count(*), count(*) FILTER (WHERE done_at IS NULL) FROM callbacks"
+        )
+        return bool(pending == 0 and total >= expected)
+
+    await eventually(check, timeout=timeout)

@@ -213,6 +213,10 @@ class Database:
         await self.pool.execute(Q["release_callbacks"], worker, list(ids))
 
     @_edge
+    async def release_holder(self, worker: str) -> int:
+        return _rows_affected(await self.pool.execute(Q["release_holder"], worker))
+
+    @_edge
     async def write_results(self, batch: ResultBatch, cutoff: datetime) -> tuple[int, int]:
         """Writes one batch of results in one transaction; returns (upserted, deleted).
 
