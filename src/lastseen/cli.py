@@ -63,7 +63,8 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     options = BenchOptions(scenarios=scenarios, out_dir=out, database_url=settings.database_url)
-    for name in ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds"):
+    names = ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds")
+    for name in (*names, "crash_seconds"):
         value = getattr(args, name)
         if value is not None:
             setattr(options, name, value)
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="all",
-        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak",
+        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--step-seconds", type=float, help="pipeline: seconds per step [20]")
     bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
     bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
+    bench.add_argument("--crash-seconds", type=float, help="crash: duration in seconds [60]")
     bench.add_argument("--smoke", action="store_true", help="tiny, seconds-long run (for tests)")
     bench.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     bench.add_argument("--log-level", default="warning")

@@ -98,6 +98,15 @@ def render(results: dict[str, Any]) -> str:
             f"the second half {s['rss_growth_second_half_mib']} MiB; inbox max "
             f"{s['inbox_pending_max']:.0f}"
         )
+    if "crash" in scenarios:
+        s = scenarios["crash"]
+        late = s["appeared_after_s"]
+        console.print(
+            f"crash: {s['kills']['worker']} worker and {s['kills']['service']} service kills in "
+            f"{s['seconds']:g} s; {s['acknowledged_ids']} ids acknowledged, "
+            f"{s['never_appeared']} never in objects; appeared after p50 {late['p50']} s, "
+            f"p99 {late['p99']} s, max {late['max']} s; {s['later_than_10_s']} later than 10 s"
+        )
     return console.export_text()
 
 

@@ -61,6 +61,8 @@ class BenchOptions:
     soak_seconds: float = 600.0
     soak_rate: float = 20.0
     sample_every: float = 2.0
+    # crash
+    crash_seconds: float = 60.0
     seed: int = 1
 
     def smoke(self) -> BenchOptions:
@@ -78,6 +80,7 @@ class BenchOptions:
             expiry_objects=20,
             soak_seconds=2.0,
             soak_rate=5.0,
+            crash_seconds=5.0,
             sample_every=0.5,
         )
 

@@ -6,6 +6,8 @@
   resolved/s, coalesced lookups, inbox depth, and the lag over upstream latency.
 - expiry: how long after the TTL each object is actually deleted.
 - soak: a fixed rate for a while, sampling RSS and inbox depth.
+
+The failure scenarios are in failures.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import psutil
 
+from lastseen.devtools.bench.failures import crash
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
 from lastseen.devtools.promtext import Reading, quantile, since
@@ -328,4 +331,5 @@ SCENARIOS: dict[str, Scenario] = {
     "pipeline": pipeline,
     "expiry": expiry,
     "soak": soak,
+    "crash": crash,
 }

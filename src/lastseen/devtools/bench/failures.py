@@ -1,0 +1,136 @@
+"""The benchmark's failure scenarios: what a failure costs in freshness.
+
+- crash: the worker process killed with SIGKILL every 4 s and the whole service every 12 s,
+  started again at once, under 10 callbacks/s of 20 unique online ids (TTL 30 s, lookups
+  0.3-1.0 s): how long after it was sent each acknowledged id first appears in ``objects``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import psutil
+
+from lastseen.devtools.launch import ServeProcess
+from lastseen.devtools.loadgen import percentile
+
+if TYPE_CHECKING:
+    from lastseen.devtools.bench.runner import Bench
+
+CRASH_TTL = 30.0
+CRASH_RATE = 10.0  # callbacks per second
+CRASH_IDS = 20  # unique, online ids per callback
+WORKER_KILL_EVERY = 4.0
+SERVICE_KILL_EVERY = 3  # every third kill takes the whole service
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _workers(serve: ServeProcess) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        children: list[psutil.Process] = psutil.Process(serve.pid).children()
+        return children
+    return []
+
+
+async def crash(bench: Bench) -> dict[str, Any]:
+    """Kills, on a schedule, while callbacks keep coming; then when each id appeared."""
+    o = bench.options
+    url = await bench.fresh_database("bench_crash")
+    upstream = await bench.upstream(0.3, 1.0)
+    # A fixed port: the service started again has the same name on its leases.
+    args = ("--listen", f"127.0.0.1:{_free_port()}")
+    env = {"objects_url": upstream.upstream_url, "ttl": str(CRASH_TTL)}
+    serve = await bench.serve(url, *args, **env)
+    sent: dict[int, float] = {}  # acknowledged id: when its callback was sent
+    appeared: dict[int, float] = {}
+    kills = {"worker": 0, "service": 0}
+    producing = True
+    ids = itertools.count(0, 2)  # even: online
+
+    async def produce(http: aiohttp.ClientSession) -> None:
+        started = time.monotonic()
+        for n in itertools.count():
+            if not producing:
+                return
+            await asyncio.sleep(max(0.0, started + n / CRASH_RATE - time.monotonic()))
+            batch = [next(ids) for _ in range(CRASH_IDS)]
+            at = time.time()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.post(serve.url + "/callback", json={"object_ids": batch}) as r:
+                    if r.status == 202:
+                        sent.update((i, at) for i in batch)
+
+    async def watch() -> None:
+        async with bench.database(url) as db:
+            while True:
+                rows = await db.list_objects(-(2**63), 1_000_000)
+                now = time.time()
+                for object_id, _ in rows:
+                    appeared.setdefault(object_id, now)
+                await asyncio.sleep(0.1)
+
+    async def chaos() -> None:
+        nonlocal serve
+        for n in itertools.count(1):
+            await asyncio.sleep(WORKER_KILL_EVERY)
+            if n % SERVICE_KILL_EVERY:
+                for child in _workers(serve):
+                    with contextlib.suppress(psutil.Error):
+                        child.send_signal(signal.SIGKILL)
+                kills["worker"] += 1
+                continue
+            for child in _workers(serve):
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(serve.pid, signal.SIGKILL)
+            await serve.wait()
+            kills["service"] += 1
+            serve = await bench.serve(url, *args, **env)
+
+    timeout = aiohttp.ClientTimeout(total=1.0)  # the reference producer's
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        watcher = asyncio.create_task(watch(), name="bench-crash-watch")
+        chaos_task = asyncio.create_task(chaos(), name="bench-crash-chaos")
+        producer = asyncio.create_task(produce(http), name="bench-crash-produce")
+        await asyncio.sleep(o.crash_seconds)
+        chaos_task.cancel()
+        producing = False
+        await asyncio.gather(producer, return_exceptions=True)
+        await asyncio.gather(chaos_task, return_exceptions=True)
+        # Every acknowledged id either appears or is past any hope of it.
+        deadline = time.monotonic() + CRASH_TTL
+        while set(sent) - set(appeared) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    await serve.terminate()
+    await upstream.terminate()
+    delays = [appeared[i] - sent[i] for i in sent if i in appeared]
+    return {
+        "seconds": o.crash_seconds,
+        "ttl_s": CRASH_TTL,
+        "kills": kills,
+        "acknowledged_ids": len(sent),
+        "never_appeared": len(set(sent) - set(appeared)),
+        "appeared_after_s": {
+            "p50": round(percentile(delays, 50), 2),
+            "p99": round(percentile(delays, 99), 2),
+            "max": round(max(delays, default=0.0), 2),
+        },
+        "later_than_10_s": sum(1 for d in delays if d > 10),
+        "goal": "every acknowledged id in objects within 10 s of its callback; none missing",
+    }
