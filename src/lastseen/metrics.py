@@ -59,6 +59,11 @@ class Metrics:
             "Age of the oldest callback not done yet",
             registry=r,
         )
+        self.worker_processes_up = Gauge(
+            "lastseen_worker_processes_up",
+            "Worker processes of this instance whose metrics this scrape could read",
+            registry=r,
+        )
         self.callbacks_claimed = Counter(
             "lastseen_callbacks_claimed", "Callbacks leased by this instance", registry=r
         )

@@ -130,9 +130,12 @@ class Routes:
                     0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
                 )
                 self.metrics.objects_online.set(online)
-        body = self.metrics.render()
-        if self.other_processes is not None:
-            body = merge([body.decode(), *await self.other_processes()])
+        if self.other_processes is None:
+            body = self.metrics.render()
+        else:
+            others = await self.other_processes()
+            self.metrics.worker_processes_up.set(len(others))
+            body = merge([self.metrics.render().decode(), *others])
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response

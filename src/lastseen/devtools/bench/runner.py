@@ -168,7 +168,13 @@ class Bench:
         environment.update({f"LASTSEEN_{k.upper()}": v for k, v in env.items()})
         serve = ServeProcess(*args, env=environment, keep_logs=1000)
         self.serves.append(serve)
-        return await serve.start()
+        await serve.start()
+        if "--role" not in args and env.get("worker_processes") != "0":
+            # /ready speaks for the front door; the pipeline's process starts after it.
+            async with asyncio.timeout(60):
+                while not (await self.read_metrics(serve)).get("lastseen_worker_processes_up"):
+                    await asyncio.sleep(0.05)
+        return serve
 
     async def simulate(self, *args: str, upstream: bool) -> SimulateProcess:
         process = SimulateProcess(*args)
