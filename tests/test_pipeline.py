@@ -196,26 +196,13 @@ async def test_transient_failures_are_retried(
         assert retries == 2 * len(faults)
 
 
-@pytest.mark.parametrize(
-    ("config", "reason", "attempts"),
-    [
-        ({"invalid_400": 1.0}, "http_4xx", 1),
-        ({"wrong_id": 1.0}, "wrong_id", 1),
-        ({"error_5xx": 1.0}, "http_5xx", 3),
-    ],
-)
-async def test_permanent_failures_are_dead_lettered(
-    start_service: StartService,
-    start_upstream: StartUpstream,
-    sql: asyncpg.Connection,
-    config: dict[str, float],
-    reason: str,
-    attempts: int,
+async def test_a_4xx_is_dead_lettered(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
 ) -> None:
-    """A 4xx, an answer about another id, or running out of attempts dead-letters the id for
-    each callback that named it, with the reason and attempts; the callbacks still complete."""
-    _, url = await start_upstream(**config)
-    service = await start_service(objects_url=url, ttl=30, max_attempts=3)
+    """A 4xx (the upstream's word that the request is wrong) dead-letters the id at once for
+    each callback that named it, with the reason and the attempt; the callbacks complete."""
+    _, url = await start_upstream(invalid_400=1.0)
+    service = await start_service(objects_url=url, ttl=30)
     _, first = await service.post('{"object_ids": [1, 2]}')
     await all_done(sql, 1)
     rows = await sql.fetch("SELECT * FROM dead_letters ORDER BY object_id")
@@ -223,10 +210,88 @@ async def test_permanent_failures_are_dead_lettered(
         (first["callback_id"], 1),
         (first["callback_id"], 2),
     ]
-    assert {r["reason"] for r in rows} == {reason}
-    assert {r["attempts"] for r in rows} == {attempts}
-    assert service.sample("lastseen_dead_letters_total", reason=reason) == 2
+    assert {r["reason"] for r in rows} == {"http_4xx"}
+    assert {r["attempts"] for r in rows} == {1}
+    assert service.sample("lastseen_dead_letters_total", reason="http_4xx") == 2
     assert await objects(sql) == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [({"wrong_id": 1.0}, "wrong_id"), ({"error_5xx": 1.0}, "http_5xx")],
+)
+async def test_transient_failures_are_retried_while_they_can_matter(
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    sql: asyncpg.Connection,
+    config: dict[str, float],
+    reason: str,
+) -> None:
+    """A 5xx, or an answer about another id, is retried until the callback is older than the
+    TTL; then the id is completed as expired for it (counted by the last failure's reason),
+    not dead-lettered, and the callback is done."""
+    _, url = await start_upstream(**config)
+    service = await start_service(objects_url=url, ttl=1.0)
+    await service.post('{"object_ids": [1, 2]}')
+    await all_done(sql, 1, timeout=10)
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0
+    assert service.sample("lastseen_ids_expired_total", reason=reason) == 2
+    assert service.sample("lastseen_lookup_retries_total", reason=reason) >= 2
+    assert await objects(sql) == {}
+
+
+async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """The upstream answers 500 to everything for longer than the TTL while the same ids keep
+    arriving: no row disappears meanwhile (pending callbacks protect them), the service says
+    it sees an outage, and once the upstream answers again every id catches up with a callback
+    received after the recovery within a second."""
+    ids = list(range(0, 40, 2))
+    state = {"down": False}
+
+    async def answer(request: web.Request) -> web.Response:
+        if state["down"]:
+            return web.Response(status=500)
+        object_id = int(request.match_info["id"])
+        return web.json_response({"id": object_id, "online": object_id % 2 == 0})
+
+    app = web.Application()
+    app.router.add_get("/objects/{id}", answer)
+    runner, url = await serve_app(app)
+    # Backoffs that stretch to 30 s: only the outage's probing can make the recovery quick.
+    service = await start_service(
+        objects_url=url, ttl=2.0, reap_interval=0.05, retry_base=0.1, retry_max=30
+    )
+    body = json.dumps({"object_ids": ids})
+    sending = True
+
+    async def produce() -> None:
+        while sending:
+            await service.post(body)
+            await asyncio.sleep(0.2)
+
+    producer = asyncio.create_task(produce())
+    try:
+        await eventually(lambda: service.sample("lastseen_objects_upserted_total") >= len(ids))
+        state["down"] = True
+        outage_ends = time.monotonic() + 3.0
+        while time.monotonic() < outage_ends:
+            assert sorted(await objects(sql)) == ids
+            await asyncio.sleep(0.1)
+        assert service.sample("lastseen_upstream_outage") == 1
+        state["down"] = False
+        recovered = time.time()
+        await asyncio.sleep(1.0)
+        rows = await objects(sql)
+        assert sorted(rows) == ids
+        assert all(last_seen.timestamp() >= recovered for last_seen in rows.values()), rows
+        assert service.sample("lastseen_upstream_outage") == 0
+        assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0
+    finally:
+        sending = False
+        await producer
+        await runner.cleanup()
 
 
 @pytest.mark.slow

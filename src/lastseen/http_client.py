@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 # An answer about one object is a few dozen bytes; anything this large is not one. The cap
@@ -276,9 +277,11 @@ class UpstreamClient:
         self._all.add(protocol)
         return protocol
 
-    async def get(self, path: str) -> tuple[int, bytes]:
+    async def get(
+        self, path: str, in_step: Callable[[int, bytes], bool] = lambda status, body: True
+    ) -> tuple[int, bytes]:
         """(status, body) of ``GET path``, or ``HttpError``; the whole exchange within the
-        timeout."""
+        timeout. A connection whose answer ``in_step`` rejects is not used again."""
         request = self.request_bytes(path)
         try:
             async with asyncio.timeout(self.timeout):
@@ -288,7 +291,7 @@ class UpstreamClient:
                     reused = bool(self._idle)
                     conn = self._idle.pop() if reused else await self._connect()
                     try:
-                        return await self._exchange(conn, request)
+                        return await self._exchange(conn, request, in_step)
                     except HttpError as exc:
                         if exc.reason != "stale":
                             raise
@@ -298,7 +301,9 @@ class UpstreamClient:
         except TimeoutError:
             raise HttpError("timeout", f"no answer within {self.timeout:g} s") from None
 
-    async def _exchange(self, conn: _Answer, request: bytes) -> tuple[int, bytes]:
+    async def _exchange(
+        self, conn: _Answer, request: bytes, in_step: Callable[[int, bytes], bool]
+    ) -> tuple[int, bytes]:
         waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         conn.send(request, waiter)
         try:
@@ -307,7 +312,8 @@ class UpstreamClient:
             self._all.discard(conn)
             conn.close()
             raise
-        if conn.keep_alive and not conn.closed and len(self._idle) < self.max_idle:
+        reusable = in_step(*answer) and conn.keep_alive and not conn.closed
+        if reusable and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
             self._all.discard(conn)

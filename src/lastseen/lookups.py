@@ -8,9 +8,18 @@ later than now) and, once sent, only callbacks received before the send. A callb
 join starts a new lookup, which becomes the one later callbacks join. Under a backlog, every
 claimed callback was received in the past, so one lookup per distinct id serves them all.
 
-Failures. Transient failures (upstream.py says which) are retried with exponential backoff and
-jitter, without holding a slot. A permanent failure, or running out of attempts, is reported as
-such to every callback the lookup serves; it never blocks other ids.
+Failures. A permanent failure (upstream.py says which) is reported to every callback the
+lookup serves, and dead-lettered. A transient one is retried, with exponential backoff and
+jitter and without holding a slot, for as long as the answer can still matter: while some
+callback it serves is younger than the TTL (an older one's result could create no row). Each
+failure lets go of the callbacks that have aged past the TTL, as ``Expired``; so each callback
+has a budget of its own, whenever it joined.
+
+Outages. When the upstream fails broadly (``OUTAGE_AFTER`` transient failures in a row, no
+success between), stretching each id's backoff would only delay the recovery: lookups that fail,
+and new ones, are held instead, one of them is sent as a probe every ``retry_base`` seconds,
+and the first success releases them all at once (within the in-flight cap and the rate
+limit). Failing ids never block the others.
 """
 
 from __future__ import annotations
@@ -25,13 +34,18 @@ import structlog
 from lastseen.backoff import backoff
 from lastseen.errors import LookupFailed
 from lastseen.metrics import Metrics
-from lastseen.model import HeldCallback, Lookup, Outcome
+from lastseen.model import Expired, HeldCallback, Lookup, Outcome
 
 log = structlog.get_logger("lastseen.lookups")
 
 
 Deliver = Callable[[Lookup, Outcome], None]
 Fetch = Callable[[int], Awaitable[bool]]
+
+# Transient failures in a row, across all ids, that say the upstream itself is failing. At a
+# failure share of 50 % a false alarm comes about once in a million attempts, and costs a
+# probe interval; a real outage is seen within a fraction of a second under any load.
+OUTAGE_AFTER = 20
 
 
 class RateLimiter:
@@ -60,15 +74,14 @@ class Lookups:
         *,
         max_in_flight: int,
         rate: float,
-        timeout: float,
-        max_attempts: int,
+        ttl: float,
         retry_base: float,
         retry_max: float,
     ) -> None:
         self.fetch = fetch
         self.metrics = metrics
         self.deliver = deliver
-        self.max_attempts = max_attempts
+        self.ttl = ttl
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.max_in_flight = max_in_flight
@@ -81,6 +94,14 @@ class Lookups:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
+        # The outage: transient failures in a row, and the lookups held until it ends.
+        self._failing = 0
+        self._held: collections.deque[Lookup] = collections.deque()
+        self._probe: asyncio.TimerHandle | None = None
+
+    @property
+    def outage(self) -> bool:
+        return self._failing >= OUTAGE_AFTER
 
     def add(self, callback: HeldCallback, object_id: int) -> None:
         """Looks ``object_id`` up for ``callback``, sharing a lookup when the rule above allows."""
@@ -90,6 +111,9 @@ class Lookups:
             self.metrics.coalesced.inc()
             return
         lookup = self._open[object_id] = Lookup(object_id, [callback])
+        if self.outage:
+            self._hold(lookup)
+            return
         self._ready.append(lookup)
         self._pump()
 
@@ -109,31 +133,94 @@ class Lookups:
             log.error("lookup task crashed", error=repr(task.exception()))
 
     async def _run(self, lookup: Lookup) -> None:
-        """One attempt; then the outcome, or a retry after a backoff (without a slot)."""
+        """One attempt; then the outcome, or a retry (after a backoff, or after the outage)."""
         lookup.attempts += 1
         if self._rate is not None:
             await self._rate.acquire()
         outcome = await self._attempt(lookup)
-        if isinstance(outcome, LookupFailed) and not (
-            outcome.permanent or lookup.attempts >= self.max_attempts
-        ):
+        if isinstance(outcome, LookupFailed) and not outcome.permanent:
+            self._failed()
+            lookup.last_failure = outcome.reason
+            if not self._let_go_of_stale(lookup):
+                return  # nothing it serves can use an answer any more
             self.metrics.lookup_retries.labels(outcome.reason).inc()
+            if self.outage:
+                self._hold(lookup)
+                return
             delay = backoff(lookup.attempts, self.retry_base, self.retry_max, jitter=True)
             handle = asyncio.get_running_loop().call_later(delay, self._retry, lookup)
             self._backoffs[lookup] = handle
             return
-        # Closed to joiners before anything else can run: the answer is final.
-        if self._open.get(lookup.object_id) is lookup:
-            del self._open[lookup.object_id]
+        if not isinstance(outcome, LookupFailed):
+            self._succeeded()
+        self._close(lookup)
         self.metrics.lookups.labels(
             "failed" if isinstance(outcome, LookupFailed) else ("online" if outcome else "offline")
         ).inc()
         self.deliver(lookup, outcome)
 
+    def _close(self, lookup: Lookup) -> None:
+        """Closed to joiners before anything else can run: its answer is final."""
+        if self._open.get(lookup.object_id) is lookup:
+            del self._open[lookup.object_id]
+
+    def _let_go_of_stale(self, lookup: Lookup) -> bool:
+        """Completes the callbacks that have aged past the TTL as expired; whether any remain."""
+        cutoff = time.time() - self.ttl
+        stale = [c for c in lookup.callbacks if c.received_ts < cutoff]
+        if not stale:
+            return True
+        fresh = [c for c in lookup.callbacks if c.received_ts >= cutoff]
+        lookup.callbacks = fresh
+        if not fresh:
+            self._close(lookup)
+            self.metrics.lookups.labels("expired").inc()
+        expired = Lookup(lookup.object_id, stale, attempts=lookup.attempts)
+        self.deliver(expired, Expired(lookup.last_failure))
+        return bool(fresh)
+
     def _retry(self, lookup: Lookup) -> None:
         del self._backoffs[lookup]
         self._ready.append(lookup)
         self._pump()
+
+    def _failed(self) -> None:
+        self._failing += 1
+        if self._failing == OUTAGE_AFTER:
+            log.warning("the upstream is failing; holding lookups and probing")
+            self.metrics.upstream_outage.set(1)
+
+    def _succeeded(self) -> None:
+        was_out = self.outage
+        self._failing = 0
+        if not was_out:
+            return
+        log.info("the upstream answers again; releasing held lookups", held=len(self._held))
+        self.metrics.upstream_outage.set(0)
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._ready.extend(self._held)
+        self._held.clear()
+        self._pump()
+
+    def _hold(self, lookup: Lookup) -> None:
+        self._held.append(lookup)
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
+
+    def _send_probe(self) -> None:
+        """Sends one held lookup, after letting go of held callbacks that aged past the TTL."""
+        self._probe = None
+        held, self._held = self._held, collections.deque()
+        for lookup in held:
+            if self._let_go_of_stale(lookup):
+                self._held.append(lookup)
+        if self._held:
+            self._ready.append(self._held.popleft())
+            self._pump()
+        if self._held:
+            self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
 
     async def _attempt(self, lookup: Lookup) -> Outcome:
         lookup.sent_at = time.time()
@@ -145,7 +232,7 @@ class Lookups:
             return failure
         except Exception as exc:
             # A bug here must not strand the callbacks waiting on this id: log it loudly and
-            # treat it as a failed attempt, which is retried and in the end dead-lettered.
+            # treat it as a failed attempt, retried while its answer can matter.
             log.exception("lookup attempt crashed", object_id=lookup.object_id)
             return LookupFailed(lookup.object_id, "internal_error", repr(exc), permanent=False)
         finally:
@@ -159,6 +246,10 @@ class Lookups:
         for handle in self._backoffs.values():
             handle.cancel()
         self._backoffs.clear()
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self._held.clear()
         self._ready.clear()
         tasks = list(self._tasks)
         for task in tasks:

@@ -89,6 +89,18 @@ class Metrics:
         self.dead_letters = Counter(
             "lastseen_dead_letters", "Ids dead-lettered, by reason", ["reason"], registry=r
         )
+        self.ids_expired = Counter(
+            "lastseen_ids_expired",
+            "Callback ids completed without an answer because none came while it could matter"
+            " (within the TTL), by the last failure's reason",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_outage = Gauge(
+            "lastseen_upstream_outage",
+            "1 while this process sees the upstream failing broadly and holds its lookups",
+            registry=r,
+        )
         self.coalesced = Counter(
             "lastseen_lookups_coalesced",
             "Callback ids served by a lookup that was already under way",

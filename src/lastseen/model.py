@@ -2,7 +2,8 @@
 
 A claimed callback becomes a ``HeldCallback`` while this process works on it; each distinct id
 of it joins a ``Lookup``; a lookup ends in an ``Outcome`` for every callback it serves; an
-outcome is a result (online or not) or, for a permanent failure, a ``DeadLetter``.
+outcome is a result (online or not), for a permanent failure a ``DeadLetter``, or ``Expired``
+when transient failures lasted until no answer could matter.
 """
 
 from __future__ import annotations
@@ -41,13 +42,22 @@ class Lookup:
     sent_at: float | None = None  # wall-clock time of the request under way, if one is
     attempts: int = 0
     latency: float = 0.0  # duration of the request that gave the answer
+    last_failure: str = ""  # the reason of the latest transient failure, if any
 
     def accepts(self, callback: HeldCallback) -> bool:
         """Whether its answer can say something about the object at ``callback``'s time."""
         return self.sent_at is None or callback.received_ts <= self.sent_at
 
 
-Outcome = bool | LookupFailed  # online or not, or why there is no answer
+@dataclasses.dataclass(frozen=True, slots=True)
+class Expired:
+    """No answer came while one could matter: the callbacks it was for are older than the TTL,
+    so their results could create no row. ``reason`` is the last failure's."""
+
+    reason: str
+
+
+Outcome = bool | LookupFailed | Expired  # online or not, a permanent failure, or too late
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -62,8 +62,7 @@ class Pipeline:
             self.results.record,
             max_in_flight=s.max_lookups,
             rate=s.lookup_rps,
-            timeout=s.lookup_timeout,
-            max_attempts=s.max_attempts,
+            ttl=s.ttl,
             retry_base=s.retry_base,
             retry_max=s.retry_max,
         )

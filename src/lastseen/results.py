@@ -26,7 +26,7 @@ import structlog
 
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.metrics import Metrics
-from lastseen.model import DeadLetter, Lookup, Outcome
+from lastseen.model import DeadLetter, Expired, Lookup, Outcome
 from lastseen.storage.database import Database, ResultBatch
 
 log = structlog.get_logger("lastseen.results")
@@ -76,6 +76,8 @@ class ResultWriter:
                 [callback.received_ts for callback in lookup.callbacks],
                 lookup.latency,
             )
+        elif isinstance(outcome, Expired):
+            self.metrics.ids_expired.labels(outcome.reason).inc(len(lookup.callbacks))
         else:
             self.metrics.dead_letters.labels(outcome.reason).inc(len(lookup.callbacks))
             log.warning(

@@ -169,16 +169,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("lookup_timeout", _seconds, "10", "seconds one upstream request may take", "lookups"),
     Option(
-        "max_attempts",
-        _positive_int,
-        "8",
-        "attempts per lookup before it is dead-lettered",
-        "lookups",
-    ),
-    Option(
         "retry_base", _seconds, "0.5", "first retry delay; it doubles on each attempt", "lookups"
     ),
-    Option("retry_max", _seconds, "30", "longest retry delay", "lookups"),
+    Option("retry_max", _seconds, "5", "longest retry delay", "lookups"),
     # Writing results.
     Option(
         "results_batch", _positive_int, "2000", "most results written in one transaction", "results"
@@ -257,7 +250,6 @@ class Settings:
     max_lookups: int
     lookup_rps: float
     lookup_timeout: float
-    max_attempts: int
     retry_base: float
     retry_max: float
     results_batch: int

@@ -30,7 +30,6 @@ def fast_settings(**overrides: Any) -> Settings:
         lookup_timeout=2.0,
         retry_base=0.02,
         retry_max=0.1,
-        max_attempts=4,
         results_interval=0.002,
         reap_interval=0.05,
         prune_interval=0.5,
