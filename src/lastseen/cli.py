@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="all",
-        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash",
+        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
+        "upstream-outage",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")

@@ -3,6 +3,9 @@
 - crash: the worker process killed with SIGKILL every 4 s and the whole service every 12 s,
   started again at once, under 10 callbacks/s of 20 unique online ids (TTL 30 s, lookups
   0.3-1.0 s): how long after it was sent each acknowledged id first appears in ``objects``.
+- upstream-outage: the upstream answers 503 to everything for 12 s while the same 100 online
+  ids arrive every second (TTL 6 s): whether any row disappears meanwhile, and how long after
+  the recovery each id catches up with the newest callback sent before it.
 """
 
 from __future__ import annotations
@@ -133,4 +136,79 @@ async def crash(bench: Bench) -> dict[str, Any]:
         },
         "later_than_10_s": sum(1 for d in delays if d > 10),
         "goal": "every acknowledged id in objects within 10 s of its callback; none missing",
+    }
+
+
+OUTAGE_TTL = 6.0
+OUTAGE_IDS = list(range(0, 200, 2))  # 100 ids, all online
+
+
+async def upstream_outage(bench: Bench) -> dict[str, Any]:
+    """An outage of the upstream, started and ended by signals to the simulator."""
+    o = bench.options
+    url = await bench.fresh_database("bench_upstream_outage")
+    upstream = await bench.upstream(0.3, 1.0)
+    serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl=str(OUTAGE_TTL))
+    sent: list[float] = []  # when each acknowledged callback was sent
+    seen: dict[int, float] = {}  # id: last_seen, as of the latest poll
+    disappeared: set[int] = set()
+    caught_up: dict[int, float] = {}
+    recovered: float | None = None
+    producing = True
+
+    async def produce(http: aiohttp.ClientSession) -> None:
+        while producing:
+            at = time.time()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                body = {"object_ids": OUTAGE_IDS}
+                async with http.post(serve.url + "/callback", json=body) as r:
+                    if r.status == 202:
+                        sent.append(at)
+            await asyncio.sleep(max(0.0, at + 1.0 - time.time()))
+
+    async def watch() -> None:
+        async with bench.database(url) as db:
+            while True:
+                rows = {i: t.timestamp() for i, t in await db.list_objects(-(2**63), 1000)}
+                now = time.time()
+                disappeared.update(seen.keys() - rows.keys())
+                seen.update(rows)
+                if recovered is not None:
+                    newest = max(t for t in sent if t <= recovered)
+                    for object_id, last_seen in rows.items():
+                        if last_seen >= newest:
+                            caught_up.setdefault(object_id, now - recovered)
+                await asyncio.sleep(0.1)
+
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        producer = asyncio.create_task(produce(http), name="bench-outage-produce")
+        watcher = asyncio.create_task(watch(), name="bench-outage-watch")
+        await asyncio.sleep(o.outage_warmup)
+        missing_before = set(OUTAGE_IDS) - seen.keys()
+        os.kill(upstream.pid, signal.SIGUSR1)
+        await asyncio.sleep(o.outage_seconds)
+        os.kill(upstream.pid, signal.SIGUSR1)
+        recovered = time.time()
+        async with asyncio.timeout(OUTAGE_TTL * 2):
+            while len(caught_up) < len(OUTAGE_IDS):
+                await asyncio.sleep(0.1)
+        producing = False
+        for task in (producer, watcher):
+            task.cancel()
+        await asyncio.gather(producer, watcher, return_exceptions=True)
+    await serve.terminate()
+    await upstream.terminate()
+    delays = sorted(caught_up.values())
+    return {
+        "ttl_s": OUTAGE_TTL,
+        "outage_s": o.outage_seconds,
+        "ids": len(OUTAGE_IDS),
+        "missing_before_the_outage": len(missing_before),
+        "disappeared": len(disappeared),
+        "caught_up_after_s": {
+            "p50": round(percentile(delays, 50), 2),
+            "max": round(max(delays, default=0.0), 2),
+        },
+        "goal": "no row disappears; every id caught up within 2 s of the recovery",
     }

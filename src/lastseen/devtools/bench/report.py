@@ -107,6 +107,14 @@ def render(results: dict[str, Any]) -> str:
             f"{s['never_appeared']} never in objects; appeared after p50 {late['p50']} s, "
             f"p99 {late['p99']} s, max {late['max']} s; {s['later_than_10_s']} later than 10 s"
         )
+    if "upstream-outage" in scenarios:
+        s = scenarios["upstream-outage"]
+        late = s["caught_up_after_s"]
+        console.print(
+            f"upstream outage: {s['outage_s']:g} s of 503s, TTL {s['ttl_s']:g} s, {s['ids']} ids "
+            f"every second; {s['disappeared']} rows disappeared; every id caught up within "
+            f"p50 {late['p50']} s, max {late['max']} s of the recovery"
+        )
     return console.export_text()
 
 

@@ -63,6 +63,9 @@ class BenchOptions:
     sample_every: float = 2.0
     # crash
     crash_seconds: float = 60.0
+    # upstream-outage
+    outage_warmup: float = 6.0
+    outage_seconds: float = 12.0
     seed: int = 1
 
     def smoke(self) -> BenchOptions:
@@ -81,6 +84,8 @@ class BenchOptions:
             soak_seconds=2.0,
             soak_rate=5.0,
             crash_seconds=5.0,
+            outage_warmup=2.0,
+            outage_seconds=3.0,
             sample_every=0.5,
         )
 

@@ -116,13 +116,22 @@ async def run(config: SimulatorConfig) -> int:
     try:
         if config.runs_upstream:
             await simulator.start_upstream()
+            upstream = simulator.upstream
+            assert upstream is not None
+
+            def toggle() -> None:
+                upstream.toggle_outage()
+                log.info("upstream outage", down=upstream.down)
+
+            # An outage on demand, for the benchmark: SIGUSR1 starts it, the next one ends it.
+            loop.add_signal_handler(signal.SIGUSR1, toggle)
         if config.runs_producer:
             simulator.start_producer()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), config.duration)
     finally:
         await simulator.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
     for line in simulator.summary():
         print(line)

@@ -110,6 +110,7 @@ class Upstream:
         self.requests_by_id: Counter[int] = Counter()
         self.answers: list[Answer] = []
         self.in_flight = 0
+        self.down = False  # an outage: every request answers 503
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
 
@@ -129,6 +130,9 @@ class Upstream:
                 connection.close()
             await self._server.wait_closed()
             self._server = None
+
+    def toggle_outage(self) -> None:
+        self.down = not self.down
 
     def _fault(self) -> str | None:
         for fault in FAULTS:
@@ -154,7 +158,7 @@ class Upstream:
             seen = self.requests_by_id[object_id]
             if seen <= len(config.first_faults):
                 scripted = config.first_faults[seen - 1]
-        fault = scripted or self._fault()
+        fault = "outage" if self.down else scripted or self._fault()
         now = time.time()
         online = config.online(object_id, now)
         self.stats[fault or "ok"] += 1
@@ -164,7 +168,7 @@ class Upstream:
                 self.answers.append(answer)
             if self.on_answer is not None:
                 self.on_answer(answer)
-        if fault == "error_5xx":
+        if fault in ("error_5xx", "outage"):
             return 503, b"unavailable", fault
         if fault == "invalid_400":
             return 400, b"invalid id", fault
