@@ -164,6 +164,12 @@ async def test_readiness_follows_the_database(
     status, answer = await service.post('{"object_ids": [1]}')
     assert status == 503
     assert answer["error"] == "not_stored"
+    status, listing = await service.get("/objects")
+    assert status == 503
+    # What the driver said (hosts, ports, errno) stays in the logs.
+    for text in (answer["detail"], listing["detail"]):
+        assert str(proxy.port) not in text
+        assert "127.0.0.1" not in text
 
     await proxy.start()
 

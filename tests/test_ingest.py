@@ -84,6 +84,20 @@ async def test_a_body_over_the_limit_gets_413(
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
 
 
+async def test_a_callback_over_the_id_limit_gets_413(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """A callback with more ids than LASTSEEN_MAX_IDS gets 413 too_many_ids; nothing is
+    stored; one at the limit is accepted."""
+    service = await start_service(role="ingest", max_ids=100)
+    status, answer = await service.post('{"object_ids": [' + ",".join(["7"] * 101) + "]}")
+    assert status == 413
+    assert answer["error"] == "too_many_ids"
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 0
+    status, _ = await service.post('{"object_ids": [' + ",".join(["7"] * 100) + "]}")
+    assert status == 202
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_get_405(start_service: StartService, method: str) -> None:
     """Methods other than POST on /callback get 405 with a JSON error and an Allow header."""

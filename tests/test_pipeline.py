@@ -196,6 +196,26 @@ async def test_transient_failures_are_retried(
         assert retries == 2 * len(faults)
 
 
+async def test_a_callback_claimed_too_often_is_set_aside_as_poison(
+    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+) -> None:
+    """A callback already claimed LASTSEEN_MAX_CLAIMS times without finishing (each time its
+    worker died) is not worked on again: its ids are dead-lettered as poison and it is done,
+    while the other callbacks flow."""
+    upstream, url = await start_upstream()
+    await sql.execute(
+        "INSERT INTO callbacks (received_at, object_ids, locked_until, claims)"
+        " VALUES (now(), '{2,4}', now(), 3)"
+    )
+    service = await start_service(objects_url=url, ttl=30, max_claims=3)
+    await service.post('{"object_ids": [6]}')
+    await all_done(sql, 2)
+    rows = await sql.fetch("SELECT object_id, reason FROM dead_letters ORDER BY object_id")
+    assert [(r["object_id"], r["reason"]) for r in rows] == [(2, "poison"), (4, "poison")]
+    assert sorted(await objects(sql)) == [6]
+    assert upstream.requests_by_id[2] == upstream.requests_by_id[4] == 0
+
+
 async def test_a_4xx_is_dead_lettered(
     start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
 ) -> None:

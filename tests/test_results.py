@@ -134,7 +134,15 @@ async def test_reaper_spares_objects_named_by_a_pending_callback(
     )
     recent = await _pending_callback(sql, now - timedelta(seconds=1), [1, 7])
     await _pending_callback(sql, now - timedelta(seconds=60), [2])  # older than the TTL
-    reaper = Reaper(db, Metrics(), ttl=5, interval=1, audit_retention=60, prune_interval=1)
+    reaper = Reaper(
+        db,
+        Metrics(),
+        ttl=5,
+        interval=1,
+        audit_retention=60,
+        dead_letter_retention=60,
+        prune_interval=1,
+    )
     assert await reaper.reap_once() == 1
     assert [r[0] for r in await db.list_objects(-1, 10)] == [1, 3]
     await sql.execute("UPDATE callbacks SET done_at = now() WHERE id = $1", recent)
@@ -142,18 +150,34 @@ async def test_reaper_spares_objects_named_by_a_pending_callback(
     assert [r[0] for r in await db.list_objects(-1, 10)] == [3]
 
 
-async def test_prune_removes_old_done_callbacks_and_observations(
+async def test_prune_removes_old_done_callbacks_observations_and_dead_letters(
     db: Database, sql: asyncpg.Connection
 ) -> None:
-    """Done callbacks older than the audit period and observations older than the TTL go;
-    pending callbacks stay whatever their age."""
+    """Done callbacks older than the audit period, observations older than the TTL and dead
+    letters older than their retention go; pending callbacks stay whatever their age, and so
+    do recent dead letters."""
     now = datetime.now(UTC)
     old = now - timedelta(hours=2)
     done = await _pending_callback(sql, old, [1])
     await sql.execute("UPDATE callbacks SET done_at = $2 WHERE id = $1", done, old)
     await _pending_callback(sql, old, [2])
     await sql.execute("INSERT INTO observations VALUES (1, $1, true), (2, $2, false)", old, now)
-    reaper = Reaper(db, Metrics(), ttl=30, interval=1, audit_retention=3600, prune_interval=1)
-    assert await reaper.prune_once() == (1, 1)
+    await sql.execute(
+        "INSERT INTO dead_letters (callback_id, object_id, received_at, reason, detail, attempts,"
+        " created_at) VALUES (1, 1, $1, 'http_4xx', '', 1, $1), (1, 2, $2, 'http_4xx', '', 1, $2)",
+        old,
+        now,
+    )
+    reaper = Reaper(
+        db,
+        Metrics(),
+        ttl=30,
+        interval=1,
+        audit_retention=3600,
+        dead_letter_retention=3600,
+        prune_interval=1,
+    )
+    assert await reaper.prune_once() == (1, 1, 1)
+    assert await sql.fetchval("SELECT object_id FROM dead_letters") == 2
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
     assert await sql.fetchval("SELECT id FROM observations") == 2

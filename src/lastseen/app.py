@@ -63,7 +63,9 @@ class Service:
                 concurrency=s.commit_concurrency,
                 timeout=s.commit_timeout,
             )
-            callback_handler = CallbackHandler(self.commit, m, s.max_body_bytes).handle
+            callback_handler = CallbackHandler(
+                self.commit, m, max_body_bytes=s.max_body_bytes, max_ids=s.max_ids
+            ).handle
         self.pipeline: Pipeline | None = None
         if s.runs_pipeline:
             self.pipeline = Pipeline(s, db, client, m, self.supervisor)
@@ -103,7 +105,7 @@ class Service:
             except DatabaseError as exc:
                 failures += 1
                 delay = backoff(failures, 0.1, 5.0)
-                self.readiness.reason = f"cannot migrate: {exc}"
+                self.readiness.reason = "cannot migrate: the database is unreachable"
                 log.warning("database not ready, retrying", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
         if applied:

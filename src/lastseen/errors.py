@@ -28,6 +28,13 @@ class InvalidCallback(LastseenError):
         self.detail = detail
 
 
+class TooManyIds(InvalidCallback):
+    """A callback names more ids than one callback may."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__("too_many_ids", f"{count} ids; at most {limit} per callback")
+
+
 class DatabaseError(LastseenError):
     """PostgreSQL failed or could not be reached; the driver's error is the ``__cause__``."""
 

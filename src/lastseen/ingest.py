@@ -19,6 +19,7 @@ from lastseen.errors import (
     DatabaseUnavailable,
     InvalidCallback,
     NotAccepting,
+    TooManyIds,
 )
 from lastseen.inbox import GroupCommit
 from lastseen.metrics import Metrics
@@ -60,10 +61,13 @@ def parse_callback(body: bytes) -> list[int]:
 class CallbackHandler:
     """The request handler; counts every outcome."""
 
-    def __init__(self, commit: GroupCommit, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, commit: GroupCommit, metrics: Metrics, *, max_body_bytes: int, max_ids: int
+    ) -> None:
         self.commit = commit
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_ids = max_ids
 
     async def handle(self, request: web.Request) -> web.Response:
         # The hot path: one coroutine, no per-request timers, duplicates left for the worker
@@ -73,14 +77,23 @@ class CallbackHandler:
         try:
             body = await request.read()
             ids = parse_callback(body)
+            if len(ids) > self.max_ids:
+                # Each id costs a lookup and bookkeeping: one body must not hold a flood.
+                raise TooManyIds(len(ids), self.max_ids)
             callback_id = await self.commit.submit(received_at, ids)
         except web.HTTPRequestEntityTooLarge:
             detail = f"body is larger than {self.max_body_bytes} bytes"
             response = self._reject(413, "body_too_large", detail)
+        except TooManyIds as exc:
+            response = self._reject(413, exc.reason, exc.detail)
         except InvalidCallback as exc:
             response = self._reject(400, exc.reason, exc.detail)
-        except (CommitTimeout, NotAccepting, DatabaseUnavailable) as exc:
+        except (CommitTimeout, NotAccepting) as exc:
             response = self._reject(503, "not_stored", f"not stored: {exc}", {"Retry-After": "1"})
+        except DatabaseUnavailable as exc:
+            log.warning("callback not stored", error=str(exc))
+            detail = "not stored: the database is unavailable"
+            response = self._reject(503, "not_stored", detail, {"Retry-After": "1"})
         except DatabaseError as exc:
             log.error("callback not stored", error=str(exc))
             response = self._reject(500, "database_error", "the callback was not stored")

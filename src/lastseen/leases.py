@@ -50,6 +50,7 @@ class HeldCallbacks:
         self.metrics = metrics
         self.on_finished = on_finished
         self._by_id: dict[int, HeldCallback] = {}
+        self.ids = 0  # distinct ids of the held callbacks, answered or not
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -59,11 +60,12 @@ class HeldCallbacks:
     def __contains__(self, callback_id: int) -> bool:
         return callback_id in self._by_id
 
-    def ids(self) -> list[int]:
+    def callback_ids(self) -> list[int]:
         return list(self._by_id)
 
     def add(self, callback: HeldCallback) -> None:
         self._by_id[callback.id] = callback
+        self.ids += callback.distinct
         self._empty.clear()
         self.metrics.callbacks_claimed.inc()
         self.metrics.callbacks_active.set(len(self._by_id))
@@ -71,7 +73,9 @@ class HeldCallbacks:
     def finish(self, ids: list[int]) -> None:
         """Callbacks whose "done" is committed."""
         for callback_id in ids:
-            self._by_id.pop(callback_id, None)
+            callback = self._by_id.pop(callback_id, None)
+            if callback is not None:
+                self.ids -= callback.distinct
         self.metrics.callbacks_completed.inc(len(ids))
         self.metrics.callbacks_active.set(len(self._by_id))
         if not self._by_id:
@@ -107,15 +111,15 @@ class Leases:
         if count:
             log.info("took back a predecessor's callbacks", holder=self.worker, count=count)
 
-    async def claim(self, room: int) -> list[Claimed]:
-        """Leases up to ``room`` callbacks (at most one claim batch)."""
-        return await self.db.claim(self.worker, min(room, self.batch), self.lease)
+    async def claim(self) -> list[Claimed]:
+        """Leases up to one claim batch of callbacks."""
+        return await self.db.claim(self.worker, self.batch, self.lease)
 
     async def renew_forever(self) -> None:
         """Renews the leases on the held callbacks three times per lease period."""
         while True:
             await asyncio.sleep(self.lease / 3)
-            ids = self.held.ids()
+            ids = self.held.callback_ids()
             if not ids:
                 continue
             try:
@@ -131,6 +135,6 @@ class Leases:
 
     async def hand_back(self) -> None:
         """Hands what is still held back to the inbox, so another worker takes it at once."""
-        ids = self.held.ids()
+        ids = self.held.callback_ids()
         if ids:
             await self.db.release(self.worker, ids)

@@ -21,15 +21,18 @@ class Claimed:
     id: int
     received_at: datetime
     object_ids: list[int]
+    claims: int  # this claim included
 
 
 @dataclasses.dataclass(eq=False, slots=True)
 class HeldCallback:
-    """A claimed callback being worked on: how many of its distinct ids still lack an outcome."""
+    """A claimed callback being worked on: its distinct ids, and how many still lack an
+    outcome."""
 
     id: int
     received_at: datetime
     received_ts: float
+    distinct: int
     remaining: int
 
 

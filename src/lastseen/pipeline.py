@@ -73,7 +73,9 @@ class Pipeline:
             wake,
             look_up=self.lookups.add,
             done=self.results.add_done,
-            max_active=s.max_active_callbacks,
+            set_aside=self.results.set_aside,
+            max_active_ids=s.max_active_ids,
+            max_claims=s.max_claims,
             poll_interval=s.poll_interval,
         )
         self.reaper = Reaper(
@@ -82,6 +84,7 @@ class Pipeline:
             ttl=s.ttl,
             interval=s.reap_interval,
             audit_retention=s.audit_retention,
+            dead_letter_retention=s.dead_letter_retention,
             prune_interval=s.prune_interval,
         )
         self._started = False

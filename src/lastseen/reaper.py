@@ -1,4 +1,5 @@
-"""The reaper: deletes objects last seen more than the TTL ago, and prunes old bookkeeping.
+"""The reaper: deletes objects last seen more than the TTL ago, and prunes old bookkeeping
+(done callbacks, observations too old to matter, dead letters past their retention).
 
 The rule: an object goes when its ``last_seen`` is older than the TTL, unless a callback that
 names it was received within the TTL and is still pending (in a backlog, or being looked up).
@@ -40,6 +41,7 @@ class Reaper:
         ttl: float,
         interval: float,
         audit_retention: float,
+        dead_letter_retention: float,
         prune_interval: float,
     ) -> None:
         self.db = db
@@ -47,6 +49,7 @@ class Reaper:
         self.ttl = ttl
         self.interval = interval
         self.audit_retention = audit_retention
+        self.dead_letter_retention = dead_letter_retention
         self.prune_interval = prune_interval
 
     async def reap_once(self) -> int | None:
@@ -56,11 +59,15 @@ class Reaper:
             self.metrics.objects_deleted.labels("expired").inc(deleted)
         return deleted
 
-    async def prune_once(self) -> tuple[int, int]:
-        """One prune of each kind, up to ``PRUNE_LIMIT`` rows each."""
+    async def prune_once(self) -> tuple[int, int, int]:
+        """One prune of each kind (done callbacks, observations, dead letters), up to
+        ``PRUNE_LIMIT`` rows each."""
         now = time.time()
         return await self.db.prune(
-            _at(now - self.audit_retention), _at(now - self.ttl), PRUNE_LIMIT
+            _at(now - self.audit_retention),
+            _at(now - self.ttl),
+            _at(now - self.dead_letter_retention),
+            PRUNE_LIMIT,
         )
 
     async def run(self) -> None:
@@ -71,12 +78,18 @@ class Reaper:
             try:
                 deleted = await self.reap_once()
                 if time.monotonic() >= next_prune:
-                    callbacks, observations = await self.prune_once()
-                    if callbacks or observations:
-                        log.info("pruned", callbacks=callbacks, observations=observations)
+                    pruned = await self.prune_once()
+                    if any(pruned):
+                        callbacks, observations, dead = pruned
+                        log.info(
+                            "pruned",
+                            callbacks=callbacks,
+                            observations=observations,
+                            dead_letters=dead,
+                        )
                     # A full round means more is waiting: prune again next time round, so
                     # pruning keeps up with any ingest rate.
-                    full = PRUNE_LIMIT in (callbacks, observations)
+                    full = PRUNE_LIMIT in pruned
                     next_prune = time.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
                 log.warning("reaper round failed", error=str(exc))

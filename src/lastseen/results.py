@@ -26,7 +26,7 @@ import structlog
 
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.metrics import Metrics
-from lastseen.model import DeadLetter, Expired, Lookup, Outcome
+from lastseen.model import DeadLetter, Expired, HeldCallback, Lookup, Outcome
 from lastseen.storage.database import Database, ResultBatch
 
 log = structlog.get_logger("lastseen.results")
@@ -105,6 +105,16 @@ class ResultWriter:
             callback.remaining -= 1
             if callback.remaining == 0:
                 self.add_done(callback.id)
+
+    def set_aside(
+        self, callback: HeldCallback, ids: Sequence[int], reason: str, detail: str
+    ) -> None:
+        """Dead-letters every id of ``callback`` with ``reason``, and completes it."""
+        self.metrics.dead_letters.labels(reason).inc(len(ids))
+        self.add_dead_letters(
+            [DeadLetter(callback.id, i, callback.received_at, reason, detail, 0) for i in ids]
+        )
+        self.add_done(callback.id)
 
     def add_result(
         self,

@@ -91,6 +91,7 @@ OPTIONS: tuple[Option, ...] = (
         "largest accepted request body (bytes)",
         "ingest",
     ),
+    Option("max_ids", _positive_int, "10000", "most ids in one callback", "ingest"),
     Option(
         "commit_max_batch",
         _positive_int,
@@ -146,13 +147,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("claim_batch", _positive_int, "200", "most callbacks claimed at once", "worker"),
     Option(
-        "max_active_callbacks",
+        "max_active_ids",
         _positive_int,
-        "20000",
-        "most claimed, unfinished callbacks held by one process",
+        "400000",
+        "most distinct ids of claimed, unfinished callbacks held by one process",
         "worker",
     ),
-    # Lookups.
+    Option(
+        "max_claims",
+        _positive_int,
+        "10",
+        "claims of one callback without finishing it before it is set aside as poison",
+        "worker",
+    ),
     Option(
         "max_lookups",
         _positive_int,
@@ -182,6 +189,13 @@ OPTIONS: tuple[Option, ...] = (
     # Housekeeping.
     Option("reap_interval", _seconds, "0.2", "seconds between reaper runs", "housekeeping"),
     Option("audit_retention", _seconds, "3600", "seconds done callbacks are kept", "housekeeping"),
+    Option(
+        "dead_letter_retention",
+        _seconds,
+        "604800",
+        "seconds dead letters are kept",
+        "housekeeping",
+    ),
     Option(
         "prune_interval", _seconds, "10", "seconds between prunes of done callbacks", "housekeeping"
     ),
@@ -236,6 +250,7 @@ class Settings:
     data_dir: Path
     role: str
     max_body_bytes: int
+    max_ids: int
     commit_max_batch: int
     commit_concurrency: int
     commit_timeout: float
@@ -246,7 +261,8 @@ class Settings:
     lease: float
     poll_interval: float
     claim_batch: int
-    max_active_callbacks: int
+    max_active_ids: int
+    max_claims: int
     max_lookups: int
     lookup_rps: float
     lookup_timeout: float
@@ -256,6 +272,7 @@ class Settings:
     results_interval: float
     reap_interval: float
     audit_retention: float
+    dead_letter_retention: float
     prune_interval: float
     shutdown_grace: float
     gc_threshold: int

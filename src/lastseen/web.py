@@ -12,12 +12,15 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import msgspec
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from lastseen.errors import DatabaseError
 from lastseen.metrics import Metrics, merge
 from lastseen.storage.database import Database
+
+log = structlog.get_logger("lastseen.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PAGE_LIMIT = 1000
@@ -65,7 +68,9 @@ class Readiness:
         try:
             await asyncio.wait_for(db.ping(), timeout)
         except (DatabaseError, TimeoutError) as exc:
-            return f"database unreachable: {exc or 'timeout'}"
+            # The driver's text (hosts, ports, errno) is for the logs, not for callers.
+            log.warning("readiness check failed", error=str(exc) or "timeout")
+            return "database unreachable"
         return None
 
 
@@ -74,7 +79,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except DatabaseError as exc:
-        return error_response(503, "database_unavailable", str(exc), {"Retry-After": "1"})
+        log.warning("request failed on the database", path=request.path, error=str(exc))
+        detail = "the database did not answer; try again"
+        return error_response(503, "database_unavailable", detail, {"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -2,8 +2,10 @@
 
 It wakes at once on a notification from the group commit (LISTEN/NOTIFY), or when held
 callbacks finish and make room, and it also polls, so a lost notification, or a lapsed lease of
-a crashed worker, only delays work. It holds at most ``max_active`` unfinished callbacks; the
-rest wait in the inbox.
+a crashed worker, only delays work. It claims while its callbacks hold fewer than
+``max_active_ids`` distinct ids (so it holds at most that plus one claim batch); the rest wait
+in the inbox. A callback claimed ``max_claims`` times before (each claim ended by a crash or a
+lost lease) is set aside as poison instead of being worked on again.
 """
 
 from __future__ import annotations
@@ -33,19 +35,24 @@ class Worker:
         *,
         look_up: Callable[[HeldCallback, int], None],
         done: Callable[[int], None],
-        max_active: int,
+        set_aside: Callable[[HeldCallback, list[int], str, str], None],
+        max_active_ids: int,
+        max_claims: int,
         poll_interval: float,
     ) -> None:
         """``look_up(callback, id)`` takes each distinct id of a claimed callback; ``done``
-        takes a callback with no ids at all. ``wake`` is set by whatever makes work claimable
-        or makes room: a notification, held callbacks finishing."""
+        takes a callback with no ids at all; ``set_aside(callback, ids, reason, detail)`` one that
+        must not be worked on. ``wake`` is set by whatever makes work claimable or makes room:
+        a notification, held callbacks finishing."""
         self.db = db
         self.leases = leases
         self.held = held
         self.wake = wake
         self.look_up = look_up
         self.done = done
-        self.max_active = max_active
+        self.set_aside = set_aside
+        self.max_active_ids = max_active_ids
+        self.max_claims = max_claims
         self.poll_interval = poll_interval
         self._listener: asyncpg.Connection | None = None
         self._claiming = True
@@ -59,17 +66,17 @@ class Worker:
             await self._ensure_listener()
             if not self._claiming:
                 break
-            room = self.max_active - len(self.held)
+            room = self.max_active_ids > self.held.ids
             claimed: list[Claimed] = []
-            if room > 0:
+            if room:
                 try:
-                    claimed = await self.leases.claim(room)
+                    claimed = await self.leases.claim()
                 except DatabaseError as exc:
                     # Unreachable, a deadlock, a read-only failover: try again at the next poll.
                     log.warning("could not claim callbacks", error=str(exc))
                 for callback in claimed:
                     self._start(callback)
-            if claimed and len(claimed) == min(room, self.leases.batch):
+            if len(claimed) == self.leases.batch:
                 continue  # there may be more waiting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval)
@@ -89,8 +96,15 @@ class Worker:
         # A callback is stored as received; one lookup per distinct id is enough.
         distinct = list(dict.fromkeys(claimed.object_ids))
         received_at = claimed.received_at
-        callback = HeldCallback(claimed.id, received_at, received_at.timestamp(), len(distinct))
+        callback = HeldCallback(
+            claimed.id, received_at, received_at.timestamp(), len(distinct), len(distinct)
+        )
         self.held.add(callback)
+        if claimed.claims > self.max_claims:
+            log.error("callback set aside as poison", callback_id=claimed.id, claims=claimed.claims)
+            detail = f"claimed {claimed.claims} times without finishing"
+            self.set_aside(callback, distinct, "poison", detail)
+            return
         if not distinct:
             self.done(callback.id)
         for object_id in distinct:

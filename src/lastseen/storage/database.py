@@ -201,7 +201,7 @@ class Database:
     @_edge
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         rows = await self.pool.fetch(Q["claim_callbacks"], worker, limit, lease)
-        return [Claimed(r[0], r[1], r[2]) for r in rows]
+        return [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
 
     @_edge
     async def extend_leases(self, worker: str, ids: Sequence[int], lease: float) -> set[int]:
@@ -262,12 +262,18 @@ class Database:
 
     @_edge
     async def prune(
-        self, done_before: datetime, observed_before: datetime, limit: int
-    ) -> tuple[int, int]:
-        """Deletes old done callbacks and stale observations; returns how many of each."""
+        self,
+        done_before: datetime,
+        observed_before: datetime,
+        dead_before: datetime,
+        limit: int,
+    ) -> tuple[int, int, int]:
+        """Deletes old done callbacks, stale observations and old dead letters; returns how
+        many of each."""
         callbacks = await self.pool.execute(Q["prune_callbacks"], done_before, limit)
         observations = await self.pool.execute(Q["prune_observations"], observed_before, limit)
-        return _rows_affected(callbacks), _rows_affected(observations)
+        dead = await self.pool.execute(Q["prune_dead_letters"], dead_before, limit)
+        return _rows_affected(callbacks), _rows_affected(observations), _rows_affected(dead)
 
     @_edge
     async def inbox_stats(self) -> tuple[int, datetime | None]:

@@ -52,7 +52,7 @@ UPDATE callbacks AS c
 SET locked_until = now() + make_interval(secs => $3), locked_by = $1, claims = c.claims + 1
 FROM claimable
 WHERE c.id = claimable.id
-RETURNING c.id, c.received_at, c.object_ids;
+RETURNING c.id, c.received_at, c.object_ids, c.claims;
 
 -- name: extend_leases
 -- Renews worker $1's leases on the callbacks $2 for another $3 s; returns the ones it still holds.
@@ -175,6 +175,12 @@ WHERE id IN (SELECT id FROM callbacks WHERE done_at < $1 LIMIT $2);
 -- skipping rows a results writer holds.
 DELETE FROM observations
 WHERE id IN (SELECT id FROM observations WHERE seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED);
+
+-- name: prune_dead_letters
+-- Deletes up to $2 dead letters recorded before $1 (their retention is over).
+DELETE FROM dead_letters
+WHERE (callback_id, object_id) IN (
+    SELECT callback_id, object_id FROM dead_letters WHERE created_at < $1 LIMIT $2);
 
 -- name: inbox_stats
 -- Pending callbacks and the receive time of the oldest one.

@@ -210,7 +210,7 @@ class Bench:
                 "--connections", str(connections), "--duration", str(seconds),
                 "--seed", str(self.options.seed)]  # fmt: skip
         if max_ids is not None:
-            args += ["--max-ids", str(max_ids)]
+            args += ["--max-ids-per-callback", str(max_ids)]
         if universe is not None:
             args += ["--id-universe", str(universe)]
         return await self.simulate(*args, upstream=False)

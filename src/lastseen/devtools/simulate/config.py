@@ -69,7 +69,7 @@ class SimulatorConfig:
             target=getattr(args, "target", ProducerConfig.target),
             period=args.period,
             timeout=args.timeout,
-            max_ids=args.max_ids,
+            max_ids=args.max_ids_per_callback,
             id_universe=args.id_universe,
             rate=args.rate,
             connections=args.connections,
@@ -193,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
         help="client timeout of each POST; a slower reply is a missed callback, never retried [1]",
     )
     prod.add_argument(
-        "--max-ids",
+        "--max-ids-per-callback",
         type=at_least(int, 0),
         default=199,
         metavar="N",
