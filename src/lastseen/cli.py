@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,22 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.app import database
 
+    # A receive time older than the TTL can no longer create a row: such dead letters stay,
+    # unless asked for (their lookups would answer, and change nothing).
+    since = datetime.min.replace(tzinfo=UTC)
+    if not args.include_stale:
+        since = datetime.fromtimestamp(time.time() - settings.ttl, UTC)
     async with database(settings) as db:
         await db.migrate()
-        created = await db.retry_dead_letters(args.limit)
+        created = await db.retry_dead_letters(args.limit, since)
+        skipped = 0 if args.include_stale else await db.count_dead_letters_before(since)
     print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
+    if skipped:
+        print(
+            f"{skipped} dead letters skipped: received more than the TTL ago, their lookups "
+            "could change nothing (--include-stale queues them anyway)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -140,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(retry, ["service", "logging"])
     retry.add_argument("--limit", type=int, default=100_000, help="most dead letters retried")
+    retry.add_argument(
+        "--include-stale",
+        action="store_true",
+        help="also queue dead letters received more than the TTL ago",
+    )
     retry.set_defaults(run=_retry_dead_letters)
 
     bench = commands.add_parser(

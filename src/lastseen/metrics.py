@@ -70,6 +70,11 @@ class Metrics:
         self.callbacks_completed = Counter(
             "lastseen_callbacks_completed", "Callbacks marked done by this instance", registry=r
         )
+        self.callbacks_expired = Counter(
+            "lastseen_callbacks_expired",
+            "Callbacks completed without lookups: older than the TTL when their turn came",
+            registry=r,
+        )
         self.callbacks_active = Gauge(
             "lastseen_callbacks_active", "Callbacks this instance holds unfinished", registry=r
         )

@@ -76,7 +76,9 @@ class Pipeline:
             set_aside=self.results.set_aside,
             max_active_ids=s.max_active_ids,
             max_claims=s.max_claims,
+            ttl=s.ttl,
             poll_interval=s.poll_interval,
+            metrics=metrics,
         )
         self.reaper = Reaper(
             db,

@@ -6,6 +6,10 @@ names it was received within the TTL and is still pending (in a backlog, or bein
 Then its own result decides: online moves ``last_seen`` forward, offline deletes the row. Without
 this, a backlog would make objects blink out and back in.
 
+Stale callbacks. A pending callback that is not leased and is older than the TTL is completed
+without lookups (``lastseen_callbacks_expired_total``): its result could create no row. So
+after an outage or a burst, the upstream's capacity goes to callbacks that can still matter.
+
 One reaper works at a time across instances (a transaction-scoped advisory lock); the others
 find the lock taken and skip that round, so a dead instance's reaper is replaced at once.
 """
@@ -26,6 +30,7 @@ log = structlog.get_logger("lastseen.reaper")
 
 REAP_LIMIT = 10_000
 PRUNE_LIMIT = 10_000
+STALE_LIMIT = 10_000
 
 
 def _at(ts: float) -> datetime:
@@ -52,6 +57,13 @@ class Reaper:
         self.dead_letter_retention = dead_letter_retention
         self.prune_interval = prune_interval
 
+    async def expire_stale(self) -> int:
+        """Completes unclaimed callbacks older than the TTL, up to ``STALE_LIMIT``."""
+        expired = await self.db.expire_stale_callbacks(_at(time.time() - self.ttl), STALE_LIMIT)
+        if expired:
+            self.metrics.callbacks_expired.inc(expired)
+        return expired
+
     async def reap_once(self) -> int | None:
         """One round; the number of objects deleted, or None if another instance reaps."""
         deleted = await self.db.reap(_at(time.time() - self.ttl), REAP_LIMIT)
@@ -75,7 +87,9 @@ class Reaper:
         next_prune = time.monotonic() + self.prune_interval
         while True:
             deleted: int | None = 0
+            expired = 0
             try:
+                expired = await self.expire_stale()
                 deleted = await self.reap_once()
                 if time.monotonic() >= next_prune:
                     pruned = await self.prune_once()
@@ -93,5 +107,5 @@ class Reaper:
                     next_prune = time.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
                 log.warning("reaper round failed", error=str(exc))
-            if deleted != REAP_LIMIT:
+            if deleted != REAP_LIMIT and expired != STALE_LIMIT:
                 await asyncio.sleep(self.interval)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -19,6 +20,7 @@ import structlog
 
 from lastseen.errors import DatabaseError
 from lastseen.leases import HeldCallbacks, Leases
+from lastseen.metrics import Metrics
 from lastseen.model import Claimed, HeldCallback
 from lastseen.storage.database import Database
 
@@ -38,7 +40,9 @@ class Worker:
         set_aside: Callable[[HeldCallback, list[int], str, str], None],
         max_active_ids: int,
         max_claims: int,
+        ttl: float,
         poll_interval: float,
+        metrics: Metrics,
     ) -> None:
         """``look_up(callback, id)`` takes each distinct id of a claimed callback; ``done``
         takes a callback with no ids at all; ``set_aside(callback, ids, reason, detail)`` one that
@@ -53,6 +57,8 @@ class Worker:
         self.set_aside = set_aside
         self.max_active_ids = max_active_ids
         self.max_claims = max_claims
+        self.ttl = ttl
+        self.metrics = metrics
         self.poll_interval = poll_interval
         self._listener: asyncpg.Connection | None = None
         self._claiming = True
@@ -105,8 +111,13 @@ class Worker:
             detail = f"claimed {claimed.claims} times without finishing"
             self.set_aside(callback, distinct, "poison", detail)
             return
-        if not distinct:
+        if not distinct or callback.received_ts < time.time() - self.ttl:
+            # Nothing to look up, or too old for any result to create a row (a callback handed
+            # back after its TTL): done without lookups.
+            if distinct:
+                self.metrics.callbacks_expired.inc()
             self.done(callback.id)
+            return
         for object_id in distinct:
             self.look_up(callback, object_id)
 

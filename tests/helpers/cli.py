@@ -21,15 +21,18 @@ class Finished:
     stderr: str
 
 
-async def run_cli(*args: str | Path, timeout: float = 60.0) -> Finished:
-    """Runs ``lastseen ARGS`` to the end, without a terminal; returns its status and output."""
+async def run_cli(
+    *args: str | Path, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Finished:
+    """Runs ``lastseen ARGS`` to the end, without a terminal, with ``env`` added to the
+    environment; returns its status and output."""
     proc = await asyncio.create_subprocess_exec(
         *LASTSEEN,
         *map(str, args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LASTSEEN_LOG_FORMAT": "json"},
+        env={**os.environ, **(env or {}), "LASTSEEN_LOG_FORMAT": "json"},
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

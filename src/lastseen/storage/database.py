@@ -250,6 +250,10 @@ class Database:
         return upserted, deleted
 
     @_edge
+    async def expire_stale_callbacks(self, cutoff: datetime, limit: int) -> int:
+        return int(await self.pool.fetchval(Q["expire_stale_callbacks"], cutoff, limit))
+
+    @_edge
     async def reap(self, cutoff: datetime, limit: int) -> int | None:
         """Deletes expired objects; None when another instance's reaper holds the lock."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -320,9 +324,15 @@ class Database:
         return {r[0]: r[1] for r in await self.pool.fetch(Q["count_dead_letters"])}
 
     @_edge
-    async def retry_dead_letters(self, limit: int) -> list[int]:
-        """Puts dead letters back into the inbox; returns the ids of the new callbacks."""
-        return sorted(r[0] for r in await self.pool.fetch(Q["retry_dead_letters"], limit))
+    async def retry_dead_letters(self, limit: int, received_since: datetime) -> list[int]:
+        """Puts dead letters received since ``received_since`` back into the inbox; returns
+        the ids of the new callbacks."""
+        rows = await self.pool.fetch(Q["retry_dead_letters"], limit, received_since)
+        return sorted(r[0] for r in rows)
+
+    @_edge
+    async def count_dead_letters_before(self, received_before: datetime) -> int:
+        return int(await self.pool.fetchval(Q["count_dead_letters_before"], received_before))
 
 
 def _rows_affected(status: str) -> int:

@@ -137,6 +137,23 @@ WITH finished AS (
 UPDATE callbacks AS c SET done_at = now(), locked_by = NULL
 FROM finished WHERE c.id = finished.id;
 
+-- name: expire_stale_callbacks
+-- Completes up to $2 unclaimed callbacks received before $1 (the TTL's cutoff) without looking
+-- them up: their results could create no row. After an outage or a burst, the backlog's stale
+-- part costs the upstream nothing and goes in bulk. Returns how many.
+WITH stale AS (
+    SELECT id FROM callbacks
+    WHERE done_at IS NULL AND received_at < $1 AND locked_until <= now()
+    ORDER BY received_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE callbacks AS c SET done_at = now(), locked_by = NULL
+    FROM stale WHERE c.id = stale.id
+    RETURNING 1
+)
+SELECT count(*) FROM expired;
+
 -- name: take_reaper_lock
 -- One reaper at a time across instances: true for the transaction that gets this lock.
 SELECT pg_try_advisory_xact_lock(hashtext('lastseen.reaper'));
@@ -203,17 +220,22 @@ SELECT id, last_seen FROM objects WHERE id = $1;
 SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
 FROM dead_letters ORDER BY created_at, callback_id, object_id LIMIT $1;
 
+-- name: count_dead_letters_before
+-- Dead letters received before $1.
+SELECT count(*) FROM dead_letters WHERE received_at < $1;
+
 -- name: count_dead_letters
 -- Dead letters by reason.
 SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason;
 
 -- name: retry_dead_letters
--- Moves up to $1 dead letters back into the inbox, as new callbacks with the original receive
--- times (one per original callback), and deletes them. Returns the new callbacks' ids.
+-- Moves up to $1 dead letters received at $2 or later back into the inbox, as new callbacks
+-- with the original receive times (one per original callback), and deletes them. Returns the
+-- new callbacks' ids.
 WITH taken AS (
     DELETE FROM dead_letters
     WHERE (callback_id, object_id) IN (
-        SELECT callback_id, object_id FROM dead_letters
+        SELECT callback_id, object_id FROM dead_letters WHERE received_at >= $2
         ORDER BY callback_id, object_id LIMIT $1 FOR UPDATE SKIP LOCKED)
     RETURNING callback_id, object_id, received_at
 ), stored AS (
