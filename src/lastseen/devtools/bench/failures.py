@@ -6,6 +6,8 @@
 - upstream-outage: the upstream answers 503 to everything for 12 s while the same 100 online
   ids arrive every second (TTL 6 s): whether any row disappears meanwhile, and how long after
   the recovery each id catches up with the newest callback sent before it.
+- reaper: how long one reaper round takes with a backlog of 1 million pending ids (5,000
+  callbacks of 200), when expired objects are named by them (protected) and when not.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import psutil
 
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.loadgen import percentile
+from lastseen.metrics import Metrics
+from lastseen.reaper import Reaper
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench
@@ -211,4 +215,58 @@ async def upstream_outage(bench: Bench) -> dict[str, Any]:
             "max": round(max(delays, default=0.0), 2),
         },
         "goal": "no row disappears; every id caught up within 2 s of the recovery",
+    }
+
+
+# Fixture data for the reaper measurement only, so it lives here and not in queries.sql:
+# $1 callbacks of $2 ids each, received now and pending (leased, so none is expired); then
+# objects last seen an hour ago, $1 of them named by those callbacks and $1 others.
+_REAPER_FIXTURE = """
+INSERT INTO callbacks (received_at, object_ids, locked_until)
+SELECT now(), ARRAY(SELECT generate_series(c * $2, c * $2 + $2 - 1))::bigint[],
+       now() + interval '1 hour'
+FROM generate_series(0, $1 - 1) AS c;
+INSERT INTO objects (id, last_seen)
+SELECT id, now() - interval '1 hour'
+FROM (SELECT generate_series(0, $1 - 1) AS id
+      UNION ALL SELECT generate_series(1000000000, 1000000000 + $1 - 1)) AS ids;
+"""
+
+
+async def reaper(bench: Bench) -> dict[str, Any]:
+    """Reaper rounds over a large backlog of pending ids."""
+    o = bench.options
+    callbacks, per_callback, objects = o.reaper_callbacks, 200, 10_000
+    url = await bench.fresh_database("bench_reaper")
+    async with bench.database(url) as db:
+        await db.migrate()
+        pending, expired = _REAPER_FIXTURE.strip().split(";\n")
+        await db.pool.execute(pending, callbacks, per_callback)
+        await db.pool.execute(expired.rstrip(";"), objects)
+        await db.pool.execute("ANALYZE")  # fixture only: fresh statistics, as autovacuum would
+        reaper_ = Reaper(
+            db,
+            Metrics(),
+            ttl=30,
+            interval=0.2,
+            audit_retention=3600,
+            dead_letter_retention=3600,
+            prune_interval=10,
+        )
+        rounds: list[dict[str, float]] = []
+        for _ in range(5):
+            started = time.perf_counter()
+            deleted = await reaper_.reap_once()
+            rounds.append(
+                {"ms": round((time.perf_counter() - started) * 1000, 1), "deleted": deleted or 0}
+            )
+    bench.progress(f"reaper rounds: {rounds}")
+    return {
+        "pending_ids": callbacks * per_callback,
+        "expired_objects": 2 * objects,
+        "protected_objects": objects,
+        "rounds": rounds,
+        "round_ms_max_after_first": max((r["ms"] for r in rounds[1:]), default=0.0),
+        "reap_interval_ms": 200,
+        "goal": "a round well under the reap interval (200 ms) with 1 million pending ids",
     }

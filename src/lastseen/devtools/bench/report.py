@@ -115,6 +115,13 @@ def render(results: dict[str, Any]) -> str:
             f"every second; {s['disappeared']} rows disappeared; every id caught up within "
             f"p50 {late['p50']} s, max {late['max']} s of the recovery"
         )
+    if "reaper" in scenarios:
+        s = scenarios["reaper"]
+        console.print(
+            f"reaper: {s['pending_ids']:,} pending ids, {s['expired_objects']:,} expired objects "
+            f"({s['protected_objects']:,} protected); rounds "
+            + ", ".join(f"{r['ms']} ms ({r['deleted']:.0f} deleted)" for r in s["rounds"])
+        )
     return console.export_text()
 
 

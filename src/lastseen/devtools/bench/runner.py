@@ -63,6 +63,8 @@ class BenchOptions:
     sample_every: float = 2.0
     # crash
     crash_seconds: float = 60.0
+    # reaper
+    reaper_callbacks: int = 5000
     # upstream-outage
     outage_warmup: float = 6.0
     outage_seconds: float = 12.0
@@ -86,6 +88,7 @@ class BenchOptions:
             crash_seconds=5.0,
             outage_warmup=2.0,
             outage_seconds=3.0,
+            reaper_callbacks=50,
             sample_every=0.5,
         )
 

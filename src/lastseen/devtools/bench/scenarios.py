@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import psutil
 
-from lastseen.devtools.bench.failures import crash, upstream_outage
+from lastseen.devtools.bench.failures import crash, reaper, upstream_outage
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
 from lastseen.devtools.promtext import Reading, quantile, since
@@ -333,4 +333,5 @@ SCENARIOS: dict[str, Scenario] = {
     "soak": soak,
     "crash": crash,
     "upstream-outage": upstream_outage,
+    "reaper": reaper,
 }
