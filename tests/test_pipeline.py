@@ -283,8 +283,8 @@ async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
 ) -> None:
     """The upstream answers 500 to everything for longer than the TTL while the same ids keep
     arriving: no row disappears meanwhile (pending callbacks protect them), the service says
-    it sees an outage, and once the upstream answers again every id catches up with a callback
-    received after the recovery within a second."""
+    it sees an outage (a metric, and /ready, which stays 200), and once the upstream answers
+    again every id catches up with a callback received after the recovery within a second."""
     ids = list(range(0, 40, 2))
     state = {"down": False}
 
@@ -318,6 +318,8 @@ async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
             assert sorted(await objects(sql)) == ids
             await asyncio.sleep(0.1)
         assert service.sample("lastseen_upstream_outage") == 1
+        status, ready = await service.get("/ready")
+        assert (status, ready["upstream"]) == (200, "failing: lookups held and probed")
         state["down"] = False
         recovered = time.time()
         await asyncio.sleep(1.0)
@@ -325,6 +327,7 @@ async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
         assert sorted(rows) == ids
         assert all(last_seen.timestamp() >= recovered for last_seen in rows.values()), rows
         assert service.sample("lastseen_upstream_outage") == 0
+        assert await service.get("/ready") == (200, {"ready": True, "upstream": "ok"})
         assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0
     finally:
         sending = False

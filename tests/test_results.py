@@ -10,9 +10,10 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lastseen.errors import DatabaseUnavailable
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
-from lastseen.storage.database import Database, ResultBatch
+from lastseen.storage.database import Database, ResultBatch, translate
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -181,3 +182,17 @@ async def test_prune_removes_old_done_callbacks_observations_and_dead_letters(
     assert await sql.fetchval("SELECT object_id FROM dead_letters") == 2
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
     assert await sql.fetchval("SELECT id FROM observations") == 2
+
+
+def test_driver_errors_of_a_lost_connection_mean_unavailable() -> None:
+    """Every error a lost connection makes the driver raise is "unavailable" (waited out and
+    retried), not a refusal that would stop the results writer."""
+    for error in (
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
+        assert isinstance(translate("write_results", error), DatabaseUnavailable), error
+    refused = asyncpg.UniqueViolationError("duplicate key value")
+    assert not isinstance(translate("x", refused), DatabaseUnavailable)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import signal
 from collections.abc import AsyncIterator
 
@@ -33,6 +34,7 @@ from lastseen.worker_processes import WorkerProcesses, die_with_parent
 log = structlog.get_logger("lastseen.app")
 
 DB_TIMEOUT = 10.0
+_OUTAGE = re.compile(r"^lastseen_upstream_outage 1", re.MULTILINE)
 
 
 class Service:
@@ -51,7 +53,6 @@ class Service:
         self.db = db
         self.metrics = m = metrics or Metrics()
         self.worker_processes = worker_processes
-        self.readiness = Readiness()
         self.supervisor = Supervisor()
         self.commit: GroupCommit | None = None
         callback_handler = None
@@ -69,6 +70,8 @@ class Service:
         self.pipeline: Pipeline | None = None
         if s.runs_pipeline:
             self.pipeline = Pipeline(s, db, client, m, self.supervisor)
+        runs_lookups = self.pipeline is not None or worker_processes is not None
+        self.readiness = Readiness(self._upstream_failing if runs_lookups else None)
         self.app = build_app(
             Routes(
                 db,
@@ -84,6 +87,14 @@ class Service:
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         self._stopped = False
         self.port: int | None = None
+
+    async def _upstream_failing(self) -> bool:
+        """Whether this instance's lookups see the upstream failing, here or in a worker."""
+        if self.pipeline is not None:
+            return self.pipeline.lookups.outage
+        assert self.worker_processes is not None
+        texts = await self.worker_processes.scrape(timeout=1.0)
+        return any(_OUTAGE.search(text) for text in texts)
 
     async def start(self) -> None:
         """Listens at once (so /health and /ready answer), and migrates in the background."""

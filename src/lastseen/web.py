@@ -45,9 +45,12 @@ def error_response(
 
 
 class Readiness:
-    """Whether this instance can do its work: migrations applied, database reachable."""
+    """Whether this instance can do its work: migrations applied, database reachable; and, as
+    a detail that does not make it unready (it still stores callbacks), whether the upstream
+    is failing, asked of ``upstream_failing`` (None where no pipeline runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream_failing: Callable[[], Awaitable[bool]] | None = None) -> None:
+        self.upstream_failing = upstream_failing
         self.reason = "migrations not applied yet"
         self._migrated = asyncio.Event()
 
@@ -120,7 +123,11 @@ class Routes:
         reason = await self.readiness.check(self.db)
         if reason is not None:
             return json_response({"ready": False, "reason": reason}, status=503)
-        return json_response({"ready": True})
+        answer: dict[str, object] = {"ready": True}
+        if self.readiness.upstream_failing is not None:
+            failing = await self.readiness.upstream_failing()
+            answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
+        return json_response(answer)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         # Figures that live in the database are sampled on scrape; a slow database only makes

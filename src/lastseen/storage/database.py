@@ -32,6 +32,9 @@ R = TypeVar("R")
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
+    # A connection lost in the middle of an operation can leave asyncpg's protocol in a state
+    # it reports this way ("cannot switch to state 15; another operation is in progress").
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.InterfaceError,
