@@ -66,6 +66,69 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
     return 0
 
 
+async def _import(settings: Settings, args: argparse.Namespace) -> int:
+    import uuid
+
+    from lastseen.app import database
+    from lastseen.importer import (
+        ImportProgress,
+        Summary,
+        guess_format,
+        import_records,
+        open_source,
+        read_records,
+    )
+
+    summary = Summary()
+    rejects = args.rejects.open("w", encoding="utf-8") if args.rejects else None
+    progress = ImportProgress(live=sys.stderr.isatty())
+    try:
+        async with database(settings) as db:
+            await db.migrate()
+            for path in args.files:
+                source = open_source(path)
+                name = args.source or source.name
+                if path == "-" and not args.source:
+                    # Nothing names standard input: without --source it cannot be resumed.
+                    name = f"stdin-{uuid.uuid4().hex[:12]}"
+                    print("lastseen import: reading standard input without --source: "
+                          "a second import would store it again", file=sys.stderr)  # fmt: skip
+                fmt = guess_format(path) if args.format == "auto" else args.format
+                records = read_records(
+                    source.stream,
+                    fmt=fmt,
+                    column=args.column,
+                    ids_per_callback=args.ids_per_callback,
+                    max_ids=settings.max_ids,
+                )
+
+                def rejected(reject: Any, path: str = path) -> None:
+                    if rejects is not None:
+                        print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}", file=rejects)
+
+                with progress.file(path, source, summary.read) as update:
+                    try:
+                        await import_records(
+                            db,
+                            records,
+                            name,
+                            chunk=args.chunk,
+                            summary=summary,
+                            on_reject=rejected,
+                            on_chunk=update,
+                        )
+                    finally:
+                        source.close()
+    finally:
+        if rejects is not None:
+            rejects.close()
+    for line in summary.lines():
+        print(line)
+    if summary.rejected and not args.allow_rejects:
+        return 1
+    return 0
+
+
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.devtools.bench import SCENARIOS, BenchOptions, run
 
@@ -159,6 +222,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="also queue dead letters received more than the TTL ago",
     )
     retry.set_defaults(run=_retry_dead_letters)
+
+    imports = commands.add_parser(
+        "import",
+        help="store callbacks from files (CSV, JSON lines, gzip) through the durable inbox",
+        description="Reads each FILE (- for standard input) and stores its callbacks in the "
+        "inbox in chunks, validated like POST /callback; bad records are skipped and "
+        "reported. Importing the same file again, or resuming a killed import, stores nothing "
+        "twice. Exits 1 if any record was rejected, unless --allow-rejects.",
+    )
+    add_arguments(imports, ["service", "ingest", "logging"])
+    imports.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
+    imports.add_argument(
+        "--format", choices=("auto", "csv", "jsonl"), default="auto", help="[by extension]"
+    )
+    imports.add_argument(
+        "--column", help="CSV: the column holding one id per row [object_ids: a list per row]"
+    )
+    imports.add_argument(
+        "--ids-per-callback",
+        type=int,
+        default=200,
+        help="with --column: ids grouped into one callback [200]",
+    )
+    imports.add_argument(
+        "--chunk", type=int, default=1000, help="callbacks stored per transaction [1000]"
+    )
+    imports.add_argument(
+        "--source", help="the name of the source in its records' keys [file name and digest]"
+    )
+    imports.add_argument("--rejects", type=Path, help="write each rejected record here")
+    imports.add_argument(
+        "--allow-rejects", action="store_true", help="exit 0 even if records were rejected"
+    )
+    imports.set_defaults(run=_import)
 
     bench = commands.add_parser(
         "bench", help="measure the whole system on this machine (see docs/benchmarks.md)"

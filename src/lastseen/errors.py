@@ -35,6 +35,11 @@ class TooManyIds(InvalidCallback):
         super().__init__("too_many_ids", f"{count} ids; at most {limit} per callback")
 
 
+class ImportSourceError(LastseenError):
+    """An import cannot read its source: a file that cannot be opened, a CSV without the
+    column to read."""
+
+
 class DatabaseError(LastseenError):
     """PostgreSQL failed or could not be reached; the driver's error is the ``__cause__``."""
 

@@ -7,7 +7,7 @@ The body is parsed whatever its Content-Type says; producers are not all careful
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 import structlog
@@ -37,12 +37,18 @@ class CallbackBody(msgspec.Struct):
 
 
 _decoder = msgspec.json.Decoder(CallbackBody)
+Body = TypeVar("Body", bound=CallbackBody)
 
 
 def parse_callback(body: bytes) -> list[int]:
     """The ids of a callback body, or ``InvalidCallback`` saying what is wrong."""
+    return decode_callback(body, _decoder).object_ids
+
+
+def decode_callback(body: bytes, decoder: msgspec.json.Decoder[Body]) -> Body:
+    """A callback body decoded by ``decoder``, or ``InvalidCallback`` saying what is wrong."""
     try:
-        return _decoder.decode(body).object_ids
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         if "at `$.object_ids[" in message:
@@ -51,6 +57,8 @@ def parse_callback(body: bytes) -> list[int]:
             reason = "object_ids_not_a_list"
         elif "missing required field" in message:
             reason = "missing_object_ids"
+        elif "at `$.received_at`" in message:
+            reason = "bad_received_at"
         else:
             reason = "not_an_object"
         raise InvalidCallback(reason, message) from None

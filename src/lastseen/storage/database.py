@@ -198,6 +198,17 @@ class Database:
         return sorted(row[0] for row in rows)
 
     @_edge
+    async def insert_imported_callbacks(
+        self, received_at: Sequence[float], id_arrays: Sequence[str], sources: Sequence[str]
+    ) -> int:
+        """Stores imported callbacks durably, skipping source positions already stored;
+        returns how many were stored now."""
+        rows = await self.pool.fetch(
+            Q["insert_imported_callbacks"], received_at, id_arrays, sources
+        )
+        return len(rows)
+
+    @_edge
     async def notify_inbox(self) -> None:
         await self.pool.execute(Q["notify_inbox"])
 

@@ -31,6 +31,15 @@ FROM unnest($1::float8[], $2::text[]) WITH ORDINALITY AS r(received_at, ids, ord
 ORDER BY r.ord
 RETURNING id;
 
+-- name: insert_imported_callbacks
+-- Stores imported callbacks ($1 receive times in epoch seconds, $2 id array literals, $3 source
+-- positions) unless a callback from the same position is already stored. Returns the stored.
+INSERT INTO callbacks (received_at, object_ids, locked_until, source)
+SELECT to_timestamp(r.received_at), r.ids::bigint[], now(), r.source
+FROM unnest($1::float8[], $2::text[], $3::text[]) AS r(received_at, ids, source)
+ON CONFLICT (source) WHERE source IS NOT NULL DO NOTHING
+RETURNING id;
+
 -- name: notify_inbox
 -- Wakes the workers. Its own transaction, with asynchronous commit: NOTIFY holds a cluster-wide
 -- lock until its commit is flushed, which would serialize the durable commits if they notified.

@@ -1,0 +1,143 @@
+"""`lastseen import`: callbacks from files through the durable inbox, bad records skipped and
+reported, idempotent by source position."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from helpers.cli import run_cli
+from helpers.services import StartService, StartUpstream
+from helpers.waiting import all_done, eventually
+
+from lastseen.devtools.launch import LASTSEEN
+
+
+async def _stored(sql: asyncpg.Connection) -> list[list[int]]:
+    rows = await sql.fetch("SELECT object_ids FROM callbacks ORDER BY id")
+    return [list(r[0]) for r in rows]
+
+
+async def test_good_records_are_stored_and_bad_ones_reported(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Every good row is stored, each bad one (an id that is not a number, one out of range,
+    broken quoting, a cut last line) is skipped and reported with its line and reason, and
+    the exit status says something was rejected."""
+    source = tmp_path / "calls.csv"
+    source.write_text(
+        "object_ids,received_at\n"
+        '"[1,2,3]",\n'
+        "x y,\n"
+        '"[1, 99999999999999999999]",\n'
+        "4 5 6,\n"
+        '"1 2\n'
+        "7;8,\n"
+        '"[9, 1'
+    )
+    rejects = tmp_path / "rejects.tsv"
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    done = await run_cli("import", source, "--rejects", rejects, env=env)
+    assert done.code == 1, done.stderr
+    assert "7 records read, 3 stored, 0 already present, 4 skipped" in done.stdout
+    assert await _stored(sql) == [[1, 2, 3], [4, 5, 6], [7, 8]]
+    reported = [line.split("\t")[:2] for line in rejects.read_text().splitlines()]
+    assert reported == [
+        [f"{source}:3", "invalid_id"],
+        [f"{source}:4", "id_out_of_range"],
+        [f"{source}:6", "bad_csv"],
+        [f"{source}:8", "bad_csv"],
+    ]
+    allowed = await run_cli("import", source, "--allow-rejects", env=env)
+    assert allowed.code == 0
+
+
+async def test_a_csv_without_the_column_is_refused(db_url: str, tmp_path: Path) -> None:
+    """A header without the column to read stops the import at once, naming the columns."""
+    source = tmp_path / "ids.csv"
+    source.write_text("ids\n1\n")
+    done = await run_cli("import", source, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert done.code == 2
+    assert "no 'object_ids' column" in done.stderr
+
+
+async def test_a_second_import_stores_nothing(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """One id per row (--column) is grouped into callbacks; importing the same file again
+    stores nothing and says how many records were already there."""
+    source = tmp_path / "ids.csv"
+    source.write_text("id,name\n" + "".join(f"{i},n{i}\n" for i in range(7)))
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    args = ("import", source, "--column", "id", "--ids-per-callback", "3")
+    first = await run_cli(*args, env=env)
+    assert first.code == 0, first.stderr
+    assert await _stored(sql) == [[0, 1, 2], [3, 4, 5], [6]]
+    again = await run_cli(*args, env=env)
+    assert again.code == 0
+    assert "3 records read, 0 stored, 3 already present, 0 skipped" in again.stdout
+    assert len(await _stored(sql)) == 3
+
+
+@pytest.mark.slow
+async def test_a_gzip_replay_keeps_its_receive_times_and_reaches_objects(
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    db_url: str,
+    sql: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """A gzip file of JSON lines with receive times is stored with those times; the running
+    service's workers pick it up: the recent record's online ids appear in objects, the one
+    older than the TTL is completed without a lookup."""
+    upstream, url = await start_upstream()
+    await start_service(objects_url=url, ttl=30)
+    recent, old = time.time() - 1, time.time() - 3600
+    source = tmp_path / "replay.jsonl.gz"
+    with gzip.open(source, "wt") as out:
+        out.write(json.dumps({"object_ids": [2, 3], "received_at": recent}) + "\n")
+        out.write(json.dumps({"object_ids": [4], "received_at": old}) + "\n")
+    done = await run_cli("import", source, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert done.code == 0, done.stderr
+    rows = await sql.fetch("SELECT received_at FROM callbacks ORDER BY id")
+    times = [r[0].timestamp() for r in rows]
+    assert times == pytest.approx([recent, old], abs=1e-3)
+    await all_done(sql, 2)
+    assert [r[0] for r in await sql.fetch("SELECT id FROM objects")] == [2]
+    assert upstream.requests_by_id[4] == 0
+
+
+@pytest.mark.slow
+async def test_an_import_killed_midway_resumes_to_one_clean_import(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of an import, then the same import again: the inbox ends with
+    exactly the callbacks of one clean import, none twice."""
+    count = 20_000
+    source = tmp_path / "big.csv"
+    source.write_text("object_ids\n" + "".join(f"{i}\n" for i in range(count)))
+    env = {**os.environ, "LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        *LASTSEEN, "import", str(source), "--chunk", "5",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def started() -> bool:
+        return bool(await sql.fetchval("SELECT count(*) FROM callbacks") >= 100)
+
+    await eventually(started, timeout=30)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") < count
+    resumed = await run_cli("import", source, "--chunk", "500", env=env, timeout=120)
+    assert resumed.code == 0, resumed.stderr
+    assert " already present" in resumed.stdout
+    rows = await sql.fetch("SELECT object_ids[1] FROM callbacks")
+    assert sorted(r[0] for r in rows) == list(range(count))
