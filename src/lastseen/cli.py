@@ -106,7 +106,7 @@ async def _import(settings: Settings, args: argparse.Namespace) -> int:
                     if rejects is not None:
                         print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}", file=rejects)
 
-                with progress.file(path, source, summary.read) as update:
+                with progress.file(path, source, summary) as update:
                     try:
                         await import_records(
                             db,

@@ -294,16 +294,20 @@ class ImportProgress:
 
     @contextlib.contextmanager
     def file(
-        self, path: str, source: Source, read_before: int
+        self, path: str, source: Source, before: Summary
     ) -> Iterator[Callable[[Summary], None]]:
-        """Shows one file's progress; ``read_before``: records read from the files before."""
+        """Shows one file's progress; ``before``: the counts of the files before it."""
         started = time.monotonic()
+        read_before = before.read
+        stored_before, already_before = before.stored, before.already
+        skipped_before = sum(before.rejected.values())
 
         def line(summary: Summary) -> None:
             rate = (summary.read - read_before) / max(time.monotonic() - started, 1e-9)
+            skipped = sum(summary.rejected.values()) - skipped_before
             print(
-                f"{path}: {summary.read} read, {summary.stored} stored, "
-                f"{summary.already} already present, {sum(summary.rejected.values())} "
+                f"{path}: {summary.read - read_before} read, {summary.stored - stored_before} "
+                f"stored, {summary.already - already_before} already present, {skipped} "
                 f"skipped, {rate:,.0f} records/s",
                 file=sys.stderr,
                 flush=True,
