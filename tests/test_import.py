@@ -82,7 +82,7 @@ async def test_a_second_import_stores_nothing(
     assert await _stored(sql) == [[0, 1, 2], [3, 4, 5], [6]]
     again = await run_cli(*args, env=env)
     assert again.code == 0
-    assert "3 records read, 0 stored, 3 already present, 0 skipped" in again.stdout
+    assert "7 records read (3 callbacks), 0 stored, 3 already present" in again.stdout
     assert len(await _stored(sql)) == 3
 
 

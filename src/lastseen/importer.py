@@ -55,9 +55,10 @@ _decoder = msgspec.json.Decoder(ReplayedCallback)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
-    line: int
+    line: int  # its first line
     ids: list[int]
     received_at: float | None  # epoch seconds; None: the time of the import
+    rows: int = 1  # source rows it holds (--column groups several)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,17 +70,19 @@ class Reject:
 
 @dataclasses.dataclass
 class Summary:
-    read: int = 0
-    stored: int = 0
-    already: int = 0
+    read: int = 0  # source records (rows, lines)
+    callbacks: int = 0  # callbacks they made (--column groups rows)
+    stored: int = 0  # callbacks stored now
+    already: int = 0  # callbacks stored by an earlier import
     rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
     def lines(self) -> list[str]:
         skipped = sum(self.rejected.values())
         by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(self.rejected.items())) or "none"
+        made = f" ({self.callbacks} callbacks)" if self.callbacks != self.read - skipped else ""
         return [
-            f"{self.read} records read, {self.stored} stored, {self.already} already present, "
-            f"{skipped} skipped ({by_reason})"
+            f"{self.read} records read{made}, {self.stored} stored, {self.already} already "
+            f"present, {skipped} skipped ({by_reason})"
         ]
 
 
@@ -218,10 +221,10 @@ def _csv(
             group_line = number
         group.append(object_id)
         if len(group) == ids_per_callback:
-            yield Record(group_line, group, None)
+            yield Record(group_line, group, None, len(group))
             group = []
     if group:
-        yield Record(group_line, group, None)
+        yield Record(group_line, group, None, len(group))
 
 
 def read_records(
@@ -267,13 +270,14 @@ async def import_records(
         )
         summary.stored += stored
         summary.already += len(pending) - stored
+        summary.callbacks += len(pending)
         pending.clear()
         if stored:
             await db.notify_inbox()
         on_chunk(summary)
 
     for item in records:
-        summary.read += 1
+        summary.read += 1 if isinstance(item, Reject) else item.rows
         if isinstance(item, Reject):
             summary.rejected[item.reason] += 1
             on_reject(item)
