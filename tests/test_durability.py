@@ -255,8 +255,8 @@ async def test_kill_9_of_serve_leaves_no_worker_behind(db_url: str, spawn: Spawn
 async def test_metrics_add_up_the_worker_processes_once(
     db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
 ) -> None:
-    """/metrics of a multi-process service shows the worker's counters, and the database-wide
-    gauges once, not once per process."""
+    """/metrics of a multi-process service shows the worker's counters, the database-wide
+    gauges once, not once per process, and each process's own process metrics."""
     upstream, upstream_url = await start_upstream(latency_min=5, latency_max=5)
     serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_OBJECTS_URL": upstream_url})
     async with aiohttp.ClientSession() as http:
@@ -274,6 +274,13 @@ async def test_metrics_add_up_the_worker_processes_once(
         assert await metric("lastseen_callbacks_claimed_total") == 3
         assert await metric("lastseen_lookups_in_flight") == 3
         assert await metric("lastseen_callbacks_received_total") == 3
+        async with http.get(serve.url + "/metrics") as response:
+            text = await response.text()
+        # Process metrics are per process, not summed.
+        for process in ("http", "worker-0"):
+            assert f'lastseen_process_resident_memory_bytes{{process="{process}"}}' in text
+            assert f'lastseen_process_open_fds{{process="{process}"}}' in text
+        assert 'lastseen_build_info{process="worker-0",python="' in text
 
 
 @pytest.mark.slow

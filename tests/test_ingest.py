@@ -204,3 +204,19 @@ async def test_a_group_commit_closes_at_its_byte_limit(
     commits = commit.metrics.registry.get_sample_value("lastseen_commit_batch_size_count")
     assert commits is not None
     assert commits >= 3  # 20 x ~300 bytes at 2,000 bytes a batch
+
+
+async def test_shutdown_delay_fails_readiness_while_callbacks_are_still_taken(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """After a stop is asked for, /ready answers 503 for LASTSEEN_SHUTDOWN_DELAY while
+    POST /callback still answers 202 (a load balancer's time to notice), then it stops."""
+    service = await start_service(role="ingest", shutdown_delay=1.0)
+    stopping = asyncio.create_task(service.service.stop())
+    await asyncio.sleep(0.1)
+    status, ready = await service.get("/ready")
+    assert (status, ready["reason"]) == (503, "shutting down")
+    status, _ = await service.post('{"object_ids": [1]}')
+    assert status == 202
+    await stopping
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1

@@ -94,7 +94,7 @@ class Service:
             return self.pipeline.lookups.outage
         assert self.worker_processes is not None
         texts = await self.worker_processes.scrape(timeout=1.0)
-        return any(_OUTAGE.search(text) for text in texts)
+        return any(_OUTAGE.search(text) for _, text in texts)
 
     async def start(self) -> None:
         """Listens at once (so /health and /ready answer), and migrates in the background."""
@@ -143,13 +143,19 @@ class Service:
         return self.supervisor.failure
 
     async def stop(self) -> None:
-        """Stops, in order: taking callbacks, the listener (requests in flight are answered and
-        their commits land), the worker processes, the pipeline, and whatever else runs."""
+        """Stops, in order: /ready (for ``shutdown_delay`` while callbacks are still taken),
+        taking callbacks, the listener (requests in flight are answered and their commits
+        land), the worker processes, the pipeline, and whatever else runs."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.settings.shutdown_grace
         log.info("stopping", grace=grace)
+        if self.settings.shutdown_delay > 0:
+            # Load balancers stop sending once /ready fails; until they notice, callbacks
+            # that still arrive are taken as usual.
+            self.readiness.draining = True
+            await asyncio.sleep(self.settings.shutdown_delay)
         if self.commit is not None:
             self.commit.close()
         await self._runner.cleanup()

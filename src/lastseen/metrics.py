@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -9,11 +10,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from lastseen import __version__
 
 # The *_created series double the output and say nothing a scraper needs here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -29,6 +33,15 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # CPU, RSS, open file descriptors: lastseen_process_*, one set per process.
+        ProcessCollector(namespace="lastseen", registry=r)
+        self.build_info = Gauge(
+            "lastseen_build_info",
+            "Always 1; the labels say which lastseen runs",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         # Ingest.
         self.callbacks_received = Counter(
             "lastseen_callbacks_received", "Callbacks acknowledged with 202", registry=r
@@ -91,6 +104,12 @@ class Metrics:
         self.lookup_retries = Counter(
             "lastseen_lookup_retries", "Lookup attempts retried, by reason", ["reason"], registry=r
         )
+        self.dead_letters_pending = Gauge(
+            "lastseen_dead_letters_pending",
+            "Dead letters stored, by reason (all instances: take the max over instances)",
+            ["reason"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "lastseen_dead_letters", "Ids dead-lettered, by reason", ["reason"], registry=r
         )
@@ -151,26 +170,35 @@ class _Fixed:
         return self.families
 
 
-def merge(texts: Sequence[str]) -> bytes:
-    """Several processes' exposition texts as one, each sample summed over the processes.
+def _per_process(name: str) -> bool:
+    return name.startswith("lastseen_process_") or name == "lastseen_build_info"
 
-    Summing is right for every lastseen metric: counters and histograms add up, the gauges
-    that count things in flight add up, and the gauges sampled from the database are set only
-    by the front-door process (0 in the workers).
+
+def merge(texts: Sequence[tuple[str, str]]) -> bytes:
+    """Several processes' exposition texts, each named by its process, as one.
+
+    Each sample is summed over the processes, which is right for every lastseen metric:
+    counters and histograms add up, the gauges that count things in flight add up, and the
+    gauges sampled from the database are set only by the front-door process (0 in the
+    workers). The process metrics (``lastseen_process_*``, ``lastseen_build_info``) are not
+    summed: each process's keep a ``process`` label.
     """
     families: dict[str, Metric] = {}
     sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
+    for process, text in texts:
         for family in text_string_to_metric_families(text):
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 sums[family.name] = {}
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                labels = dict(sample.labels)
+                if _per_process(family.name):
+                    labels["process"] = process
+                key = (sample.name, tuple(sorted(labels.items())))
                 sums[family.name][key] = sums[family.name].get(key, 0.0) + sample.value
     for name, family in families.items():
-        for (sample_name, labels), value in sums[name].items():
-            family.add_sample(sample_name, dict(labels), value)
+        for (sample_name, pairs), value in sums[name].items():
+            family.add_sample(sample_name, dict(pairs), value)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(list(families.values())))
     return generate_latest(registry)

@@ -200,6 +200,14 @@ OPTIONS: tuple[Option, ...] = (
         "prune_interval", _seconds, "10", "seconds between prunes of done callbacks", "housekeeping"
     ),
     Option(
+        "shutdown_delay",
+        non_negative(float),
+        "0",
+        "seconds between SIGTERM and closing the listener, with /ready answering 503 and "
+        "/callback still accepting (for load balancers)",
+        "housekeeping",
+    ),
+    Option(
         "shutdown_grace",
         non_negative(float),
         "10",
@@ -274,6 +282,7 @@ class Settings:
     audit_retention: float
     dead_letter_retention: float
     prune_interval: float
+    shutdown_delay: float
     shutdown_grace: float
     gc_threshold: int
     noop_route: bool

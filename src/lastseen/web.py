@@ -52,6 +52,7 @@ class Readiness:
     def __init__(self, upstream_failing: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.upstream_failing = upstream_failing
         self.reason = "migrations not applied yet"
+        self.draining = False  # shutting down: tell load balancers, while still serving
         self._migrated = asyncio.Event()
 
     @property
@@ -66,6 +67,8 @@ class Readiness:
 
     async def check(self, db: Database, timeout: float = 1.0) -> str | None:
         """None when ready, otherwise why not."""
+        if self.draining:
+            return "shutting down"
         if not self.migrated:
             return self.reason
         try:
@@ -104,7 +107,7 @@ class Routes:
         db: Database,
         metrics: Metrics,
         readiness: Readiness,
-        other_processes: Callable[[], Awaitable[list[str]]] | None = None,
+        other_processes: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
         *,
         samples_database: bool = True,
     ) -> None:
@@ -136,9 +139,12 @@ class Routes:
             try:
                 pending, oldest = await asyncio.wait_for(self.db.inbox_stats(), 1.0)
                 online = await asyncio.wait_for(self.db.count_objects(), 1.0)
+                dead = await asyncio.wait_for(self.db.count_dead_letters(), 1.0)
             except (DatabaseError, TimeoutError):
                 pass
             else:
+                for reason, count in dead.items():
+                    self.metrics.dead_letters_pending.labels(reason).set(count)
                 self.metrics.inbox_pending.set(pending)
                 self.metrics.inbox_oldest_age.set(
                     0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
@@ -149,7 +155,7 @@ class Routes:
         else:
             others = await self.other_processes()
             self.metrics.worker_processes_up.set(len(others))
-            body = merge([self.metrics.render().decode(), *others])
+            body = merge([("http", self.metrics.render().decode()), *others])
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response

@@ -161,14 +161,14 @@ class WorkerProcesses:
             for n in range(settings.worker_processes)
         ]
 
-    async def scrape(self, timeout: float = 3.0) -> list[str]:
-        """The /metrics text of each child that answers in time."""
+    async def scrape(self, timeout: float = 3.0) -> list[tuple[str, str]]:
+        """(name, /metrics text) of each child that answers in time."""
 
-        async def one(http: aiohttp.ClientSession, child: WorkerProcess) -> str | None:
+        async def one(http: aiohttp.ClientSession, child: WorkerProcess) -> tuple[str, str] | None:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(child.metrics_url) as response:
                     if response.status == 200:
-                        return await response.text()
+                        return f"worker-{child.number}", await response.text()
             return None
 
         client_timeout = aiohttp.ClientTimeout(total=timeout)
