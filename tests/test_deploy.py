@@ -1,0 +1,109 @@
+"""The deployment files say what the service does: ports, probe paths, and setting names.
+
+No container engine runs here: these tests read the files; `kubectl kustomize` renders the
+manifests where kubectl is installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lastseen.settings import OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+SETTINGS = {option.env for option in OPTIONS}
+
+
+def _documents() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted(K8S.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+    ]
+
+
+def _containers(kind_name: str) -> list[dict[str, Any]]:
+    (deployment,) = [
+        d for d in _documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == kind_name
+    ]
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    return containers
+
+
+def test_compose_runs_both_roles_on_postgres_with_known_settings() -> None:
+    """compose.yaml: PostgreSQL with a healthcheck that both roles wait for, the ingest role
+    publishing the port it listens on, and only settings lastseen has."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "ingest", "worker"}
+    assert "healthcheck" in services["postgres"]
+    for role in ("ingest", "worker"):
+        service = services[role]
+        assert service["command"] == ["serve", "--role", role]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert set(service["environment"]) <= SETTINGS, set(service["environment"]) - SETTINGS
+    listen_port = services["ingest"]["environment"]["LASTSEEN_LISTEN"].rsplit(":", 1)[1]
+    assert services["ingest"]["ports"] == [f"{listen_port}:{listen_port}"]
+
+
+def test_kubernetes_probes_ports_and_settings_match_the_service() -> None:
+    """The ingest Deployment probes /health and /ready on the port lastseen listens on and
+    drains before it stops; the worker is probed on /health; the Service targets that port;
+    every LASTSEEN_* name in the ConfigMap, the Secret and the containers is a setting."""
+    documents = _documents()
+    kinds = {d["kind"] for d in documents}
+    assert kinds == {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"}
+    (config,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    (secret,) = [d for d in documents if d["kind"] == "Secret"]
+    names = set(config["data"]) | set(secret["stringData"])
+    for role in ("lastseen-ingest", "lastseen-worker"):
+        for container in _containers(role):
+            names |= {env["name"] for env in container.get("env", [])}
+    assert names <= SETTINGS, names - SETTINGS
+    port = int(config["data"]["LASTSEEN_LISTEN"].rsplit(":", 1)[1])
+    (ingest,) = _containers("lastseen-ingest")
+    assert ingest["args"] == ["serve", "--role", "ingest"]
+    assert ingest["ports"] == [{"name": "http", "containerPort": port}]
+    assert ingest["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert ingest["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert "preStop" in ingest["lifecycle"]
+    assert float(config["data"]["LASTSEEN_SHUTDOWN_DELAY"]) > 0
+    (worker,) = _containers("lastseen-worker")
+    assert worker["args"] == ["serve", "--role", "worker"]
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/health"
+    (service,) = [d for d in documents if d["kind"] == "Service"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["selector"] == {"app.kubernetes.io/component": "ingest"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_renders_the_manifests() -> None:
+    """`kubectl kustomize deploy/k8s` renders every resource."""
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(rendered.stdout)]
+    assert sorted(kinds) == sorted(
+        ["ConfigMap", "Secret", "Deployment", "Deployment", "Service", "PodDisruptionBudget"]
+    )
+
+
+def test_the_image_runs_serve_as_a_non_root_user_with_a_healthcheck() -> None:
+    """The Dockerfile: two stages, a non-root user, a HEALTHCHECK on /health, `lastseen serve`
+    by default (hadolint checks the rest in make test)."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert sum(line.startswith("FROM ") for line in lines) == 2
+    assert any(line.startswith("USER ") and "root" not in line for line in lines)
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/health" in line for line in lines)
+    assert 'ENTRYPOINT ["lastseen"]' in lines
+    assert 'CMD ["serve"]' in lines
