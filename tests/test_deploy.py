@@ -6,6 +6,8 @@ manifests where kubectl is installed.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.services import StartService
+from prometheus_client.parser import text_string_to_metric_families
 
 from lastseen.settings import OPTIONS
 
@@ -107,3 +111,35 @@ def test_the_image_runs_serve_as_a_non_root_user_with_a_healthcheck() -> None:
     assert any("/health" in line for line in lines)
     assert 'ENTRYPOINT ["lastseen"]' in lines
     assert 'CMD ["serve"]' in lines
+
+
+def _metric_names(text: str) -> set[str]:
+    """Every series name a scrape offers, families without samples yet included."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        names.update(family.name + s for s in suffixes.get(family.type, [""]))
+    return names
+
+
+async def test_dashboard_and_alerts_name_only_metrics_that_exist(
+    start_service: StartService,
+) -> None:
+    """Every lastseen_* metric the Grafana dashboard and the alert rules use is in a scrape of
+    a running instance; the rules parse, and each has a severity and a summary."""
+    service = await start_service()
+    async with service.http.get(service.url + "/metrics") as response:
+        offered = _metric_names(await response.text())
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert alerts
+    for rule in alerts:
+        assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "lastseen.json").read_text())
+    expressions = [rule["expr"] for rule in alerts] + [
+        target["expr"] for panel in dashboard["panels"] for target in panel["targets"]
+    ]
+    used = {name for expr in expressions for name in re.findall(r"\blastseen_[a-z_]+", expr)}
+    assert len(used) > 15
+    assert used <= offered, sorted(used - offered)
