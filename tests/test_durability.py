@@ -312,3 +312,48 @@ async def test_a_dead_worker_process_s_callbacks_are_taken_back_at_once(
     await eventually(done, timeout=15)
     assert await sql.fetchval("SELECT claims FROM callbacks") == 2
     assert serve.events("handed back a dead worker's callbacks")
+
+
+@pytest.mark.slow
+async def test_two_ingest_and_two_worker_instances_survive_a_kill_of_each(
+    db_url: str, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """Two ingest-role and two worker-role instances on one database, under load; one of each
+    is killed with SIGKILL mid-run. Every acknowledged callback is processed, and objects
+    holds exactly the even ids with the newest receive time of the callbacks naming them."""
+    _, upstream_url = await start_upstream(latency_min=0.01, latency_max=0.2)
+    common = {"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_TTL": "60"}
+    ingest = [await spawn("--role", "ingest", env=common) for _ in range(2)]
+    workers = [
+        await spawn("--role", "worker", env={**common, "LASTSEEN_OBJECTS_URL": upstream_url})
+        for _ in range(2)
+    ]
+    acknowledged: list[int] = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(120):
+            if n == 40:
+                ingest[0].kill()
+                workers[0].kill()
+            target = ingest[1] if n >= 40 else ingest[n % 2]
+            ids = [(n * 7 + k) % 60 for k in range(15)]
+            callback_id = await _post(http, target.url, ids)
+            if callback_id is not None:
+                acknowledged.append(callback_id)
+            await asyncio.sleep(0.01)
+    assert len(acknowledged) >= 80
+
+    async def processed() -> bool:
+        pending = await sql.fetchval("SELECT count(*) FROM callbacks WHERE done_at IS NULL")
+        return bool(pending == 0)
+
+    await eventually(processed, timeout=30)
+    done = {r[0] for r in await sql.fetch("SELECT id FROM callbacks WHERE done_at IS NOT NULL")}
+    assert set(acknowledged) <= done
+    newest = {
+        r[0]: r[1]
+        for r in await sql.fetch(
+            "SELECT x, max(received_at) FROM callbacks, unnest(object_ids) AS x GROUP BY x"
+        )
+    }
+    rows = {r[0]: r[1] for r in await sql.fetch("SELECT id, last_seen FROM objects")}
+    assert rows == {i: seen for i, seen in newest.items() if i % 2 == 0}
