@@ -115,6 +115,17 @@ def render(results: dict[str, Any]) -> str:
             f"every second; {s['disappeared']} rows disappeared; every id caught up within "
             f"p50 {late['p50']} s, max {late['max']} s of the recovery"
         )
+    if "scale" in scenarios:
+        s = scenarios["scale"]
+        for layout, run in s["layouts"].items():
+            for step in run["steps"]:
+                cpu = " ".join(f"{k}={v}" for k, v in step["cpu_percent"].items())
+                console.print(
+                    f"scale, {layout}: {step['callbacks_per_s']:g} callbacks/s -> "
+                    f"{step['lookups_per_s']:.0f} lookups/s, lag p99 "
+                    f"{step['lag_over_upstream_p99_ms']} ms, inbox {step['inbox_pending_end']:.0f};"
+                    f" cpu % {cpu}"
+                )
     if "reaper" in scenarios:
         s = scenarios["reaper"]
         console.print(

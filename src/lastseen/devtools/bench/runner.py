@@ -65,6 +65,8 @@ class BenchOptions:
     crash_seconds: float = 60.0
     # reaper
     reaper_callbacks: int = 5000
+    # scale
+    scale_rates: Sequence[float] = (30, 50)
     # upstream-outage
     outage_warmup: float = 6.0
     outage_seconds: float = 12.0
@@ -89,6 +91,7 @@ class BenchOptions:
             outage_warmup=2.0,
             outage_seconds=3.0,
             reaper_callbacks=50,
+            scale_rates=(5.0,),
             sample_every=0.5,
         )
 

@@ -7,7 +7,7 @@
 - expiry: how long after the TTL each object is actually deleted.
 - soak: a fixed rate for a while, sampling RSS and inbox depth.
 
-The failure scenarios are in failures.py.
+The failure scenarios are in failures.py, the scale scenario in scale.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import aiohttp
 import psutil
 
 from lastseen.devtools.bench.failures import crash, reaper, upstream_outage
+from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
 from lastseen.devtools.promtext import Reading, quantile, since
@@ -334,4 +335,5 @@ SCENARIOS: dict[str, Scenario] = {
     "crash": crash,
     "upstream-outage": upstream_outage,
     "reaper": reaper,
+    "scale": scale,
 }
