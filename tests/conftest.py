@@ -124,16 +124,18 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 
 @pytest.fixture
 async def start_service(db_url: str) -> AsyncIterator[StartService]:
-    """Starts services on the test's database: ``await start_service(objects_url=..., ...)``."""
+    """Starts services on the test's database: ``await start_service(objects_url=..., ...)``
+    (settings by field name; ``tracer=`` an OpenTelemetry tracer)."""
     started: list[tuple[Service, Database, contextlib.AbstractAsyncContextManager[Any]]] = []
     http = aiohttp.ClientSession()
 
-    async def start(**overrides: Any) -> Running:
+    async def start(tracer: Any = None, **overrides: Any) -> Running:
         overrides.setdefault("database_url", db_url)
         settings = fast_settings(**overrides)
         database = await Database.open(settings.database_url or "", size=5, timeout=5)
         client_context = upstream_client(settings)
-        service = Service(settings, database, await client_context.__aenter__())
+        client = await client_context.__aenter__()
+        service = Service(settings, database, client, tracer=tracer)
         await service.start()
         started.append((service, database, client_context))
         running = Running(service, http)

@@ -13,6 +13,7 @@ import gc
 import re
 import signal
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -28,8 +29,12 @@ from lastseen.settings import Settings
 from lastseen.storage.database import Database
 from lastseen.storage.embedded import EmbeddedPostgres
 from lastseen.supervisor import Supervisor
-from lastseen.web import Readiness, Routes, build_app
+from lastseen.tracing import Submit, start_tracing, traced_handler, traced_submit
+from lastseen.web import Handler, Readiness, Routes, build_app
 from lastseen.worker_processes import WorkerProcesses, die_with_parent
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = structlog.get_logger("lastseen.app")
 
@@ -48,6 +53,7 @@ class Service:
         client: UpstreamClient,
         metrics: Metrics | None = None,
         worker_processes: WorkerProcesses | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = s = settings
         self.db = db
@@ -64,12 +70,16 @@ class Service:
                 concurrency=s.commit_concurrency,
                 timeout=s.commit_timeout,
             )
-            callback_handler = CallbackHandler(
-                self.commit, m, max_body_bytes=s.max_body_bytes, max_ids=s.max_ids
+            submit: Submit = self.commit.submit
+            if tracer is not None:
+                submit = traced_submit(submit, tracer)
+            handle: Handler = CallbackHandler(
+                submit, m, max_body_bytes=s.max_body_bytes, max_ids=s.max_ids
             ).handle
+            callback_handler = handle if tracer is None else traced_handler(handle, tracer)
         self.pipeline: Pipeline | None = None
         if s.runs_pipeline:
-            self.pipeline = Pipeline(s, db, client, m, self.supervisor)
+            self.pipeline = Pipeline(s, db, client, m, self.supervisor, tracer)
         runs_lookups = self.pipeline is not None or worker_processes is not None
         self.readiness = Readiness(self._upstream_failing if runs_lookups else None)
         self.app = build_app(
@@ -227,10 +237,16 @@ async def run(settings: Settings) -> int:
     spawns_workers = settings.role == "all" and settings.worker_processes > 0
     here = settings.replace(role="ingest") if spawns_workers else settings
     tune_gc(here.gc_threshold if here.runs_pipeline else 0)
-    async with database(settings) as db, upstream_client(settings) as client:
-        children = WorkerProcesses(settings, db) if spawns_workers else None
-        service = Service(here, db, client, worker_processes=children)
-        failure = await service.run_until(stop)
+    tracing = start_tracing(settings.otlp_endpoint)
+    tracer = None if tracing is None else tracing[0]
+    try:
+        async with database(settings) as db, upstream_client(settings) as client:
+            children = WorkerProcesses(settings, db) if spawns_workers else None
+            service = Service(here, db, client, worker_processes=children, tracer=tracer)
+            failure = await service.run_until(stop)
+    finally:
+        if tracing is not None:
+            await asyncio.to_thread(tracing[1])  # flushes what is left
     if failure:
         log.error("stopped after a failure", failure=failure)
         return 1

@@ -7,6 +7,7 @@ The body is parsed whatever its Content-Type says; producers are not all careful
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, TypeVar
 
 import msgspec
@@ -21,7 +22,6 @@ from lastseen.errors import (
     NotAccepting,
     TooManyIds,
 )
-from lastseen.inbox import GroupCommit
 from lastseen.metrics import Metrics
 from lastseen.web import error_response, json_response
 
@@ -70,9 +70,16 @@ class CallbackHandler:
     """The request handler; counts every outcome."""
 
     def __init__(
-        self, commit: GroupCommit, metrics: Metrics, *, max_body_bytes: int, max_ids: int
+        self,
+        submit: Callable[[float, Sequence[int]], Awaitable[int]],
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        max_ids: int,
     ) -> None:
-        self.commit = commit
+        """``submit(received_at, ids)`` stores a callback durably and gives its id: the group
+        commit's (traced, where tracing is on)."""
+        self.submit = submit
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_ids = max_ids
@@ -88,7 +95,7 @@ class CallbackHandler:
             if len(ids) > self.max_ids:
                 # Each id costs a lookup and bookkeeping: one body must not hold a flood.
                 raise TooManyIds(len(ids), self.max_ids)
-            callback_id = await self.commit.submit(received_at, ids)
+            callback_id = await self.submit(received_at, ids)
         except web.HTTPRequestEntityTooLarge:
             detail = f"body is larger than {self.max_body_bytes} bytes"
             response = self._reject(413, "body_too_large", detail)

@@ -9,21 +9,26 @@ back to the held set, which makes room for the worker.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import structlog
 
 from lastseen.errors import DatabaseError
 from lastseen.http_client import UpstreamClient
 from lastseen.leases import HeldCallbacks, Leases, holder_name
-from lastseen.lookups import Lookups
+from lastseen.lookups import Fetch, Lookups
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
 from lastseen.results import ResultWriter
 from lastseen.settings import Settings
 from lastseen.storage.database import Database
 from lastseen.supervisor import Supervisor
+from lastseen.tracing import traced_fetch
 from lastseen.upstream import Upstream
 from lastseen.worker import Worker
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = structlog.get_logger("lastseen.pipeline")
 
@@ -36,6 +41,7 @@ class Pipeline:
         client: UpstreamClient,
         metrics: Metrics,
         supervisor: Supervisor,
+        tracer: Tracer | None = None,
     ) -> None:
         s = settings
         self.supervisor = supervisor
@@ -56,8 +62,11 @@ class Pipeline:
             interval=s.results_interval,
             on_done=self.held.finish,
         )
+        fetch: Fetch = Upstream(client).online
+        if tracer is not None:
+            fetch = traced_fetch(fetch, tracer)
         self.lookups = Lookups(
-            Upstream(client).online,
+            fetch,
             metrics,
             self.results.record,
             max_in_flight=s.max_lookups,

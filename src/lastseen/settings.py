@@ -116,6 +116,14 @@ OPTIONS: tuple[Option, ...] = (
         "service",
     ),
     Option(
+        "otlp_endpoint",
+        http_url,
+        None,
+        "OpenTelemetry traces over OTLP/HTTP to this URL, e.g. http://collector:4318/v1/traces "
+        "(needs lastseen[tracing]); no tracing when unset",
+        "service",
+    ),
+    Option(
         "instance_id",
         _name,
         None,
@@ -264,6 +272,7 @@ class Settings:
     commit_timeout: float
     pool_size: int
     worker_processes: int
+    otlp_endpoint: str | None
     instance_id: str | None
     parent_pid: int | None
     lease: float
