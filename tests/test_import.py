@@ -141,3 +141,22 @@ async def test_an_import_killed_midway_resumes_to_one_clean_import(
     assert " already present" in resumed.stdout
     rows = await sql.fetch("SELECT object_ids[1] FROM callbacks")
     assert sorted(r[0] for r in rows) == list(range(count))
+
+
+async def test_a_corrupt_gzip_stream_stops_cleanly_keeping_what_was_stored(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A gzip file cut in the middle of its stream ends the import with an error that names
+    the file (exit 2, no traceback), after storing the records read before the cut."""
+    whole = gzip.compress(
+        "".join(json.dumps({"object_ids": [i]}) + "\n" for i in range(20_000)).encode()
+    )
+    source = tmp_path / "cut.jsonl.gz"
+    source.write_bytes(whole[: len(whole) // 2])
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    done = await run_cli("import", source, "--chunk", "100", env=env)
+    assert done.code == 2, done.stderr
+    assert f"{source}: cannot read on" in done.stderr
+    assert "Traceback" not in done.stderr
+    stored = await sql.fetchval("SELECT count(*) FROM callbacks")
+    assert 0 < stored < 20_000

@@ -67,66 +67,19 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
 
 
 async def _import(settings: Settings, args: argparse.Namespace) -> int:
-    import uuid
+    from lastseen.importer import run
 
-    from lastseen.app import database
-    from lastseen.importer import (
-        ImportProgress,
-        Summary,
-        guess_format,
-        import_records,
-        open_source,
-        read_records,
+    return await run(
+        settings,
+        args.files,
+        fmt=args.format,
+        column=args.column,
+        ids_per_callback=args.ids_per_callback,
+        chunk=args.chunk,
+        source=args.source,
+        rejects=args.rejects,
+        allow_rejects=args.allow_rejects,
     )
-
-    summary = Summary()
-    rejects = args.rejects.open("w", encoding="utf-8") if args.rejects else None
-    progress = ImportProgress(live=sys.stderr.isatty())
-    try:
-        async with database(settings) as db:
-            await db.migrate()
-            for path in args.files:
-                source = open_source(path)
-                name = args.source or source.name
-                if path == "-" and not args.source:
-                    # Nothing names standard input: without --source it cannot be resumed.
-                    name = f"stdin-{uuid.uuid4().hex[:12]}"
-                    print("lastseen import: reading standard input without --source: "
-                          "a second import would store it again", file=sys.stderr)  # fmt: skip
-                fmt = guess_format(path) if args.format == "auto" else args.format
-                records = read_records(
-                    source.stream,
-                    fmt=fmt,
-                    column=args.column,
-                    ids_per_callback=args.ids_per_callback,
-                    max_ids=settings.max_ids,
-                )
-
-                def rejected(reject: Any, path: str = path) -> None:
-                    if rejects is not None:
-                        print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}", file=rejects)
-
-                with progress.file(path, source, summary) as update:
-                    try:
-                        await import_records(
-                            db,
-                            records,
-                            name,
-                            chunk=args.chunk,
-                            summary=summary,
-                            on_reject=rejected,
-                            on_chunk=update,
-                        )
-                    finally:
-                        source.close()
-    finally:
-        if rejects is not None:
-            rejects.close()
-    for line in summary.lines():
-        print(line)
-    if summary.rejected and not args.allow_rejects:
-        return 1
-    return 0
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:

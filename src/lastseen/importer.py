@@ -23,49 +23,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import csv
 import dataclasses
-import gzip
-import hashlib
-import io
 import sys
 import time
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
-import msgspec
-
-from lastseen.errors import ImportSourceError, InvalidCallback, TooManyIds
-from lastseen.ingest import CallbackBody, ObjectId, decode_callback
+from lastseen.errors import ImportSourceError
+from lastseen.import_sources import Record, Reject, Source, guess_format, open_source, read_records
+from lastseen.settings import Settings
 from lastseen.storage.database import Database, id_array
-
-_MAX_ID = 2**63 - 1
-
-
-class ReplayedCallback(CallbackBody):
-    """A JSON line: a callback body, optionally with its original receive time."""
-
-    received_at: datetime | float | None = None
-
-
-_decoder = msgspec.json.Decoder(ReplayedCallback)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Record:
-    line: int  # its first line
-    ids: list[int]
-    received_at: float | None  # epoch seconds; None: the time of the import
-    rows: int = 1  # source rows it holds (--column groups several)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Reject:
-    line: int
-    reason: str
-    text: str
 
 
 @dataclasses.dataclass
@@ -84,167 +52,6 @@ class Summary:
             f"{self.read} records read{made}, {self.stored} stored, {self.already} already "
             f"present, {skipped} skipped ({by_reason})"
         ]
-
-
-@dataclasses.dataclass
-class Source:
-    """One opened source: its lines' bytes, and how far into it the reading is."""
-
-    stream: IO[bytes]
-    raw: IO[bytes]
-    size: int | None  # bytes, when known
-    name: str  # the default source name: the file's name and a digest of its first MiB
-
-    @property
-    def position(self) -> int:
-        try:
-            return self.raw.tell()
-        except (OSError, ValueError):
-            return 0
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def open_source(path: str) -> Source:
-    """``path`` (``-``: standard input), decompressed if it is gzip."""
-    if path == "-":
-        raw: IO[bytes] = sys.stdin.buffer
-        return _source(raw, None, "stdin")
-    try:
-        raw = Path(path).open("rb")  # noqa: SIM115 -- Source.close closes it
-    except OSError as exc:
-        raise ImportSourceError(f"{path}: {exc.strerror}") from None
-    digest = hashlib.sha256(raw.read(1 << 20)).hexdigest()[:16]
-    raw.seek(0)
-    return _source(raw, Path(path).stat().st_size, f"{Path(path).name}@{digest}")
-
-
-def _source(raw: IO[bytes], size: int | None, name: str) -> Source:
-    buffered = io.BufferedReader(raw, 1 << 16)  # type: ignore[type-var]
-    if buffered.peek(2)[:2] == b"\x1f\x8b":
-        return Source(gzip.GzipFile(fileobj=buffered), raw, size, name)  # type: ignore[arg-type]
-    return Source(buffered, raw, size, name)
-
-
-def _epoch(value: datetime | float | str | None) -> float | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, float | int):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
-
-
-def _jsonl(lines: Iterator[tuple[int, bytes]], max_ids: int) -> Iterator[Record | Reject]:
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            body = decode_callback(line, _decoder)
-            if len(body.object_ids) > max_ids:
-                raise TooManyIds(len(body.object_ids), max_ids)
-            yield Record(number, body.object_ids, _epoch(body.received_at))
-        except InvalidCallback as exc:
-            yield Reject(number, exc.reason, line.decode(errors="replace").rstrip())
-
-
-def _ids(cell: str) -> list[int]:
-    text = cell.strip()
-    if text.startswith("["):
-        return msgspec.json.decode(text, type=list[ObjectId])
-    return [int(part) for part in text.replace(";", " ").replace(",", " ").split()]
-
-
-def _check(ids: list[int]) -> None:
-    for i in ids:
-        if not -_MAX_ID - 1 <= i <= _MAX_ID:
-            raise InvalidCallback("id_out_of_range", f"{i} does not fit 64 bits")
-
-
-def _csv(
-    lines: Iterator[tuple[int, bytes]],
-    column: str | None,
-    ids_per_callback: int,
-    max_ids: int,
-) -> Iterator[Record | Reject]:
-    header: list[str] | None = None
-    group: list[int] = []
-    group_line = 0
-    for number, raw in lines:
-        text = raw.decode(errors="replace").rstrip("\r\n")
-        if not text.strip():
-            continue
-        try:
-            row = next(csv.reader([text], strict=True))
-        except csv.Error as exc:
-            yield Reject(number, "bad_csv", f"{text} ({exc})")
-            continue
-        if header is None:
-            header = [name.strip() for name in row]
-            wanted = column or "object_ids"
-            if wanted not in header:
-                raise ImportSourceError(f"no {wanted!r} column in the header: {', '.join(header)}")
-            index = header.index(wanted)
-            times = header.index("received_at") if "received_at" in header else None
-            continue
-        if len(row) != len(header):
-            yield Reject(number, "wrong_column_count", text)
-            continue
-        try:
-            if column is None:
-                ids = _ids(row[index])
-                _check(ids)
-                if len(ids) > max_ids:
-                    raise TooManyIds(len(ids), max_ids)
-                received = _epoch(row[times]) if times is not None else None
-                yield Record(number, ids, received)
-                continue
-            (object_id,) = _ids(row[index])
-            _check([object_id])
-        except InvalidCallback as exc:
-            yield Reject(number, exc.reason, text)
-            continue
-        except msgspec.ValidationError:
-            yield Reject(number, "id_out_of_range", text)
-            continue
-        except (ValueError, msgspec.DecodeError):
-            yield Reject(number, "invalid_id", text)
-            continue
-        if not group:
-            group_line = number
-        group.append(object_id)
-        if len(group) == ids_per_callback:
-            yield Record(group_line, group, None, len(group))
-            group = []
-    if group:
-        yield Record(group_line, group, None, len(group))
-
-
-def read_records(
-    stream: IO[bytes],
-    *,
-    fmt: str,
-    column: str | None,
-    ids_per_callback: int,
-    max_ids: int,
-) -> Iterator[Record | Reject]:
-    """The records of one source, in order, streamed: a line at a time."""
-    lines = enumerate(stream, start=1)
-    if fmt == "jsonl":
-        return _jsonl(lines, max_ids)
-    return _csv(lines, column, ids_per_callback, max_ids)
-
-
-def guess_format(path: str) -> str:
-    name = path.lower().removesuffix(".gz")
-    return "csv" if name.endswith(".csv") else "jsonl"
 
 
 async def import_records(
@@ -343,3 +150,75 @@ class ImportProgress:
 
             yield update
             bar.update(task, completed=source.size or source.position)
+
+
+async def run(
+    settings: Settings,
+    files: Sequence[str],
+    *,
+    fmt: str,
+    column: str | None,
+    ids_per_callback: int,
+    chunk: int,
+    source: str | None,
+    rejects: Path | None,
+    allow_rejects: bool,
+) -> int:
+    """``lastseen import``: every file in turn; the exit status (1 if a record was rejected,
+    unless ``allow_rejects``)."""
+    from lastseen.app import database
+
+    summary = Summary()
+    rejected_to = rejects.open("w", encoding="utf-8") if rejects else None
+    progress = ImportProgress(live=sys.stderr.isatty())
+    try:
+        async with database(settings) as db:
+            await db.migrate()
+            for path in files:
+                opened = open_source(path)
+                name = source or opened.name
+                if path == "-" and not source:
+                    # Nothing names standard input: without --source it cannot be resumed.
+                    name = f"stdin-{uuid.uuid4().hex[:12]}"
+                    print("lastseen import: reading standard input without --source: "
+                          "a second import would store it again", file=sys.stderr)  # fmt: skip
+                records = read_records(
+                    opened.stream,
+                    fmt=guess_format(path) if fmt == "auto" else fmt,
+                    column=column,
+                    ids_per_callback=ids_per_callback,
+                    max_ids=settings.max_ids,
+                )
+
+                def rejected(reject: Reject, path: str = path) -> None:
+                    if rejected_to is not None:
+                        print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}",
+                              file=rejected_to)  # fmt: skip
+
+                with progress.file(path, opened, summary) as update:
+                    try:
+                        await import_records(
+                            db,
+                            records,
+                            name,
+                            chunk=chunk,
+                            summary=summary,
+                            on_reject=rejected,
+                            on_chunk=update,
+                        )
+                    except (OSError, EOFError) as exc:
+                        # A file that cannot be read to its end (a corrupt or cut gzip stream):
+                        # what was stored stays, and a rerun resumes after it.
+                        for line in summary.lines():
+                            print(line)
+                        raise ImportSourceError(f"{path}: cannot read on: {exc}") from None
+                    finally:
+                        opened.close()
+    finally:
+        if rejected_to is not None:
+            rejected_to.close()
+    for line in summary.lines():
+        print(line)
+    if summary.rejected and not allow_rejects:
+        return 1
+    return 0
