@@ -40,6 +40,19 @@ def holder_name(instance_id: str | None, listen: tuple[str, int]) -> str:
     return f"{socket.gethostname()}:{suffix}"
 
 
+async def take_back(db: Database, holder: str, event: str) -> None:
+    """Hands back every unfinished callback leased to ``holder`` (a crashed or dead process of
+    that name), so that it is claimed now rather than when its leases run out; logs ``event``
+    with the count."""
+    try:
+        count = await db.release_holder(holder)
+    except DatabaseError as exc:
+        log.warning("could not take back callbacks; their leases will lapse", error=str(exc))
+        return
+    if count:
+        log.info(event, holder=holder, count=count)
+
+
 class HeldCallbacks:
     """The callbacks this process has claimed and not finished: what its leases cover.
 
@@ -101,15 +114,9 @@ class Leases:
         self.batch = batch
 
     async def take_back(self) -> None:
-        """Hands back what a predecessor under this name held (it crashed, or it is still
-        stopping), so that it is claimed now rather than when its leases would run out."""
-        try:
-            count = await self.db.release_holder(self.worker)
-        except DatabaseError as exc:
-            log.warning("could not take back a predecessor's callbacks", error=str(exc))
-            return
-        if count:
-            log.info("took back a predecessor's callbacks", holder=self.worker, count=count)
+        """Takes back what a predecessor under this name held (it crashed, or it is still
+        stopping)."""
+        await take_back(self.db, self.worker, "took back a predecessor's callbacks")
 
     async def claim(self) -> list[Claimed]:
         """Leases up to one claim batch of callbacks."""

@@ -26,8 +26,7 @@ import aiohttp
 import structlog
 
 from lastseen.backoff import backoff
-from lastseen.errors import DatabaseError
-from lastseen.leases import holder_name
+from lastseen.leases import holder_name, take_back
 from lastseen.settings import OPTIONS, Settings
 from lastseen.storage.database import Database
 
@@ -120,20 +119,12 @@ class WorkerProcess:
                 # group before this process gets to stop its children): not a crash.
                 return
             log.error("worker process exited; starting it again", number=self.number, code=code)
-            await self._take_back()
+            await take_back(self.db, self.holder, "handed back a dead worker's callbacks")
             # A child that ran for a while is started again at once; one that dies as it
             # starts (a bad setting, a broken install) ever more slowly.
             ran_a_while = asyncio.get_running_loop().time() - started > 2.0
             crashes = 1 if ran_a_while else crashes + 1
             await asyncio.sleep(backoff(crashes, 0.2, 30.0))
-
-    async def _take_back(self) -> None:
-        try:
-            count = await self.db.release_holder(self.holder)
-        except DatabaseError as exc:
-            log.warning("could not hand back a dead worker's callbacks", error=str(exc))
-            return
-        log.info("handed back a dead worker's callbacks", number=self.number, count=count)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""
