@@ -143,6 +143,8 @@ class Routes:
             except (DatabaseError, TimeoutError):
                 pass
             else:
+                # A reason with none left must drop out, not keep its last count.
+                self.metrics.dead_letters_pending.clear()
                 for reason, count in dead.items():
                     self.metrics.dead_letters_pending.labels(reason).set(count)
                 self.metrics.inbox_pending.set(pending)
