@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from lastseen.errors import DatabaseUnavailable
 from lastseen.metrics import Metrics
+from lastseen.model import DeadLetter
 from lastseen.reaper import Reaper
 from lastseen.storage.database import Database, ResultBatch, translate
 
@@ -122,11 +123,34 @@ async def _pending_callback(sql: asyncpg.Connection, received: datetime, ids: li
     )
 
 
+def _reaper(db: Database, ttl: float = 5) -> Reaper:
+    return Reaper(
+        db,
+        Metrics(),
+        ttl=ttl,
+        interval=1,
+        audit_retention=60,
+        dead_letter_retention=60,
+        prune_interval=1,
+    )
+
+
+def _results(ids: list[int], seen_at: datetime, *, online: bool = True) -> ResultBatch:
+    return ResultBatch(
+        ids=ids,
+        seen_at=[seen_at] * len(ids),
+        online=[online] * len(ids),
+        dead_letters=[],
+        completed=[],
+    )
+
+
 async def test_reaper_spares_objects_named_by_a_pending_callback(
     db: Database, sql: asyncpg.Connection
 ) -> None:
     """An expired object stays while a callback received within the TTL that names it is
-    pending; it goes once that callback is done (if its result did not renew it)."""
+    pending, and is not examined again while it waits; once that callback's id is dead-lettered
+    (so no result will renew it), the next round deletes it."""
     now = datetime.now(UTC)
     await sql.execute(
         "INSERT INTO objects VALUES (1, $1), (2, $1), (3, $2)",
@@ -135,20 +159,54 @@ async def test_reaper_spares_objects_named_by_a_pending_callback(
     )
     recent = await _pending_callback(sql, now - timedelta(seconds=1), [1, 7])
     await _pending_callback(sql, now - timedelta(seconds=60), [2])  # older than the TTL
-    reaper = Reaper(
-        db,
-        Metrics(),
-        ttl=5,
-        interval=1,
-        audit_retention=60,
-        dead_letter_retention=60,
-        prune_interval=1,
-    )
-    assert await reaper.reap_once() == 1
+    reaper = _reaper(db)
+    assert await reaper.reap_once() == (1, 1)
     assert [r[0] for r in await db.list_objects(-1, 10)] == [1, 3]
-    await sql.execute("UPDATE callbacks SET done_at = now() WHERE id = $1", recent)
-    assert await reaper.reap_once() == 1
+    assert await reaper.reap_once() == (0, 0)  # kept: out of the reaper's range
+    letter = DeadLetter(recent, 1, now - timedelta(seconds=1), "http_4xx", "404", 1)
+    await db.write_results(
+        ResultBatch(ids=[], seen_at=[], online=[], dead_letters=[letter], completed=[recent]),
+        now - timedelta(seconds=5),
+    )
+    assert await reaper.reap_once() == (1, 0)
     assert [r[0] for r in await db.list_objects(-1, 10)] == [3]
+
+
+async def test_a_result_clears_the_reapers_mark(db: Database, sql: asyncpg.Connection) -> None:
+    """A kept object whose pending callback's result says online is renewed with that
+    callback's receive time and expires a TTL after it, like any other."""
+    now = datetime.now(UTC)
+    await sql.execute("INSERT INTO objects VALUES (1, $1)", now - timedelta(seconds=10))
+    received = now - timedelta(seconds=3)
+    await _pending_callback(sql, received, [1])
+    reaper = _reaper(db)
+    assert await reaper.reap_once() == (0, 1)
+    await db.write_results(_results([1], received), now - timedelta(seconds=5))
+    row = await sql.fetchrow("SELECT last_seen, kept_for FROM objects WHERE id = 1")
+    assert row is not None
+    assert (row["last_seen"], row["kept_for"]) == (received, None)
+
+
+async def test_reaper_notes_a_callback_whose_transaction_commits_late(
+    db: Database, sql: asyncpg.Connection, db_url: str
+) -> None:
+    """A callback stored by a transaction that began before a reaper round and committed after
+    it is still noted by the next round: the reaper keeps the object it names."""
+    now = datetime.now(UTC)
+    await sql.execute("INSERT INTO objects VALUES (1, $1)", now - timedelta(seconds=10))
+    reaper = _reaper(db)
+    late = await asyncpg.connect(db_url)
+    try:
+        async with late.transaction():
+            await _pending_callback(late, now, [1])
+            # A callback from a later transaction, committed first, is noted by this round.
+            await _pending_callback(sql, now, [2])
+            assert await reaper.reap_once() == (1, 0)
+            await sql.execute("INSERT INTO objects VALUES (1, $1)", now - timedelta(seconds=10))
+        assert await reaper.reap_once() == (0, 1)
+    finally:
+        await late.close()
+    assert [r[0] for r in await db.list_objects(-1, 10)] == [1]
 
 
 async def test_prune_removes_old_done_callbacks_observations_and_dead_letters(

@@ -70,7 +70,7 @@ async def import_records(
 
     async def flush() -> None:
         now = time.time()
-        stored = await db.insert_imported_callbacks(
+        stored = await db.insert_keyed_callbacks(
             [now if r.received_at is None else r.received_at for r in pending],
             [id_array(r.ids) for r in pending],
             [f"{source}:{r.line}" for r in pending],

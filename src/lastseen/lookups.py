@@ -15,11 +15,13 @@ callback it serves is younger than the TTL (an older one's result could create n
 failure lets go of the callbacks that have aged past the TTL, as ``Expired``; so each callback
 has a budget of its own, whenever it joined.
 
-Outages. When the upstream fails broadly (``OUTAGE_AFTER`` transient failures in a row, no
-success between), stretching each id's backoff would only delay the recovery: lookups that fail,
-and new ones, are held instead, one of them is sent as a probe every ``retry_base`` seconds,
-and the first success releases them all at once (within the in-flight cap and the rate
-limit). Failing ids never block the others.
+Outages. When the upstream fails broadly (``OUTAGE_SHARE`` of the last ``OUTAGE_WINDOW``
+attempts failed transiently), stretching each id's backoff would only delay the recovery:
+lookups that fail, and new ones, are held instead, ``PROBES`` of them are sent as probes every
+``retry_base`` seconds, and the first success releases them all at once (within the in-flight
+cap and the rate limit). Failing ids never block the others: an upstream that fails only some
+ids, however often they are retried, stays below the share, and a probe that hangs does not
+stop the next ones.
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ log = structlog.get_logger("lastseen.lookups")
 Deliver = Callable[[Lookup, Outcome], None]
 Fetch = Callable[[int], Awaitable[bool]]
 
-# Transient failures in a row, across all ids, that say the upstream itself is failing. At a
-# failure share of 50 % a false alarm comes about once in a million attempts, and costs a
-# probe interval; a real outage is seen within a fraction of a second under any load.
-OUTAGE_AFTER = 20
+# The share of the last attempts, across all ids, that says the upstream itself is failing. A
+# few bad ids retried again and again make half the attempts fail (a benchmark of a hostile
+# upstream, with 3 ids in 10 hanging, made a run of 20 failures in a row and held every lookup
+# for seconds); a real outage fails nearly all. A window of 50 is seen within a fraction of a
+# second under any load.
+OUTAGE_WINDOW = 50
+OUTAGE_SHARE = 0.9
+PROBES = 3  # held lookups sent per probe interval: one that hangs must not stall the recovery
 
 
 class RateLimiter:
@@ -94,14 +100,17 @@ class Lookups:
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
-        # The outage: transient failures in a row, and the lookups held until it ends.
-        self._failing = 0
+        # The outage: whether each of the last attempts failed, and the lookups held until
+        # it ends.
+        self._recent: collections.deque[bool] = collections.deque(maxlen=OUTAGE_WINDOW)
+        self._recent_failures = 0
+        self._outage = False
         self._held: collections.deque[Lookup] = collections.deque()
         self._probe: asyncio.TimerHandle | None = None
 
     @property
     def outage(self) -> bool:
-        return self._failing >= OUTAGE_AFTER
+        return self._outage
 
     def add(self, callback: HeldCallback, object_id: int) -> None:
         """Looks ``object_id`` up for ``callback``, sharing a lookup when the rule above allows."""
@@ -184,17 +193,31 @@ class Lookups:
         self._ready.append(lookup)
         self._pump()
 
+    def _record(self, failed: bool) -> None:
+        if len(self._recent) == OUTAGE_WINDOW:
+            self._recent_failures -= self._recent[0]
+        self._recent.append(failed)
+        self._recent_failures += failed
+
     def _failed(self) -> None:
-        self._failing += 1
-        if self._failing == OUTAGE_AFTER:
+        self._record(True)
+        if (
+            not self._outage
+            and len(self._recent) == OUTAGE_WINDOW
+            and self._recent_failures >= OUTAGE_SHARE * OUTAGE_WINDOW
+        ):
+            self._outage = True
             log.warning("the upstream is failing; holding lookups and probing")
             self.metrics.upstream_outage.set(1)
 
     def _succeeded(self) -> None:
-        was_out = self.outage
-        self._failing = 0
-        if not was_out:
+        if not self._outage:
+            self._record(False)
             return
+        self._outage = False
+        # A fresh window: the failures that made the outage must not make the next one.
+        self._recent.clear()
+        self._recent_failures = 0
         log.info("the upstream answers again; releasing held lookups", held=len(self._held))
         self.metrics.upstream_outage.set(0)
         if self._probe is not None:
@@ -210,15 +233,16 @@ class Lookups:
             self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
 
     def _send_probe(self) -> None:
-        """Sends one held lookup, after letting go of held callbacks that aged past the TTL."""
+        """Sends up to ``PROBES`` held lookups, after letting go of held callbacks that aged past
+        the TTL."""
         self._probe = None
         held, self._held = self._held, collections.deque()
         for lookup in held:
             if self._let_go_of_stale(lookup):
                 self._held.append(lookup)
-        if self._held:
+        for _ in range(min(PROBES, len(self._held))):
             self._ready.append(self._held.popleft())
-            self._pump()
+        self._pump()
         if self._held:
             self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
 

@@ -6,6 +6,12 @@ names it was received within the TTL and is still pending (in a backlog, or bein
 Then its own result decides: online moves ``last_seen`` forward, offline deletes the row. Without
 this, a backlog would make objects blink out and back in.
 
+Cost. A round's cost follows what arrived since the last one, not the backlog: the reaper notes
+each pending callback's ids once, soon after it commits (``pending_ids``), and an expired object
+it finds named there is marked with that callback's receive time (``kept_for``) instead of being
+examined again every round; a result or a dead letter for it clears the mark. Migration 0004
+says how.
+
 Stale callbacks. A pending callback that is not leased and is older than the TTL is completed
 without lookups (``lastseen_callbacks_expired_total``): its result could create no row. So
 after an outage or a burst, the upstream's capacity goes to callbacks that can still matter.
@@ -64,12 +70,13 @@ class Reaper:
             self.metrics.callbacks_expired.inc(expired)
         return expired
 
-    async def reap_once(self) -> int | None:
-        """One round; the number of objects deleted, or None if another instance reaps."""
-        deleted = await self.db.reap(_at(time.time() - self.ttl), REAP_LIMIT)
-        if deleted:
-            self.metrics.objects_deleted.labels("expired").inc(deleted)
-        return deleted
+    async def reap_once(self) -> tuple[int, int] | None:
+        """One round: (objects deleted, objects kept for a pending callback), or None if
+        another instance reaps."""
+        reaped = await self.db.reap(_at(time.time() - self.ttl), REAP_LIMIT)
+        if reaped and reaped[0]:
+            self.metrics.objects_deleted.labels("expired").inc(reaped[0])
+        return reaped
 
     async def prune_once(self) -> tuple[int, int, int]:
         """One prune of each kind (done callbacks, observations, dead letters), up to
@@ -86,11 +93,11 @@ class Reaper:
         """Reaps every ``interval`` and prunes every ``prune_interval``, until cancelled."""
         next_prune = time.monotonic() + self.prune_interval
         while True:
-            deleted: int | None = 0
-            expired = 0
+            examined = expired = 0
             try:
                 expired = await self.expire_stale()
-                deleted = await self.reap_once()
+                reaped = await self.reap_once()
+                examined = sum(reaped) if reaped else 0
                 if time.monotonic() >= next_prune:
                     pruned = await self.prune_once()
                     if any(pruned):
@@ -107,5 +114,5 @@ class Reaper:
                     next_prune = time.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
                 log.warning("reaper round failed", error=str(exc))
-            if deleted != REAP_LIMIT and expired != STALE_LIMIT:
+            if examined != REAP_LIMIT and expired != STALE_LIMIT:
                 await asyncio.sleep(self.interval)

@@ -198,14 +198,12 @@ class Database:
         return sorted(row[0] for row in rows)
 
     @_edge
-    async def insert_imported_callbacks(
-        self, received_at: Sequence[float], id_arrays: Sequence[str], sources: Sequence[str]
+    async def insert_keyed_callbacks(
+        self, received_at: Sequence[float], id_arrays: Sequence[str], keys: Sequence[str]
     ) -> int:
-        """Stores imported callbacks durably, skipping source positions already stored;
-        returns how many were stored now."""
-        rows = await self.pool.fetch(
-            Q["insert_imported_callbacks"], received_at, id_arrays, sources
-        )
+        """Stores callbacks with unique keys (imported, or drained from a spool) durably,
+        skipping keys already stored; returns how many were stored now."""
+        rows = await self.pool.fetch(Q["insert_keyed_callbacks"], received_at, id_arrays, keys)
         return len(rows)
 
     @_edge
@@ -268,15 +266,19 @@ class Database:
         return int(await self.pool.fetchval(Q["expire_stale_callbacks"], cutoff, limit))
 
     @_edge
-    async def reap(self, cutoff: datetime, limit: int) -> int | None:
-        """Deletes expired objects; None when another instance's reaper holds the lock."""
+    async def reap(self, cutoff: datetime, limit: int) -> tuple[int, int] | None:
+        """Notes what arrived since the last round, then deletes expired objects; returns
+        (deleted, kept), or None when another instance's reaper holds the lock."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(Q["take_reaper_lock"]):
                 return None
+            await conn.execute(Q["note_pending_ids"], cutoff)
+            await conn.execute(Q["forget_pending_ids"], cutoff)
             if not await conn.fetchval(Q["any_expired"], cutoff):
-                return 0
-            rows = await conn.fetch(Q["reap_objects"], cutoff, limit)
-        return len(rows)
+                return 0, 0
+            row = await conn.fetchrow(Q["reap_objects"], cutoff, limit)
+        assert row is not None
+        return int(row["deleted"]), int(row["kept"])
 
     @_edge
     async def prune(

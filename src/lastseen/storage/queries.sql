@@ -31,9 +31,11 @@ FROM unnest($1::float8[], $2::text[]) WITH ORDINALITY AS r(received_at, ids, ord
 ORDER BY r.ord
 RETURNING id;
 
--- name: insert_imported_callbacks
--- Stores imported callbacks ($1 receive times in epoch seconds, $2 id array literals, $3 source
--- positions) unless a callback from the same position is already stored. Returns the stored.
+-- name: insert_keyed_callbacks
+-- Stores callbacks that carry a unique key ($1 receive times in epoch seconds, $2 id array
+-- literals, $3 keys: an imported file's position, or a spool key) unless a callback with the
+-- same key is already stored, so that a repeated import or drain stores nothing twice.
+-- Returns the stored.
 INSERT INTO callbacks (received_at, object_ids, locked_until, source)
 SELECT to_timestamp(r.received_at), r.ids::bigint[], now(), r.source
 FROM unnest($1::float8[], $2::text[], $3::text[]) AS r(received_at, ids, source)
@@ -123,19 +125,35 @@ WITH newest AS (
 ), seen AS (
     INSERT INTO objects AS obj (id, last_seen)
     SELECT id, seen_at FROM newest WHERE online AND seen_at > $4
-    ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen
+    ON CONFLICT (id) DO UPDATE SET
+        last_seen = excluded.last_seen,
+        -- A mark from the callback this result answers, or an older one, has done its work.
+        kept_for = CASE WHEN obj.kept_for > excluded.last_seen THEN obj.kept_for END
     WHERE obj.last_seen < excluded.last_seen
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM seen) AS upserted, (SELECT count(*) FROM gone) AS deleted;
 
 -- name: insert_dead_letters
--- Records ids that could not be looked up, one row per callback and id.
-INSERT INTO dead_letters AS d (callback_id, object_id, received_at, reason, detail, attempts)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
-ON CONFLICT (callback_id, object_id) DO UPDATE
-SET reason = excluded.reason, detail = excluded.detail, attempts = excluded.attempts,
-    created_at = now();
+-- Records ids that could not be looked up, one row per callback and id, and clears the reaper's
+-- mark on those objects when it came from such a callback: their reaper decides again.
+WITH letters AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[],
+                         $6::int[])
+        AS d(callback_id, object_id, received_at, reason, detail, attempts)
+), stored AS (
+    INSERT INTO dead_letters AS d
+        (callback_id, object_id, received_at, reason, detail, attempts)
+    SELECT * FROM letters
+    ON CONFLICT (callback_id, object_id) DO UPDATE
+    SET reason = excluded.reason, detail = excluded.detail, attempts = excluded.attempts,
+        created_at = now()
+), marked AS (
+    SELECT obj.id FROM objects AS obj JOIN letters ON letters.object_id = obj.id
+    WHERE obj.kept_for <= letters.received_at
+    ORDER BY obj.id FOR UPDATE OF obj
+)
+UPDATE objects AS obj SET kept_for = NULL FROM marked WHERE obj.id = marked.id;
 
 -- name: complete_callbacks
 -- Marks callbacks done once every id has a result or a dead letter (locking in id order).
@@ -167,29 +185,65 @@ SELECT count(*) FROM expired;
 -- One reaper at a time across instances: true for the transaction that gets this lock.
 SELECT pg_try_advisory_xact_lock(hashtext('lastseen.reaper'));
 
+-- name: note_pending_ids
+-- Notes the ids of pending callbacks received since $1 (the TTL's cutoff) that committed after
+-- the reaper's last look (all of them on a first look), and makes this statement's snapshot the
+-- last look. Its cost follows what arrived since, not the size of the backlog. Returns how many.
+WITH last AS (
+    SELECT (SELECT seen FROM reaper_cursor) AS seen
+), fresh AS (
+    SELECT c.id, c.received_at, c.object_ids FROM callbacks AS c
+    WHERE c.done_at IS NULL
+      AND c.txid >= coalesce(pg_snapshot_xmin((SELECT seen FROM last)), '0'::xid8)
+      AND NOT coalesce(pg_visible_in_snapshot(c.txid, (SELECT seen FROM last)), false)
+      AND c.received_at >= $1
+), noted AS (
+    INSERT INTO pending_ids (object_id, callback_id, received_at)
+    SELECT x.id, fresh.id, fresh.received_at
+    FROM fresh CROSS JOIN LATERAL unnest(fresh.object_ids) AS x(id)
+    RETURNING 1
+), looked AS (
+    INSERT INTO reaper_cursor (seen) VALUES (pg_current_snapshot())
+    ON CONFLICT (singleton) DO UPDATE SET seen = excluded.seen
+)
+SELECT count(*) FROM noted;
+
+-- name: forget_pending_ids
+-- Drops the noted ids of callbacks received before $1 (the TTL's cutoff): they keep nothing now.
+DELETE FROM pending_ids WHERE received_at < $1;
+
 -- name: any_expired
--- Is any object last seen before $1? (A cheap index probe before the real work.)
-SELECT EXISTS (SELECT 1 FROM objects WHERE last_seen < $1);
+-- Is any object due, last seen (and kept) before $1? (A cheap index probe before the real work.)
+SELECT EXISTS (SELECT 1 FROM objects WHERE GREATEST(last_seen, kept_for) < $1);
 
 -- name: reap_objects
--- Deletes up to $2 objects last seen before $1, oldest first, except ids named by a pending
--- callback received since $1: that callback's own result decides about them. The protected ids
--- are collected once into a hash (not compared callback by callback), and the limit applies
--- after they are set aside, so protected rows cannot crowd out deletable ones.
-WITH protected AS (
-    SELECT DISTINCT x.id
-    FROM callbacks AS c CROSS JOIN LATERAL unnest(c.object_ids) AS x(id)
-    WHERE c.done_at IS NULL AND c.received_at >= $1
-), doomed AS (
-    SELECT obj.id FROM objects AS obj
-    WHERE obj.last_seen < $1 AND NOT EXISTS (SELECT 1 FROM protected WHERE protected.id = obj.id)
-    ORDER BY obj.last_seen
+-- Examines up to $2 objects due before $1 (the TTL's cutoff), oldest first: deletes them, except
+-- those a pending callback received since $1 names (noted in pending_ids), whose result decides
+-- about them. Those are marked with that callback's receive time (kept_for), which takes them out
+-- of the reaper's range until it is past the TTL or their result or dead letter clears it, so a
+-- round does not examine them again. Returns (deleted, kept).
+WITH examined AS (
+    SELECT obj.id, (
+        SELECT max(p.received_at)
+        FROM pending_ids AS p JOIN callbacks AS c ON c.id = p.callback_id
+        WHERE p.object_id = obj.id AND p.received_at >= $1 AND c.done_at IS NULL
+    ) AS keep_until
+    FROM objects AS obj
+    WHERE GREATEST(obj.last_seen, obj.kept_for) < $1
+    ORDER BY GREATEST(obj.last_seen, obj.kept_for)
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM objects AS obj USING examined
+    WHERE obj.id = examined.id AND examined.keep_until IS NULL
+      AND GREATEST(obj.last_seen, obj.kept_for) < $1
+    RETURNING 1
+), kept AS (
+    UPDATE objects AS obj SET kept_for = examined.keep_until FROM examined
+    WHERE obj.id = examined.id AND examined.keep_until IS NOT NULL
+    RETURNING 1
 )
-DELETE FROM objects AS obj USING doomed
-WHERE obj.id = doomed.id AND obj.last_seen < $1
-RETURNING obj.id;
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM kept) AS kept;
 
 -- name: prune_callbacks
 -- Deletes up to $2 callbacks that were done before $1 (the audit period is over).
@@ -269,7 +323,8 @@ SELECT count(*) FROM callbacks;
 
 -- name: empty_tables
 -- Empties every table of a database that is the demo's own, so that it holds one run only.
-TRUNCATE callbacks, objects, observations, dead_letters RESTART IDENTITY;
+TRUNCATE callbacks, objects, observations, dead_letters, pending_ids, reaper_cursor
+    RESTART IDENTITY;
 
 -- name: holds_data
 -- Does the database hold any callback or object?

@@ -6,6 +6,9 @@
 - upstream-outage: the upstream answers 503 to everything for 12 s while the same 100 online
   ids arrive every second (TTL 6 s): whether any row disappears meanwhile, and how long after
   the recovery each id catches up with the newest callback sent before it.
+- hostile-upstream: an upstream that answers some ids in one-byte chunks, with thousands of
+  interim answers, with a 50 MB body trickled slowly, or not at all, under 10 callbacks/s of 40
+  unique ids: how long the well-answered ids take, and each process's memory over the run.
 - reaper: how long one reaper round takes with a backlog of 1 million pending ids (5,000
   callbacks of 200), when expired objects are named by them (protected) and when not.
 """
@@ -24,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import psutil
 
-from lastseen.devtools.launch import ServeProcess
+from lastseen.devtools.bench.processes import rss_mib, workers
 from lastseen.devtools.loadgen import percentile
+from lastseen.devtools.simulate import hostile
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
 
@@ -43,13 +47,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _workers(serve: ServeProcess) -> list[psutil.Process]:
-    with contextlib.suppress(psutil.Error):
-        children: list[psutil.Process] = psutil.Process(serve.pid).children()
-        return children
-    return []
 
 
 async def crash(bench: Bench) -> dict[str, Any]:
@@ -94,12 +91,12 @@ async def crash(bench: Bench) -> dict[str, Any]:
         for n in itertools.count(1):
             await asyncio.sleep(WORKER_KILL_EVERY)
             if n % SERVICE_KILL_EVERY:
-                for child in _workers(serve):
+                for child in workers(serve):
                     with contextlib.suppress(psutil.Error):
                         child.send_signal(signal.SIGKILL)
                 kills["worker"] += 1
                 continue
-            for child in _workers(serve):
+            for child in workers(serve):
                 with contextlib.suppress(psutil.Error):
                     child.send_signal(signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
@@ -218,12 +215,97 @@ async def upstream_outage(bench: Bench) -> dict[str, Any]:
     }
 
 
+HOSTILE_RATE = 10.0  # callbacks per second
+HOSTILE_IDS = 40  # unique ids per callback; 4 in 10 get a hostile answer
+
+
+async def hostile_upstream(bench: Bench) -> dict[str, Any]:
+    """A hostile upstream for a while: the other ids' delays, and RSS sampled every second."""
+    o = bench.options
+    url = await bench.fresh_database("bench_hostile")
+    server, objects_url = await hostile.start()
+    serve = await bench.serve(url, objects_url=objects_url, ttl="30", lookup_timeout="10")
+    sent: dict[int, float] = {}
+    appeared: dict[int, float] = {}
+    samples: list[dict[str, Any]] = []
+    ids = itertools.count()
+    started = time.monotonic()
+
+    async def produce(http: aiohttp.ClientSession) -> None:
+        for n in itertools.count():
+            await asyncio.sleep(max(0.0, started + n / HOSTILE_RATE - time.monotonic()))
+            batch = [next(ids) for _ in range(HOSTILE_IDS)]
+            at = time.time()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.post(serve.url + "/callback", json={"object_ids": batch}) as r:
+                    if r.status == 202:
+                        sent.update((i, at) for i in batch if hostile.answered(i))
+
+    async def watch() -> None:
+        async with bench.database(url) as db:
+            while True:
+                now = time.time()
+                for object_id, _ in await db.list_objects(-(2**63), 10_000_000):
+                    appeared.setdefault(object_id, now)
+                await asyncio.sleep(0.1)
+
+    async def sample() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            metrics = await bench.read_metrics(serve)
+            samples.append(
+                {
+                    "t": round(time.monotonic() - started, 1),
+                    "rss_mib": rss_mib(serve.pid),
+                    "lookups_in_flight": metrics.get("lastseen_lookups_in_flight"),
+                }
+            )
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+        tasks = [
+            asyncio.create_task(produce(http), name="bench-hostile-produce"),
+            asyncio.create_task(watch(), name="bench-hostile-watch"),
+            asyncio.create_task(sample(), name="bench-hostile-sample"),
+        ]
+        await asyncio.sleep(o.hostile_seconds)
+        tasks[0].cancel()
+        await asyncio.sleep(3.0)  # the last callbacks' well-answered ids
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await serve.terminate()
+    server.close()
+    delays = [appeared[i] - sent[i] for i in sent if i in appeared]
+    half = samples[len(samples) // 2 :] or samples
+    growth = {
+        name: round(half[-1]["rss_mib"][name] - half[0]["rss_mib"][name], 1)
+        for name in (half[0]["rss_mib"] if half else {})
+        if name in half[-1]["rss_mib"]
+    }
+    return {
+        "seconds": o.hostile_seconds,
+        "well_answered_ids": len(sent),
+        "never_appeared": len(set(sent) - set(appeared)),
+        "appeared_after_s": {
+            "p50": round(percentile(delays, 50), 2),
+            "p99": round(percentile(delays, 99), 2),
+            "max": round(max(delays, default=0.0), 2),
+        },
+        "lookups_in_flight_max": max((s["lookups_in_flight"] or 0 for s in samples), default=0),
+        "rss_mib_first": samples[0]["rss_mib"] if samples else {},
+        "rss_mib_last": samples[-1]["rss_mib"] if samples else {},
+        "rss_growth_second_half_mib": growth,
+        "samples": samples,
+        "goal": "well-answered ids within 1 s; memory flat",
+    }
+
+
 # Fixture data for the reaper measurement only, so it lives here and not in queries.sql:
-# $1 callbacks of $2 ids each, received now and pending (leased, so none is expired); then
-# objects last seen an hour ago, $1 of them named by those callbacks and $1 others.
+# $1 callbacks of $2 ids each (from id $3 on), received now and pending (leased, so none is
+# expired); then objects last seen an hour ago, $1 of them named by those callbacks and $1 others.
 _REAPER_FIXTURE = """
 INSERT INTO callbacks (received_at, object_ids, locked_until)
-SELECT now(), ARRAY(SELECT generate_series(c * $2, c * $2 + $2 - 1))::bigint[],
+SELECT now(), ARRAY(SELECT generate_series($3 + c * $2, $3 + c * $2 + $2 - 1))::bigint[],
        now() + interval '1 hour'
 FROM generate_series(0, $1 - 1) AS c;
 INSERT INTO objects (id, last_seen)
@@ -241,7 +323,7 @@ async def reaper(bench: Bench) -> dict[str, Any]:
     async with bench.database(url) as db:
         await db.migrate()
         pending, expired = _REAPER_FIXTURE.strip().split(";\n")
-        await db.pool.execute(pending, callbacks, per_callback)
+        await db.pool.execute(pending, callbacks, per_callback, 0)
         await db.pool.execute(expired.rstrip(";"), objects)
         await db.pool.execute("ANALYZE")  # fixture only: fresh statistics, as autovacuum would
         reaper_ = Reaper(
@@ -254,18 +336,28 @@ async def reaper(bench: Bench) -> dict[str, Any]:
             prune_interval=10,
         )
         rounds: list[dict[str, float]] = []
-        for _ in range(5):
+        for n in range(5):
+            if n:  # a round's worth of new arrivals: 0.2 s at 10,000 ids/s
+                await db.pool.execute(pending, 10, per_callback, 2_000_000_000 + n * 2_000)
             started = time.perf_counter()
-            deleted = await reaper_.reap_once()
+            deleted, kept = await reaper_.reap_once() or (0, 0)
             rounds.append(
-                {"ms": round((time.perf_counter() - started) * 1000, 1), "deleted": deleted or 0}
+                {
+                    "ms": round((time.perf_counter() - started) * 1000, 1),
+                    "deleted": deleted,
+                    "kept": kept,
+                }
             )
     bench.progress(f"reaper rounds: {rounds}")
     return {
         "pending_ids": callbacks * per_callback,
         "expired_objects": 2 * objects,
         "protected_objects": objects,
+        # The first round after a start on a database the reaper has not looked at notes the
+        # whole backlog once; every later round notes only what arrived since (2,000 new ids
+        # before each: 0.2 s of arrivals at 10,000 ids/s).
         "rounds": rounds,
+        "first_round_ms": rounds[0]["ms"],
         "round_ms_max_after_first": max((r["ms"] for r in rounds[1:]), default=0.0),
         "reap_interval_ms": 200,
         "goal": "a round well under the reap interval (200 ms) with 1 million pending ids",

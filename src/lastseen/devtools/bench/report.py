@@ -115,6 +115,17 @@ def render(results: dict[str, Any]) -> str:
             f"every second; {s['disappeared']} rows disappeared; every id caught up within "
             f"p50 {late['p50']} s, max {late['max']} s of the recovery"
         )
+    if "hostile-upstream" in scenarios:
+        s = scenarios["hostile-upstream"]
+        late = s["appeared_after_s"]
+        first, last = s["rss_mib_first"], s["rss_mib_last"]
+        rss = ", ".join(f"{k} {first[k]} -> {last[k]} MiB" for k in first if k in last)
+        console.print(
+            f"hostile upstream: {s['seconds']:g} s, {s['well_answered_ids']} well-answered ids, "
+            f"{s['never_appeared']} never in objects; appeared after p50 {late['p50']} s, "
+            f"p99 {late['p99']} s, max {late['max']} s; lookups in flight up to "
+            f"{s['lookups_in_flight_max']:.0f}; RSS {rss}"
+        )
     if "scale" in scenarios:
         s = scenarios["scale"]
         for layout, run in s["layouts"].items():
@@ -131,7 +142,10 @@ def render(results: dict[str, Any]) -> str:
         console.print(
             f"reaper: {s['pending_ids']:,} pending ids, {s['expired_objects']:,} expired objects "
             f"({s['protected_objects']:,} protected); rounds "
-            + ", ".join(f"{r['ms']} ms ({r['deleted']:.0f} deleted)" for r in s["rounds"])
+            + ", ".join(
+                f"{r['ms']} ms ({r['deleted']:.0f} deleted, {r['kept']:.0f} kept)"
+                for r in s["rounds"]
+            )
         )
     return console.export_text()
 

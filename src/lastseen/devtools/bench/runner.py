@@ -63,6 +63,8 @@ class BenchOptions:
     sample_every: float = 2.0
     # crash
     crash_seconds: float = 60.0
+    # hostile-upstream
+    hostile_seconds: float = 120.0
     # reaper
     reaper_callbacks: int = 5000
     # scale
@@ -90,6 +92,7 @@ class BenchOptions:
             crash_seconds=5.0,
             outage_warmup=2.0,
             outage_seconds=3.0,
+            hostile_seconds=3.0,
             reaper_callbacks=50,
             scale_rates=(5.0,),
             sample_every=0.5,

@@ -13,7 +13,6 @@ The failure scenarios are in failures.py, the scale scenario in scale.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import statistics
@@ -23,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import psutil
 
-from lastseen.devtools.bench.failures import crash, reaper, upstream_outage
+from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
+from lastseen.devtools.bench.processes import rss_mib
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
@@ -288,7 +287,7 @@ async def soak(bench: Bench) -> dict[str, Any]:
         samples.append(
             {
                 "t": round(time.monotonic() - started, 1),
-                "rss_mib": _rss_mib(serve.pid),
+                "rss_mib": rss_mib(serve.pid),
                 "inbox_pending": metrics.get("lastseen_inbox_pending"),
                 "lookups_total": metrics.total("lastseen_lookups_total"),
             }
@@ -313,19 +312,6 @@ async def soak(bench: Bench) -> dict[str, Any]:
     }
 
 
-def _rss_mib(pid: int) -> dict[str, float]:
-    """RSS of ``serve`` and of each of its worker processes, in MiB."""
-    try:
-        root = psutil.Process(pid)
-        found = {"serve": root.memory_info().rss / 2**20}
-        for n, child in enumerate(root.children()):
-            with contextlib.suppress(psutil.Error):
-                found[f"worker{n}"] = child.memory_info().rss / 2**20
-        return {k: round(v, 1) for k, v in found.items()}
-    except psutil.Error:
-        return {}
-
-
 Scenario = Callable[["Bench"], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest,
@@ -334,6 +320,7 @@ SCENARIOS: dict[str, Scenario] = {
     "soak": soak,
     "crash": crash,
     "upstream-outage": upstream_outage,
+    "hostile-upstream": hostile_upstream,
     "reaper": reaper,
     "scale": scale,
 }

@@ -1,0 +1,62 @@
+"""An upstream that misbehaves on purpose, for the tests and the benchmark: by the last digit
+of the id it is asked about, it answers in one-byte chunks (1), with thousands of interim
+``100 Continue`` answers before nothing (3), with a 50 MB Content-Length trickled a byte every
+50 ms (5), or not at all (7). Every other id gets a well-formed "online" answer at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+KINDS = {1: "chunks", 3: "interim", 5: "trickle", 7: "silent"}
+
+
+def kind_of(object_id: int) -> str | None:
+    """How the hostile upstream answers about this id (None: well)."""
+    return KINDS.get(object_id % 10)
+
+
+def answered(object_id: int) -> bool:
+    """Whether a correct client gets a result for this id (one-byte chunks are still HTTP)."""
+    return kind_of(object_id) in (None, "chunks")
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            request = await reader.readuntil(b"\r\n\r\n")
+            object_id = int(request.split(b" ")[1].rsplit(b"/", 1)[1])
+            body = b'{"id":%d,"online":true}' % object_id
+            kind = kind_of(object_id)
+            if kind == "chunks":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for byte in body:
+                    writer.write(b"1\r\n%c\r\n" % byte)
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            elif kind == "interim":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" * 3000)
+            elif kind == "trickle":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50000000\r\n\r\n")
+                for _ in range(100):
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            elif kind == "silent":
+                await asyncio.sleep(30)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+                writer.write(body)
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        pass
+    except asyncio.CancelledError:
+        pass  # the server is closing: a cancelled handler would be logged as an error
+    finally:
+        writer.close()
+
+
+async def start() -> tuple[asyncio.Server, str]:
+    """The hostile upstream on a free loopback port, and its objects URL."""
+    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
