@@ -21,6 +21,7 @@ from helpers.services import Running, Spawn, StartService, StartUpstream, fast_s
 
 from lastseen import logs
 from lastseen.app import Service, upstream_client
+from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.simulate.upstream import Upstream, UpstreamConfig
 from lastseen.storage.database import Database, with_database
@@ -87,6 +88,16 @@ async def db_url(pg_url: str, template_name: str) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def db_proxy(db_url: str) -> AsyncIterator[DatabaseProxy]:
+    """The test's database behind a proxy that can take it away (``stop``) and bring it back
+    (``start``); ``db_proxy.url()`` is the database through it."""
+    proxy = DatabaseProxy(db_url)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
 
 
 @pytest.fixture

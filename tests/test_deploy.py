@@ -36,7 +36,9 @@ def _documents() -> list[dict[str, Any]]:
 
 def _containers(kind_name: str) -> list[dict[str, Any]]:
     (deployment,) = [
-        d for d in _documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == kind_name
+        d
+        for d in _documents()
+        if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == kind_name
     ]
     containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
     return containers
@@ -64,7 +66,14 @@ def test_kubernetes_probes_ports_and_settings_match_the_service() -> None:
     every LASTSEEN_* name in the ConfigMap, the Secret and the containers is a setting."""
     documents = _documents()
     kinds = {d["kind"] for d in documents}
-    assert kinds == {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget"}
+    assert kinds == {
+        "ConfigMap",
+        "Secret",
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    }
     (config,) = [d for d in documents if d["kind"] == "ConfigMap"]
     (secret,) = [d for d in documents if d["kind"] == "Secret"]
     names = set(config["data"]) | set(secret["stringData"])
@@ -79,6 +88,14 @@ def test_kubernetes_probes_ports_and_settings_match_the_service() -> None:
     assert ingest["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert ingest["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert "preStop" in ingest["lifecycle"]
+    # Its spool on a volume of its own that a restarted pod, under the same name, finds again.
+    env = {e["name"]: e for e in ingest["env"]}
+    assert env["LASTSEEN_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    (mount,) = ingest["volumeMounts"]
+    assert mount["mountPath"] == env["LASTSEEN_DATA_DIR"]["value"]
+    (statefulset,) = [d for d in documents if d["kind"] == "StatefulSet"]
+    claims = statefulset["spec"]["volumeClaimTemplates"]
+    assert [c["metadata"]["name"] for c in claims] == [mount["name"]]
     assert float(config["data"]["LASTSEEN_SHUTDOWN_DELAY"]) > 0
     (worker,) = _containers("lastseen-worker")
     assert worker["args"] == ["serve", "--role", "worker"]
@@ -97,7 +114,7 @@ def test_kustomize_renders_the_manifests() -> None:
     assert rendered.returncode == 0, rendered.stderr
     kinds = [doc["kind"] for doc in yaml.safe_load_all(rendered.stdout)]
     assert sorted(kinds) == sorted(
-        ["ConfigMap", "Secret", "Deployment", "Deployment", "Service", "PodDisruptionBudget"]
+        ["ConfigMap", "Secret", "StatefulSet", "Deployment", "Service", "PodDisruptionBudget"]
     )
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
-from helpers.proxy import DatabaseProxy, unix_socket_of
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
+
+from lastseen.devtools.dbproxy import DatabaseProxy
 
 
 async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:
@@ -140,19 +140,13 @@ async def test_sigterm_hands_back_what_it_could_not_finish(
 
 
 async def test_readiness_follows_the_database(
-    pg_url: str, db_url: str, start_service: StartService
+    db_proxy: DatabaseProxy, start_service: StartService
 ) -> None:
-    """/ready is 503 with a reason while the database is away, and 200 again when it is back;
-    meanwhile /health answers and callbacks get a quick 503, never a false 202."""
-    try:
-        proxy = DatabaseProxy(unix_socket_of(pg_url))
-    except ValueError:
-        pytest.skip("needs the embedded server's Unix socket")
-    await proxy.start()
-    database = urlsplit(db_url).path.lstrip("/")
-    service = await start_service(
-        database_url=proxy.url(database), role="ingest", commit_timeout=0.5
-    )
+    """Without a spool, /ready is 503 with a reason while the database is away, and 200 again
+    when it is back; meanwhile /health answers and callbacks get a quick 503, never a false
+    202."""
+    proxy = db_proxy
+    service = await start_service(database_url=proxy.url(), role="ingest", commit_timeout=0.5)
     assert await service.get("/ready") == (200, {"ready": True})
 
     await proxy.stop()
@@ -183,18 +177,13 @@ async def test_readiness_follows_the_database(
 
 
 async def test_starting_without_a_database_waits_for_it(
-    pg_url: str, db_url: str, start_service: StartService
+    db_proxy: DatabaseProxy, start_service: StartService
 ) -> None:
     """A service whose database is not there yet serves /health, reports why it is not ready,
     and migrates and gets ready once the database appears."""
-    try:
-        proxy = DatabaseProxy(unix_socket_of(pg_url))
-    except ValueError:
-        pytest.skip("needs the embedded server's Unix socket")
-    await proxy.start()
-    await proxy.stop()  # a port known to be closed
-    database = urlsplit(db_url).path.lstrip("/")
-    settings = {"database_url": proxy.url(database), "role": "ingest"}
+    proxy = db_proxy
+    await proxy.stop()
+    settings = {"database_url": proxy.url(), "role": "ingest"}
     starting = asyncio.create_task(start_service(**settings))
     await asyncio.sleep(0.5)
     assert not starting.done()

@@ -19,13 +19,14 @@ import structlog
 from aiohttp import web
 
 from lastseen.backoff import backoff
-from lastseen.errors import DatabaseError
+from lastseen.errors import DatabaseError, SpoolFailed
 from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import CallbackHandler
 from lastseen.metrics import Metrics
 from lastseen.pipeline import Pipeline
 from lastseen.settings import Settings
+from lastseen.spool import Spool, spool_path
 from lastseen.storage.database import Database
 from lastseen.storage.embedded import EmbeddedPostgres
 from lastseen.supervisor import Supervisor
@@ -61,14 +62,18 @@ class Service:
         self.worker_processes = worker_processes
         self.supervisor = Supervisor()
         self.commit: GroupCommit | None = None
+        self.spool: Spool | None = None
         callback_handler = None
         if s.takes_callbacks:
+            if s.spool_max_bytes > 0:
+                self.spool = Spool(spool_path(s), s.spool_max_bytes)
             self.commit = GroupCommit(
                 db,
                 m,
                 max_batch=s.commit_max_batch,
                 concurrency=s.commit_concurrency,
                 timeout=s.commit_timeout,
+                spool=self.spool,
             )
             submit: Submit = self.commit.submit
             if tracer is not None:
@@ -81,7 +86,10 @@ class Service:
         if s.runs_pipeline:
             self.pipeline = Pipeline(s, db, client, m, self.supervisor, tracer)
         runs_lookups = self.pipeline is not None or worker_processes is not None
-        self.readiness = Readiness(self._upstream_failing if runs_lookups else None)
+        self.readiness = Readiness(
+            self._upstream_failing if runs_lookups else None,
+            self.commit if self.spool is not None else None,
+        )
         self.app = build_app(
             Routes(
                 db,
@@ -109,12 +117,33 @@ class Service:
     async def start(self) -> None:
         """Listens at once (so /health and /ready answer), and migrates in the background."""
         host, port = self.settings.listen
+        if self.spool is not None:
+            try:
+                await self.spool.open()
+            except SpoolFailed as exc:
+                # Start all the same: with the database there, nothing is missing; without it,
+                # callbacks get 503 as they would with no spool.
+                log.error(
+                    "the spool cannot be used: set LASTSEEN_SPOOL_PATH or LASTSEEN_DATA_DIR to "
+                    "a writable place (LASTSEEN_SPOOL_MAX_BYTES=0 turns it off)",
+                    path=str(self.spool.path),
+                    error=str(exc),
+                )
+            if self.spool.depth:
+                log.info(
+                    "the spool holds callbacks; they drain once the database answers",
+                    callbacks=self.spool.depth,
+                    path=str(self.spool.path),
+                )
         await self._runner.setup()
         # A deep accept queue: a burst of producers connecting at once must not see SYN drops.
         site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
+        if self.commit is not None and self.spool is not None:
+            # With a spool, callbacks are taken from the start, whatever the database does.
+            self.supervisor.start("group-commit", self.commit.run(), finite=True)
         self.supervisor.start("migrate", self._migrate_then_work(), finite=True)
 
     async def _migrate_then_work(self) -> None:
@@ -127,6 +156,9 @@ class Service:
                 failures += 1
                 delay = backoff(failures, 0.1, 5.0)
                 self.readiness.reason = "cannot migrate: the database is unreachable"
+                self.readiness.unreachable = True
+                if self.commit is not None:
+                    self.commit.lose_database(str(exc))
                 log.warning("database not ready, retrying", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
         if applied:
@@ -137,7 +169,8 @@ class Service:
                 self.supervisor.start(f"worker-process-{child.number}", child.run(), finite=True)
         if self.commit is not None:
             self.commit.open()
-            self.supervisor.start("group-commit", self.commit.run(), finite=True)
+            if self.spool is None:
+                self.supervisor.start("group-commit", self.commit.run(), finite=True)
         if self.pipeline is not None:
             self.pipeline.start()
 
@@ -170,6 +203,9 @@ class Service:
             self.commit.close()
         await self._runner.cleanup()
         await self.supervisor.wait("group-commit", grace)
+        if self.spool is not None:
+            await self.supervisor.cancel("group-commit")
+            await self.spool.close()
         if self.worker_processes is not None:
             await self.worker_processes.stop()
         if self.pipeline is not None:

@@ -66,6 +66,32 @@ async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> i
     return 0
 
 
+async def _drain_spool(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.app import database
+    from lastseen.inbox import drain_batch
+    from lastseen.spool import Spool, spool_path
+
+    paths: list[Path] = args.files or [spool_path(settings)]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        print(f"lastseen: no spool file at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    async with database(settings) as db:
+        await db.migrate()
+        for path in paths:
+            spool = Spool(path, max_bytes=0)
+            await spool.open()
+            moved = 0
+            try:
+                while drained := await drain_batch(spool, db):
+                    moved += drained
+            finally:
+                await spool.close()
+            await db.notify_inbox()
+            print(f"{path}: {moved} callbacks moved into the inbox", file=sys.stderr)
+    return 0
+
+
 async def _import(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.importer import run
 
@@ -175,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also queue dead letters received more than the TTL ago",
     )
     retry.set_defaults(run=_retry_dead_letters)
+
+    drain = commands.add_parser(
+        "drain-spool",
+        help="move a spool's callbacks into the database (a spool whose instance is gone)",
+        description="Moves the callbacks of each spool FILE (default: this instance's spool) "
+        "into the inbox, in the order they were spooled, with their receive times; a callback "
+        "already moved is not stored twice. A running instance drains its own spool by itself.",
+    )
+    add_arguments(drain, ["service", "ingest", "logging"])
+    drain.add_argument("files", nargs="*", type=Path, metavar="FILE", help="a spool file")
+    drain.set_defaults(run=_drain_spool)
 
     imports = commands.add_parser(
         "import",

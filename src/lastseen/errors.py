@@ -65,6 +65,18 @@ class CommitTimeout(LastseenError):
         self.timeout = timeout
 
 
+class SpoolFull(LastseenError):
+    """The spool is at its size bound: the callback was not stored."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the spool is full ({max_bytes} bytes)")
+        self.max_bytes = max_bytes
+
+
+class SpoolFailed(LastseenError):
+    """The spool's file could not be written or read (a full disk, a broken file)."""
+
+
 class NotAccepting(LastseenError):
     """The instance takes no callbacks now: it is starting up or shutting down."""
 

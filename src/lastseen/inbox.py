@@ -5,6 +5,17 @@ request waits for an fsync. Rather than one transaction per request, requests qu
 few committers each take everything that queued meanwhile and store it with one multi-row
 INSERT. While one commit waits for its fsync, the next batch forms; an idle service commits a
 lone request at once, so the batching adds no latency when there is nothing to batch.
+
+The spool. When a commit cannot reach PostgreSQL in time (half the commit timeout), its
+callbacks go to the local spool (spool.py) instead, durable before the 202, and so do later
+ones, straight away, until a probe finds the database again; then the spool drains into the
+inbox in the order it filled, with the original receive times, while new callbacks go to
+PostgreSQL again. Before the schema is migrated (PostgreSQL down at start) callbacks are
+spooled too. A 202 means stored in one of the two places; with neither, 503.
+
+A commit whose answer was lost with its connection may have landed after all: its callbacks
+are then stored twice (once from the spool). Their effect is the same: the same ids with the
+same receive time.
 """
 
 from __future__ import annotations
@@ -17,24 +28,45 @@ from collections.abc import Sequence
 
 import structlog
 
+from lastseen.backoff import backoff
 from lastseen.errors import (
     CommitTimeout,
     DatabaseError,
     DatabaseUnavailable,
     NotAccepting,
     RetryableConflict,
+    SpoolFailed,
+    SpoolFull,
 )
 from lastseen.metrics import Metrics
+from lastseen.spool import Spool
 from lastseen.storage.database import Database, id_array
 
 log = structlog.get_logger("lastseen.inbox")
+
+DRAIN_BATCH = 1000  # spooled callbacks moved into the inbox per transaction
+
+
+async def drain_batch(spool: Spool, db: Database) -> int:
+    """Moves the oldest spooled callbacks into the inbox; how many (0: the spool is empty).
+
+    Exactly once: the inbox skips keys it already has, so a drain that stopped between the
+    two steps moves nothing twice when it runs again.
+    """
+    batch = await spool.peek(DRAIN_BATCH)
+    if batch:
+        await db.insert_keyed_callbacks(
+            [s.received_at for s in batch], [s.ids for s in batch], [s.key for s in batch]
+        )
+        await spool.forget(batch)
+    return len(batch)
 
 
 @dataclasses.dataclass(slots=True)
 class _Entry:
     received_at: float  # epoch seconds
     ids: str  # array literal, see storage.database.id_array
-    future: asyncio.Future[int]
+    future: asyncio.Future[int | str]
     deadline: float  # loop time after which the request gets its 503
 
 
@@ -51,6 +83,8 @@ class GroupCommit:
         timeout: float,
         retry_delay: float = 0.05,
         max_batch_bytes: int = 64 << 20,
+        spool: Spool | None = None,
+        probe_interval: float = 0.5,
     ) -> None:
         self.db = db
         self.metrics = metrics
@@ -67,25 +101,55 @@ class GroupCommit:
         self._committed = asyncio.Event()
         self._open = False
         self._closing = False
+        self.spool = spool
+        # A commit slower than this is taken for an unreachable database, leaving the other
+        # half of the timeout for the spool's write.
+        self.spool_after = timeout / 2
+        self.probe_interval = probe_interval
+        self.spooling = False  # the database is taken for unreachable: callbacks are spooled
+        self._drain = asyncio.Event()  # the spool may have something the inbox can take now
+        self._lost = asyncio.Event()  # set while spooling: the probe's cue
+        self._spool_refusing = False  # its last write failed (full, or the disk): until one works
+        self._gate = asyncio.Event()  # set once committing or spooling can start
+        if spool is not None:
+            metrics.spool_depth.set_function(lambda: spool.depth)
+            metrics.spool_bytes.set_function(lambda: spool.size)
+            metrics.spool_oldest_age.set_function(
+                lambda: 0.0 if spool.oldest is None else max(0.0, time.time() - spool.oldest)
+            )
 
     def open(self) -> None:
-        """Starts taking callbacks (once the schema is in place)."""
+        """Starts committing to PostgreSQL (once the schema is in place); before, callbacks
+        are refused, or spooled where there is a spool."""
         self._open = True
+        self._gate.set()
+        self._drain.set()
 
-    def submit(self, received_at: float, object_ids: Sequence[int]) -> asyncio.Future[int]:
-        """Queues one callback; the future gives its id once it is durable.
+    @property
+    def accepting(self) -> bool:
+        """Whether a callback can be stored now, in PostgreSQL or in the spool."""
+        if self._closing:
+            return False
+        if self.spool is None:
+            return self._open
+        return not self._spool_refusing
+
+    def submit(self, received_at: float, object_ids: Sequence[int]) -> asyncio.Future[int | str]:
+        """Queues one callback; the future gives its id once it is durable (or its spool key,
+        if it went to the spool).
 
         The future fails with ``CommitTimeout`` if that takes longer than the timeout (the
         callback is then not acknowledged and, if no committer has taken it yet, not stored
-        either) and with ``DatabaseError`` if PostgreSQL refuses it. ``NotAccepting`` is
-        raised at once before ``open`` and after ``close``.
+        either), with ``DatabaseError`` if PostgreSQL refuses it, and with ``SpoolFull`` or
+        ``SpoolFailed`` when it could be stored in neither place. ``NotAccepting`` is raised at
+        once after ``close``, and before ``open`` where there is no spool.
         """
         if self._closing:
             raise NotAccepting("shutting down")
-        if not self._open:
+        if not self._open and self.spool is None:
             raise NotAccepting("starting: the schema is not migrated yet")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
+        future: asyncio.Future[int | str] = loop.create_future()
         entry = _Entry(received_at, id_array(object_ids), future, loop.time() + self.timeout)
         self._queue.append(entry)
         self._wake.set()
@@ -107,6 +171,9 @@ class GroupCommit:
             asyncio.create_task(self._expire(), name="group-commit-expiry"),
             asyncio.create_task(self._notifier(), name="group-commit-notify"),
         ]
+        if self.spool is not None:
+            helpers.append(asyncio.create_task(self._probe(), name="group-commit-probe"))
+            helpers.append(asyncio.create_task(self._drainer(), name="group-commit-drain"))
         try:
             await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
         finally:
@@ -146,6 +213,11 @@ class GroupCommit:
 
     async def _committer(self) -> None:
         while True:
+            if not (self._open or self.spooling or self._closing):
+                # Not migrated yet, and the database not known to be down: callbacks wait for
+                # the migration (or their timeout) rather than going to the spool.
+                await self._gate.wait()
+                continue
             batch = self._take()
             if not batch:
                 if self._closing:
@@ -160,16 +232,25 @@ class GroupCommit:
                 self._committing.remove(batch)
 
     async def _commit(self, batch: list[_Entry]) -> None:
+        if self.spool is not None and (self.spooling or not self._open):
+            await self._to_spool(batch)
+            return
         started = time.perf_counter()
         try:
-            ids = await self.db.insert_callbacks(
-                [e.received_at for e in batch], [e.ids for e in batch]
-            )
-        except (DatabaseUnavailable, RetryableConflict) as exc:
-            # Put the batch back, in order, for the next try; requests whose timeout passes
-            # meanwhile get their 503 and are skipped.
-            log.warning("group commit failed, will retry", error=str(exc), size=len(batch))
-            self._queue.extendleft(reversed(batch))
+            async with asyncio.timeout(self.spool_after if self.spool is not None else None):
+                ids = await self.db.insert_callbacks(
+                    [e.received_at for e in batch], [e.ids for e in batch]
+                )
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            if self.spool is not None:
+                self.lose_database(str(exc) or "the commit took too long")
+                await self._to_spool(batch)
+                return
+            self._put_back(batch, exc)
+            await asyncio.sleep(self.retry_delay)
+            return
+        except RetryableConflict as exc:
+            self._put_back(batch, exc)
             await asyncio.sleep(self.retry_delay)
             return
         except DatabaseError as exc:
@@ -185,7 +266,94 @@ class GroupCommit:
             if not entry.future.done():
                 entry.future.set_result(callback_id)
 
+    def _put_back(self, batch: list[_Entry], exc: Exception) -> None:
+        # In order, for the next try; requests whose timeout passes meanwhile get their 503
+        # and are skipped.
+        log.warning("group commit failed, will retry", error=str(exc), size=len(batch))
+        self._queue.extendleft(reversed(batch))
+
+    async def _to_spool(self, batch: list[_Entry]) -> None:
+        assert self.spool is not None
+        entries = [e for e in batch if not e.future.done()]
+        if not entries:
+            return
+        try:
+            keys = await self.spool.append([(e.received_at, e.ids) for e in entries])
+        except (SpoolFull, SpoolFailed) as exc:
+            self._spool_refusing = True
+            if isinstance(exc, SpoolFailed):
+                log.error("the spool refused callbacks", error=str(exc), size=len(entries))
+            for entry in entries:
+                if not entry.future.done():
+                    entry.future.set_exception(
+                        SpoolFull(exc.max_bytes) if isinstance(exc, SpoolFull) else SpoolFailed()
+                    )
+            return
+        self._spool_refusing = False
+        self.metrics.callbacks_spooled.inc(len(entries))
+        self._drain.set()
+        for entry, key in zip(entries, keys, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(key)
+
+    def lose_database(self, reason: str) -> None:
+        """The database is taken for unreachable: callbacks go to the spool (if there is one)
+        until a probe finds it again."""
+        if self.spool is not None and not self.spooling:
+            log.warning("the database does not answer; spooling callbacks", error=reason)
+            self.spooling = True
+            self.metrics.spooling.set(1)
+            self._lost.set()
+            self._gate.set()
+
+    async def _probe(self) -> None:
+        # While spooling, asks the database now and then whether it is back; the spool
+        # drains once it is.
+        while True:
+            await self._lost.wait()
+            await asyncio.sleep(self.probe_interval)
+            try:
+                async with asyncio.timeout(self.spool_after):
+                    await self.db.ping()
+            except (DatabaseError, TimeoutError):
+                continue
+            log.info("the database answers again; draining the spool")
+            self.spooling = False
+            self.metrics.spooling.set(0)
+            self._lost.clear()
+            if not self._open:
+                self._gate.clear()  # back to waiting for the migration
+            self._drain.set()
+
+    async def _drainer(self) -> None:
+        assert self.spool is not None
+        failures = 0
+        while True:
+            await self._drain.wait()
+            if self.spooling or not self._open or self.spool.depth == 0:
+                self._drain.clear()  # set again by a spooled callback, the probe or open()
+                continue
+            try:
+                drained = await drain_batch(self.spool, self.db)
+                if not drained:
+                    self._drain.clear()
+                    continue
+            except DatabaseUnavailable as exc:
+                self.lose_database(str(exc))
+                continue
+            except (DatabaseError, SpoolFailed) as exc:
+                # Left in the spool for the next try; nothing is lost by waiting.
+                failures += 1
+                log.error("could not drain the spool", error=str(exc))
+                await asyncio.sleep(backoff(failures, 0.5, 30.0))
+                continue
+            failures = 0
+            self._spool_refusing = False  # there is room again
+            self.metrics.callbacks_drained.inc(drained)
+            self._committed.set()
+
     def close(self) -> None:
         """Refuses new callbacks; ``run`` returns once what was queued is committed."""
         self._closing = True
+        self._gate.set()
         self._wake.set()

@@ -20,6 +20,8 @@ from lastseen.errors import (
     DatabaseUnavailable,
     InvalidCallback,
     NotAccepting,
+    SpoolFailed,
+    SpoolFull,
     TooManyIds,
 )
 from lastseen.metrics import Metrics
@@ -71,14 +73,14 @@ class CallbackHandler:
 
     def __init__(
         self,
-        submit: Callable[[float, Sequence[int]], Awaitable[int]],
+        submit: Callable[[float, Sequence[int]], Awaitable[int | str]],
         metrics: Metrics,
         *,
         max_body_bytes: int,
         max_ids: int,
     ) -> None:
-        """``submit(received_at, ids)`` stores a callback durably and gives its id: the group
-        commit's (traced, where tracing is on)."""
+        """``submit(received_at, ids)`` stores a callback durably and gives its id, or its
+        spool key if it went to the spool: the group commit's (traced, where tracing is on)."""
         self.submit = submit
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -103,8 +105,11 @@ class CallbackHandler:
             response = self._reject(413, exc.reason, exc.detail)
         except InvalidCallback as exc:
             response = self._reject(400, exc.reason, exc.detail)
-        except (CommitTimeout, NotAccepting) as exc:
+        except (CommitTimeout, NotAccepting, SpoolFull) as exc:
             response = self._reject(503, "not_stored", f"not stored: {exc}", {"Retry-After": "1"})
+        except SpoolFailed:
+            detail = "not stored: the database is unavailable and the spool cannot be written"
+            response = self._reject(503, "not_stored", detail, {"Retry-After": "1"})
         except DatabaseUnavailable as exc:
             log.warning("callback not stored", error=str(exc))
             detail = "not stored: the database is unavailable"
@@ -115,7 +120,11 @@ class CallbackHandler:
         else:
             self.metrics.callbacks_received.inc()
             self.metrics.ids_received.inc(len(ids))
-            response = json_response({"callback_id": callback_id, "ids": len(ids)}, 202)
+            if isinstance(callback_id, int):
+                response = json_response({"callback_id": callback_id, "ids": len(ids)}, 202)
+            else:  # in the spool: it gets its inbox id when the spool drains
+                reply = {"callback_id": None, "spooled": callback_id, "ids": len(ids)}
+                response = json_response(reply, 202)
         self.metrics.reply_seconds.observe(time.perf_counter() - started)
         return response
 

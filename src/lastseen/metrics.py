@@ -63,6 +63,31 @@ class Metrics:
         self.reply_seconds = Histogram(
             "lastseen_reply_seconds", "POST /callback reply time", buckets=FAST, registry=r
         )
+        # The spool (a local store while PostgreSQL is unreachable).
+        self.spool_depth = Gauge(
+            "lastseen_spool_callbacks", "Callbacks in this instance's spool", registry=r
+        )
+        self.spool_bytes = Gauge(
+            "lastseen_spool_bytes",
+            "Bytes of callbacks in this instance's spool (the bound's measure)",
+            registry=r,
+        )
+        self.spool_oldest_age = Gauge(
+            "lastseen_spool_oldest_age_seconds",
+            "Age of the oldest callback in this instance's spool (0 when empty)",
+            registry=r,
+        )
+        self.callbacks_spooled = Counter(
+            "lastseen_callbacks_spooled", "Callbacks acknowledged from the spool", registry=r
+        )
+        self.callbacks_drained = Counter(
+            "lastseen_callbacks_drained", "Spooled callbacks moved into the inbox", registry=r
+        )
+        self.spooling = Gauge(
+            "lastseen_spooling",
+            "1 while this instance stores callbacks in its spool (the database is unreachable)",
+            registry=r,
+        )
         # Inbox and workers.
         self.inbox_pending = Gauge(
             "lastseen_inbox_pending", "Callbacks not done yet (all instances)", registry=r

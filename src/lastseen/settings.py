@@ -73,7 +73,7 @@ OPTIONS: tuple[Option, ...] = (
         "data_dir",
         Path,
         platformdirs.user_data_dir("lastseen"),
-        "directory for the embedded PostgreSQL's data",
+        "directory for the embedded PostgreSQL's data and the spool",
         "service",
     ),
     Option(
@@ -105,6 +105,22 @@ OPTIONS: tuple[Option, ...] = (
         _seconds,
         "0.8",
         "seconds a request waits for its commit before it gets 503",
+        "ingest",
+    ),
+    Option(
+        "spool_max_bytes",
+        non_negative(int),
+        str(1 << 30),
+        "bytes of callbacks the local spool holds while PostgreSQL is unreachable; beyond, 503 "
+        "(0: no spool)",
+        "ingest",
+    ),
+    Option(
+        "spool_path",
+        Path,
+        None,
+        "the spool's SQLite file (default: spool/<instance name>.sqlite3 in the data dir); one "
+        "per instance",
         "ingest",
     ),
     Option("pool_size", _positive_int, "10", "PostgreSQL connections per process", "service"),
@@ -270,6 +286,8 @@ class Settings:
     commit_max_batch: int
     commit_concurrency: int
     commit_timeout: float
+    spool_max_bytes: int
+    spool_path: Path | None
     pool_size: int
     worker_processes: int
     otlp_endpoint: str | None

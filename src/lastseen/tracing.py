@@ -22,7 +22,7 @@ from lastseen.web import Handler
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
-Submit = Callable[[float, Sequence[int]], Awaitable[int]]
+Submit = Callable[[float, Sequence[int]], Awaitable[int | str]]
 
 
 def start_tracing(endpoint: str | None) -> tuple[Tracer, Callable[[], None]] | None:
@@ -59,13 +59,11 @@ def traced_handler(handler: Handler, tracer: Tracer) -> Handler:
     return handle
 
 
-def traced_submit(
-    submit: Callable[[float, Sequence[int]], Awaitable[int]], tracer: Tracer
-) -> Submit:
+def traced_submit(submit: Submit, tracer: Tracer) -> Submit:
     """The group commit's ``submit``, awaited inside a span: the time a callback waits to be
     durable."""
 
-    async def commit(received_at: float, object_ids: Sequence[int]) -> int:
+    async def commit(received_at: float, object_ids: Sequence[int]) -> int | str:
         with tracer.start_as_current_span("inbox commit") as span:
             span.set_attribute("lastseen.ids", len(object_ids))
             callback_id = await submit(received_at, object_ids)

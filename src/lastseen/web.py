@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -44,13 +45,31 @@ def error_response(
     return json_response({"error": error, "detail": detail}, status, headers)
 
 
+class Spooling(Protocol):
+    """What readiness asks of a group commit with a spool."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    @property
+    def spooling(self) -> bool: ...
+
+
 class Readiness:
     """Whether this instance can do its work: migrations applied, database reachable; and, as
-    a detail that does not make it unready (it still stores callbacks), whether the upstream
-    is failing, asked of ``upstream_failing`` (None where no pipeline runs)."""
+    details that do not make it unready (it still stores callbacks), whether the upstream is
+    failing, asked of ``upstream_failing`` (None where no pipeline runs), and whether callbacks
+    go to the local spool, asked of ``spool`` (None where there is none): an instance that
+    cannot reach its database but can spool is ready, degraded."""
 
-    def __init__(self, upstream_failing: Callable[[], Awaitable[bool]] | None = None) -> None:
+    def __init__(
+        self,
+        upstream_failing: Callable[[], Awaitable[bool]] | None = None,
+        spool: Spooling | None = None,
+    ) -> None:
         self.upstream_failing = upstream_failing
+        self.spool = spool
+        self.unreachable = False  # the last check (or migration) found no database
         self.reason = "migrations not applied yet"
         self.draining = False  # shutting down: tell load balancers, while still serving
         self._migrated = asyncio.Event()
@@ -60,6 +79,7 @@ class Readiness:
         return self._migrated.is_set()
 
     def set_migrated(self) -> None:
+        self.unreachable = False
         self._migrated.set()
 
     async def wait_migrated(self) -> None:
@@ -76,7 +96,9 @@ class Readiness:
         except (DatabaseError, TimeoutError) as exc:
             # The driver's text (hosts, ports, errno) is for the logs, not for callers.
             log.warning("readiness check failed", error=str(exc) or "timeout")
+            self.unreachable = True
             return "database unreachable"
+        self.unreachable = False
         return None
 
 
@@ -124,9 +146,21 @@ class Routes:
 
     async def ready(self, request: web.Request) -> web.Response:
         reason = await self.readiness.check(self.db)
-        if reason is not None:
-            return json_response({"ready": False, "reason": reason}, status=503)
         answer: dict[str, object] = {"ready": True}
+        spool = self.readiness.spool
+        if reason is not None:
+            spools = (
+                spool is not None and self.readiness.unreachable and not self.readiness.draining
+            )
+            if not spools:
+                return json_response({"ready": False, "reason": reason}, status=503)
+            assert spool is not None
+            if not spool.accepting:
+                reason = f"{reason}, and the spool cannot take more"
+                return json_response({"ready": False, "reason": reason}, status=503)
+            answer["degraded"] = f"spooling: {reason}; callbacks are stored on local disk"
+        elif spool is not None and spool.spooling:
+            answer["degraded"] = "spooling: callbacks are stored on local disk"
         if self.readiness.upstream_failing is not None:
             failing = await self.readiness.upstream_failing()
             answer["upstream"] = "failing: lookups held and probed" if failing else "ok"

@@ -1,0 +1,249 @@
+"""The spool: callbacks acknowledged while PostgreSQL is away, stored on local disk, and moved
+into the inbox exactly once when it is back; real SQLite files, a real PostgreSQL behind a proxy
+that takes it away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from helpers.cli import run_cli
+from helpers.services import Spawn, StartService, StartUpstream
+from helpers.tables import objects
+from helpers.waiting import eventually
+
+from lastseen.devtools.dbproxy import DatabaseProxy
+from lastseen.errors import SpoolFull
+from lastseen.inbox import DRAIN_BATCH, drain_batch
+from lastseen.spool import Spool
+from lastseen.storage.database import Database, id_array
+
+
+async def test_a_spool_keeps_its_callbacks_across_a_restart_and_goes_once_drained(
+    tmp_path: Path,
+) -> None:
+    """What was appended is there, in order and exact, after the spool is closed and opened
+    again (a restart); the file exists only while it holds callbacks."""
+    path = tmp_path / "spool" / "a.sqlite3"
+    spool = Spool(path, max_bytes=1 << 20)
+    await spool.open()
+    assert not path.exists()
+    callbacks = [(1_700_000_000.123456 + i, id_array([i, i + 1])) for i in range(10)]
+    keys = await spool.append(callbacks[:4]) + await spool.append(callbacks[4:])
+    assert len(set(keys)) == 10
+    await spool.close()
+
+    again = Spool(path, max_bytes=1 << 20)
+    await again.open()
+    assert (again.depth, again.oldest) == (10, callbacks[0][0])
+    spooled = await again.peek(100)
+    assert [(s.received_at, s.ids) for s in spooled] == callbacks
+    assert [s.key for s in spooled] == keys
+    await again.forget(spooled[:3])
+    assert (again.depth, again.oldest) == (7, callbacks[3][0])
+    await again.forget(spooled[3:])
+    assert (again.depth, again.size, again.oldest) == (0, 0, None)
+    assert not path.exists()
+    # A new file gets a new name: its keys cannot collide with those already drained.
+    assert not set(await again.append(callbacks[:1])) & set(keys)
+    await again.close()
+
+
+async def test_a_full_spool_stores_nothing_more(tmp_path: Path) -> None:
+    """Beyond its bound the spool refuses a whole batch and keeps what it had."""
+    spool = Spool(tmp_path / "s.sqlite3", max_bytes=300)
+    await spool.open()
+    await spool.append([(1.0, id_array([1]))] * 3)
+    with pytest.raises(SpoolFull):
+        await spool.append([(2.0, id_array([2]))] * 3)
+    assert spool.depth == 3
+    assert len(await spool.peek(10)) == 3
+    await spool.close()
+
+
+async def test_a_drain_moves_callbacks_in_order_with_their_receive_times_exactly_once(
+    db: Database, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Spooled callbacks reach the inbox in the order they were spooled, with their original
+    receive times and ids; a drain that stopped after the inbox took a batch but before the
+    spool forgot it stores nothing twice when it runs again."""
+    spool = Spool(tmp_path / "s.sqlite3", max_bytes=1 << 30)
+    await spool.open()
+    n = DRAIN_BATCH * 2 + 500
+    callbacks = [(1_700_000_000.0 + i / 1000, id_array([i, 10**12 + i])) for i in range(n)]
+    await spool.append(callbacks)
+    first = await spool.peek(DRAIN_BATCH)
+    # The crash: the inbox has the first batch, the spool still has it too.
+    await db.insert_keyed_callbacks(
+        [s.received_at for s in first], [s.ids for s in first], [s.key for s in first]
+    )
+    moved = 0
+    while drained := await drain_batch(spool, db):
+        moved += drained
+    assert moved == n
+    assert spool.depth == 0
+    rows = await sql.fetch("SELECT received_at, object_ids FROM callbacks ORDER BY id")
+    assert [(r["received_at"].timestamp(), id_array(r["object_ids"])) for r in rows] == [
+        (pytest.approx(t, abs=1e-6), ids) for t, ids in callbacks
+    ]
+    await spool.close()
+
+
+async def _produce(
+    url: str, stop: asyncio.Event, replies: list[tuple[int, dict[str, object], list[int]]]
+) -> None:
+    """Callbacks of 5 unique ids every 50 ms, each with a 1 s timeout and no retry (the
+    reference producer's manners); every reply is kept."""
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            ids = [n * 10 + k * 2 for k in range(5)]  # even: online
+            try:
+                async with http.post(url + "/callback", json={"object_ids": ids}) as r:
+                    replies.append((r.status, await r.json(), ids))
+            except (aiohttp.ClientError, TimeoutError):
+                replies.append((0, {}, ids))
+            await asyncio.sleep(0.05)
+
+
+async def test_the_endpoint_answers_while_the_database_is_away(
+    db_proxy: DatabaseProxy,
+    sql: asyncpg.Connection,
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL taken away for 2 s under load: every POST gets a 202, /ready stays 200 and
+    says it is degraded, and once the database is back every acknowledged id reaches
+    `objects` (well within the TTL), each spooled callback stored once."""
+    _, upstream_url = await start_upstream()
+    service = await start_service(
+        database_url=db_proxy.url(),
+        objects_url=upstream_url,
+        ttl=30.0,
+        commit_timeout=0.8,
+        spool_max_bytes=1 << 20,
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+    replies: list[tuple[int, dict[str, object], list[int]]] = []
+    stop = asyncio.Event()
+    producer = asyncio.create_task(_produce(service.url, stop, replies))
+    try:
+        await eventually(lambda: len(replies) >= 10)
+        await db_proxy.stop()
+        await eventually(lambda: service.sample("lastseen_callbacks_spooled_total") >= 10)
+        status, ready = await service.get("/ready")
+        assert status == 200
+        assert ready["ready"] is True
+        assert str(ready["degraded"]).startswith("spooling")
+        await asyncio.sleep(1.5)
+        await db_proxy.start()
+        recovered = time.monotonic()
+        await eventually(lambda: service.sample("lastseen_spooling") == 0, timeout=10)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await producer
+    assert [status for status, _, _ in replies] == [202] * len(replies)
+    spooled = [str(body["spooled"]) for _, body, _ in replies if body["callback_id"] is None]
+    assert len(spooled) >= 10
+    wanted = {i for _, _, ids in replies for i in ids}
+
+    async def all_there() -> bool:
+        return wanted <= set(await objects(sql))
+
+    await eventually(all_there, timeout=15)
+    assert time.monotonic() - recovered < 15
+    keys = await sql.fetch("SELECT source FROM callbacks WHERE source LIKE 'spool:%'")
+    assert sorted(r["source"] for r in keys) == sorted(spooled)
+    assert service.sample("lastseen_spool_callbacks") == 0
+
+
+async def test_a_full_spool_answers_503_not_202(
+    db_proxy: DatabaseProxy, start_service: StartService, tmp_path: Path
+) -> None:
+    """With the database away and the spool at its bound, a callback gets 503 with
+    Retry-After, and /ready says that nothing can store it."""
+    service = await start_service(
+        database_url=db_proxy.url(),
+        role="ingest",
+        commit_timeout=0.5,
+        spool_max_bytes=100,
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+    await db_proxy.stop()
+    status, body = await service.post(json.dumps({"object_ids": [1, 2, 3]}))
+    assert status == 202
+    assert body["callback_id"] is None
+    async with service.http.post(service.url + "/callback", json={"object_ids": [4]}) as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+        assert (await r.json())["error"] == "not_stored"
+    status, ready = await service.get("/ready")
+    assert status == 503
+    assert "the spool cannot take more" in ready["reason"]
+    await db_proxy.start()
+
+
+@pytest.mark.slow
+async def test_a_spool_left_by_a_killed_instance_drains_when_it_starts_again(
+    db_proxy: DatabaseProxy, sql: asyncpg.Connection, spawn: Spawn, tmp_path: Path
+) -> None:
+    """kill -9 while the database is away: the callbacks acknowledged from the spool are moved
+    into the inbox, each once, when an instance starts again on the same spool."""
+    env = {
+        "LASTSEEN_DATABASE_URL": db_proxy.url(),
+        "LASTSEEN_ROLE": "ingest",
+        "LASTSEEN_SPOOL_PATH": str(tmp_path / "spool.sqlite3"),
+    }
+    first = await spawn(env=env)
+    await db_proxy.stop()
+    keys = []
+    async with aiohttp.ClientSession() as http:
+        for n in range(20):
+            async with http.post(first.url + "/callback", json={"object_ids": [n]}) as r:
+                assert r.status == 202
+                keys.append((await r.json())["spooled"])
+    first.kill()
+    await first.wait()
+    await db_proxy.start()
+    await spawn(env=env)
+
+    async def drained() -> bool:
+        rows = await sql.fetch("SELECT source FROM callbacks")
+        return sorted(r["source"] for r in rows) == sorted(keys)
+
+    await eventually(drained, timeout=15)
+    # The inbox has them a moment before the spool forgets them.
+    await eventually(lambda: not (tmp_path / "spool.sqlite3").exists())
+
+
+async def test_drain_spool_moves_a_dead_instances_spool(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`lastseen drain-spool FILE` moves what an instance that never came back left in its
+    spool; a file that is not there is an error."""
+    path = tmp_path / "gone.sqlite3"
+    spool = Spool(path, max_bytes=1 << 20)
+    await spool.open()
+    await spool.append([(1_700_000_000.5, id_array([7, 8])), (1_700_000_001.5, id_array([9]))])
+    await spool.close()
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    done = await run_cli("drain-spool", path, env=env)
+    assert done.code == 0, done.stderr
+    assert "2 callbacks moved" in done.stderr
+    rows = await sql.fetch("SELECT received_at, object_ids FROM callbacks ORDER BY id")
+    assert [(r["received_at"].timestamp(), list(r["object_ids"])) for r in rows] == [
+        (1_700_000_000.5, [7, 8]),
+        (1_700_000_001.5, [9]),
+    ]
+    again = await run_cli("drain-spool", path, env=env)
+    assert again.code == 2
+    assert "no spool file" in again.stderr
