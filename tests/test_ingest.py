@@ -11,6 +11,7 @@ from helpers.services import StartService
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lastseen.admission import ClientLimits
 from lastseen.errors import InvalidCallback
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import parse_callback
@@ -220,3 +221,42 @@ async def test_shutdown_delay_fails_readiness_while_callbacks_are_still_taken(
     assert status == 202
     await stopping
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+
+
+async def test_a_client_over_its_rate_gets_429(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """With a per-client rate, a client beyond its burst gets 429 with Retry-After and nothing
+    is stored; another client (another bearer token) has a bucket of its own; the metric names
+    clients by a digest of their token, never the token."""
+    service = await start_service(role="ingest", client_rate=1.0, client_burst=2.0)
+    a = {"Authorization": "Bearer secret-token-a"}
+    b = {"Authorization": "Bearer secret-token-b"}
+    assert (await service.post('{"object_ids": [1]}', headers=a))[0] == 202
+    assert (await service.post('{"object_ids": [2]}', headers=a))[0] == 202
+    async with service.http.post(
+        service.url + "/callback", data='{"object_ids": [3]}', headers=a
+    ) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        assert (await response.json())["error"] == "rate_limited"
+    assert (await service.post('{"object_ids": [4]}', headers=b))[0] == 202
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 3
+    async with service.http.get(service.url + "/metrics") as response:
+        text = await response.text()
+    assert "secret-token" not in text
+    limited = [line for line in text.splitlines() if "lastseen_client_rate_limited_total{" in line]
+    assert len(limited) == 1
+    assert limited[0].startswith('lastseen_client_rate_limited_total{client="token:')
+
+
+def test_client_limits_refill_and_stay_bounded() -> None:
+    """A bucket refills at the rate; the metric names at most 100 clients, then "other"."""
+    limits = ClientLimits(rate=1000.0, burst=1.0)
+    assert limits.admit("a") == 0.0
+    assert 0.0 < limits.admit("a") <= 0.001
+    time.sleep(0.002)
+    assert limits.admit("a") == 0.0
+    labels = {limits.label(f"10.0.0.{n}") for n in range(150)}
+    assert len(labels) == 101
+    assert "other" in labels

@@ -132,6 +132,7 @@ def _reaper(db: Database, ttl: float = 5) -> Reaper:
         audit_retention=60,
         dead_letter_retention=60,
         prune_interval=1,
+        idempotency_retention=3600,
     )
 
 
@@ -235,8 +236,9 @@ async def test_prune_removes_old_done_callbacks_observations_and_dead_letters(
         audit_retention=3600,
         dead_letter_retention=3600,
         prune_interval=1,
+        idempotency_retention=3600,
     )
-    assert await reaper.prune_once() == (1, 1, 1)
+    assert await reaper.prune_once() == (1, 1, 1, 0)
     assert await sql.fetchval("SELECT object_id FROM dead_letters") == 2
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
     assert await sql.fetchval("SELECT id FROM observations") == 2

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
+from lastseen.admission import ClientLimits
+from lastseen.auth import IntakeAuth
 from lastseen.backoff import backoff
 from lastseen.errors import DatabaseError, SpoolFailed
 from lastseen.http_client import UpstreamClient
@@ -78,8 +82,17 @@ class Service:
             submit: Submit = self.commit.submit
             if tracer is not None:
                 submit = traced_submit(submit, tracer)
+            limits = None
+            if s.client_rate > 0:
+                limits = ClientLimits(s.client_rate, s.client_burst or s.client_rate)
             handle: Handler = CallbackHandler(
-                submit, m, max_body_bytes=s.max_body_bytes, max_ids=s.max_ids
+                submit,
+                m,
+                max_body_bytes=s.max_body_bytes,
+                max_ids=s.max_ids,
+                limits=limits,
+                auth=IntakeAuth(s.webhook_secret, s.intake_token),
+                submit_keyed=self.commit.submit_keyed,
             ).handle
             callback_handler = handle if tracer is None else traced_handler(handle, tracer)
         self.pipeline: Pipeline | None = None
@@ -97,10 +110,12 @@ class Service:
                 self.readiness,
                 worker_processes.scrape if worker_processes else None,
                 samples_database=s.parent_pid is None,
+                ttl=s.ttl,
             ),
             callback_handler,
             max_body_bytes=s.max_body_bytes,
             noop=s.noop_route,
+            admin_token=s.admin_token,
         )
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         self._stopped = False
@@ -141,6 +156,20 @@ class Service:
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
+        if not ipaddress.ip_address(_resolved(host)).is_loopback:
+            s = self.settings
+            if s.takes_callbacks and s.webhook_secret is None and s.intake_token is None:
+                log.warning(
+                    "POST /callback is open to anyone who can reach this address: set "
+                    "LASTSEEN_WEBHOOK_SECRET or LASTSEEN_INTAKE_TOKEN",
+                    host=host,
+                )
+            if s.admin_token is None:
+                log.warning(
+                    "the read and admin routes are open to anyone who can reach this address: "
+                    "set LASTSEEN_ADMIN_TOKEN",
+                    host=host,
+                )
         if self.commit is not None and self.spool is not None:
             # With a spool, callbacks are taken from the start, whatever the database does.
             self.supervisor.start("group-commit", self.commit.run(), finite=True)
@@ -212,6 +241,20 @@ class Service:
             await self.pipeline.stop(grace)
         await self.supervisor.stop()
         log.info("stopped")
+
+
+def _resolved(host: str) -> str:
+    """An address for ``host`` (a name is taken for what it resolves to; "" is every address)."""
+    if not host or host in ("0.0.0.0", "::"):
+        return "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        try:
+            return socket.gethostbyname(host)
+        except OSError:
+            return "0.0.0.0"
 
 
 @contextlib.asynccontextmanager

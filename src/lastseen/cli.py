@@ -9,16 +9,16 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from lastseen import __version__, logs
+from lastseen import __version__, dead_letters, logs
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
 from lastseen.errors import LastseenError
+from lastseen.model import DeadLetterFilter
 from lastseen.settings import Settings, add_arguments, from_arguments
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -30,14 +30,24 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return await run(settings)
 
 
+def _filter(args: argparse.Namespace) -> DeadLetterFilter:
+    return dead_letters.parse_filter(
+        {
+            name: value
+            for name in dead_letters.FILTER_FIELDS
+            if (value := getattr(args, name)) is not None
+        }
+    )
+
+
 async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.app import database
 
     async with database(settings) as db:
         await db.migrate()
         counts = await db.count_dead_letters()
-        for letter in await db.list_dead_letters(args.limit):
-            print(msgspec.json.encode(letter).decode())
+        for letter, created_at in await db.list_dead_letters(_filter(args), args.limit):
+            print(msgspec.json.encode(dead_letters.as_json(letter, created_at)).decode())
     total = sum(counts.values())
     by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
     print(f"{total} dead letters ({by_reason})", file=sys.stderr)
@@ -47,22 +57,43 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.app import database
 
-    # A receive time older than the TTL can no longer create a row: such dead letters stay,
-    # unless asked for (their lookups would answer, and change nothing).
-    since = datetime.min.replace(tzinfo=UTC)
-    if not args.include_stale:
-        since = datetime.fromtimestamp(time.time() - settings.ttl, UTC)
     async with database(settings) as db:
         await db.migrate()
-        created = await db.retry_dead_letters(args.limit, since)
-        skipped = 0 if args.include_stale else await db.count_dead_letters_before(since)
-    print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
-    if skipped:
+        answer = await dead_letters.retry(
+            db,
+            _filter(args),
+            ttl=settings.ttl,
+            include_stale=args.include_stale,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    if args.dry_run:
+        print(f"{answer['would_retry']} dead letters would be queued again", file=sys.stderr)
+    else:
+        created = answer["callbacks_created"]
+        assert isinstance(created, list)
+        print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
+    if answer["skipped_stale"]:
         print(
-            f"{skipped} dead letters skipped: received more than the TTL ago, their lookups "
-            "could change nothing (--include-stale queues them anyway)",
+            f"{answer['skipped_stale']} dead letters skipped: received more than the TTL ago, "
+            "their lookups could change nothing (--include-stale queues them anyway)",
             file=sys.stderr,
         )
+    return 0
+
+
+async def _discard_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.app import database
+
+    async with database(settings) as db:
+        await db.migrate()
+        answer = await dead_letters.discard(
+            db, _filter(args), limit=args.limit, dry_run=args.dry_run
+        )
+    if args.dry_run:
+        print(f"{answer['would_discard']} dead letters would be discarded", file=sys.stderr)
+    else:
+        print(f"{answer['discarded']} dead letters discarded", file=sys.stderr)
     return 0
 
 
@@ -186,21 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     dead = commands.add_parser("dead-letters", help="list the ids that could not be looked up")
-    add_arguments(dead, ["service", "logging"])
-    dead.add_argument("--limit", type=int, default=1000, help="most dead letters listed")
+    _dead_letter_arguments(dead, limit=1000)
     dead.set_defaults(run=_dead_letters)
 
     retry = commands.add_parser(
         "retry-dead-letters", help="queue the dead letters' ids for lookup again"
     )
-    add_arguments(retry, ["service", "logging"])
-    retry.add_argument("--limit", type=int, default=100_000, help="most dead letters retried")
+    _dead_letter_arguments(retry, limit=100_000, ttl=True)
     retry.add_argument(
         "--include-stale",
         action="store_true",
         help="also queue dead letters received more than the TTL ago",
     )
+    retry.add_argument("--dry-run", action="store_true", help="only say how many would go")
     retry.set_defaults(run=_retry_dead_letters)
+
+    discard = commands.add_parser("discard-dead-letters", help="give up on dead letters")
+    _dead_letter_arguments(discard, limit=100_000)
+    discard.add_argument("--dry-run", action="store_true", help="only say how many would go")
+    discard.set_defaults(run=_discard_dead_letters)
 
     drain = commands.add_parser(
         "drain-spool",
@@ -209,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "into the inbox, in the order they were spooled, with their receive times; a callback "
         "already moved is not stored twice. A running instance drains its own spool by itself.",
     )
-    add_arguments(drain, ["service", "ingest", "logging"])
+    add_arguments(drain, fields=(*DATABASE_FIELDS, "spool_path", "instance_id", "listen"))
     drain.add_argument("files", nargs="*", type=Path, metavar="FILE", help="a spool file")
     drain.set_defaults(run=_drain_spool)
 
@@ -221,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reported. Importing the same file again, or resuming a killed import, stores nothing "
         "twice. Exits 1 if any record was rejected, unless --allow-rejects.",
     )
-    add_arguments(imports, ["service", "ingest", "logging"])
+    add_arguments(imports, fields=(*DATABASE_FIELDS, "max_ids"))
     imports.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
     imports.add_argument(
         "--format", choices=("auto", "csv", "jsonl"), default="auto", help="[by extension]"
@@ -254,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="all",
         help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
-        "upstream-outage, hostile-upstream, reaper, scale",
+        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
@@ -289,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exactly the online ids seen within the TTL; 1, with examples, otherwise. Run it while "
         "the service runs (its reaper keeps deleting what expires), with the service's --ttl.",
     )
-    add_arguments(check, ["service", "housekeeping", "logging"])
+    add_arguments(check, fields=(*DATABASE_FIELDS, "ttl", "reap_interval", "audit_retention"))
     check.add_argument(
         "--truth-dir", type=Path, required=True, help="the --truth-dir of lastseen simulate"
     )
@@ -359,6 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=_demo)
     return parser
+
+
+# What the commands that only talk to the database use of the settings.
+DATABASE_FIELDS = ("database_url", "data_dir", "log_format", "log_level")
+
+
+def _dead_letter_arguments(
+    parser: argparse.ArgumentParser, *, limit: int, ttl: bool = False
+) -> None:
+    add_arguments(parser, fields=(*DATABASE_FIELDS, "ttl") if ttl else DATABASE_FIELDS)
+    which = parser.add_argument_group("which dead letters")
+    which.add_argument("--reason", help="only this reason (e.g. http_4xx, poison)")
+    which.add_argument("--callback", dest="callback_id", help="only this callback's")
+    which.add_argument(
+        "--received-before", metavar="TIME", help="only received before (ISO 8601 or epoch s)"
+    )
+    which.add_argument(
+        "--received-after", metavar="TIME", help="only received at or after (ISO 8601 or epoch s)"
+    )
+    which.add_argument("--limit", type=int, default=limit, help=f"at most this many [{limit}]")
 
 
 def _raise_open_file_limit() -> None:

@@ -28,6 +28,27 @@ class InvalidCallback(LastseenError):
         self.detail = detail
 
 
+class InvalidRequest(LastseenError):
+    """A request to a route other than ``POST /callback`` that cannot be served as asked."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Unauthorized(LastseenError):
+    """A request without the credentials its route needs; the message says what is missing
+    (never what was expected)."""
+
+
+class IdempotencyConflict(LastseenError):
+    """An idempotency key already stored with another body."""
+
+    def __init__(self) -> None:
+        super().__init__("this Idempotency-Key was used with another body")
+
+
 class TooManyIds(InvalidCallback):
     """A callback names more ids than one callback may."""
 

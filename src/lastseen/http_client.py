@@ -312,6 +312,12 @@ class UpstreamClient:
             self._all.discard(conn)
             conn.close()
             raise
+        finally:
+            # A failed waiter holds its exception, whose traceback holds this frame, which
+            # holds the waiter: a cycle per failed request, left for the collector (a hostile
+            # upstream's failures piled up tens of thousands of them in the worker).
+            conn.waiter = None
+            del waiter
         reusable = in_step(*answer) and conn.keep_alive and not conn.closed
         if reusable and len(self._idle) < self.max_idle:
             self._idle.append(conn)

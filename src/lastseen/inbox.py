@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ from lastseen.errors import (
     CommitTimeout,
     DatabaseError,
     DatabaseUnavailable,
+    IdempotencyConflict,
     NotAccepting,
     RetryableConflict,
     SpoolFailed,
@@ -154,6 +156,51 @@ class GroupCommit:
         self._queue.append(entry)
         self._wake.set()
         return future
+
+    async def submit_keyed(
+        self, received_at: float, object_ids: Sequence[int], key: str
+    ) -> int | str:
+        """Stores one callback under an idempotency key, in its own transaction (keyed
+        requests are rare; the group commit stays as it is for the others): the id of the
+        callback first stored under ``key``, or ``IdempotencyConflict`` if that one had other
+        ids. While the database is away it goes to the spool like any other, unchecked."""
+        if self._closing:
+            raise NotAccepting("shutting down")
+        literal = id_array(object_ids)
+        if self.spool is not None and self.spooling:
+            return await self._spool_one(received_at, literal)
+        if not self._open:
+            raise NotAccepting("starting: the schema is not migrated yet")
+        digest = hashlib.sha256(literal.encode()).hexdigest()
+        try:
+            async with asyncio.timeout(self.spool_after if self.spool else self.timeout):
+                callback_id, stored, new = await self.db.insert_idempotent_callback(
+                    received_at, literal, key, digest
+                )
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            if self.spool is None:
+                if isinstance(exc, TimeoutError):
+                    raise CommitTimeout(self.timeout) from None
+                raise
+            self.lose_database(str(exc) or "the commit took too long")
+            return await self._spool_one(received_at, literal)
+        if stored != digest:
+            raise IdempotencyConflict
+        if new:
+            self._committed.set()
+        return callback_id
+
+    async def _spool_one(self, received_at: float, literal: str) -> str:
+        assert self.spool is not None
+        try:
+            (key,) = await self.spool.append([(received_at, literal)])
+        except (SpoolFull, SpoolFailed):
+            self._spool_refusing = True
+            raise
+        self._spool_refusing = False
+        self.metrics.callbacks_spooled.inc()
+        self._drain.set()
+        return key
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []

@@ -14,18 +14,22 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from lastseen.admission import ClientLimits, client_of, retry_after
+from lastseen.auth import IntakeAuth
 from lastseen.errors import (
     CommitTimeout,
     DatabaseError,
     DatabaseUnavailable,
+    IdempotencyConflict,
     InvalidCallback,
     NotAccepting,
     SpoolFailed,
     SpoolFull,
     TooManyIds,
+    Unauthorized,
 )
 from lastseen.metrics import Metrics
-from lastseen.web import error_response, json_response
+from lastseen.replies import error_response, json_response
 
 log = structlog.get_logger("lastseen.ingest")
 
@@ -78,6 +82,9 @@ class CallbackHandler:
         *,
         max_body_bytes: int,
         max_ids: int,
+        limits: ClientLimits | None = None,
+        auth: IntakeAuth | None = None,
+        submit_keyed: Callable[[float, Sequence[int], str], Awaitable[int | str]] | None = None,
     ) -> None:
         """``submit(received_at, ids)`` stores a callback durably and gives its id, or its
         spool key if it went to the spool: the group commit's (traced, where tracing is on)."""
@@ -85,22 +92,48 @@ class CallbackHandler:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_ids = max_ids
+        self.limits = limits
+        self.auth = auth if auth is not None and auth.required else None
+        self.submit_keyed = submit_keyed
 
     async def handle(self, request: web.Request) -> web.Response:
         # The hot path: one coroutine, no per-request timers, duplicates left for the worker
         # (it removes them when it claims the callback, off the request path).
         started = time.perf_counter()
         received_at = time.time()
+        if self.limits is not None:
+            client = client_of(request.headers.get("Authorization"), request.remote)
+            wait = self.limits.admit(client)
+            if wait:
+                self.metrics.clients_limited.labels(self.limits.label(client)).inc()
+                detail = f"more than {self.limits.rate:g} callbacks per second from this client"
+                response = self._reject(
+                    429, "rate_limited", detail, {"Retry-After": retry_after(wait)}
+                )
+                self.metrics.reply_seconds.observe(time.perf_counter() - started)
+                return response
         try:
             body = await request.read()
+            if self.auth is not None:
+                refusal = self.auth.refusal(request.headers, body)
+                if refusal is not None:
+                    raise Unauthorized(refusal)
             ids = parse_callback(body)
             if len(ids) > self.max_ids:
                 # Each id costs a lookup and bookkeeping: one body must not hold a flood.
                 raise TooManyIds(len(ids), self.max_ids)
-            callback_id = await self.submit(received_at, ids)
+            key = self._idempotency_key(request)
+            if key is not None and self.submit_keyed is not None:
+                callback_id = await self.submit_keyed(received_at, ids, key)
+            else:
+                callback_id = await self.submit(received_at, ids)
         except web.HTTPRequestEntityTooLarge:
             detail = f"body is larger than {self.max_body_bytes} bytes"
             response = self._reject(413, "body_too_large", detail)
+        except IdempotencyConflict as exc:
+            response = self._reject(422, "idempotency_key_reused", str(exc))
+        except Unauthorized as exc:
+            response = self._reject(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"})
         except TooManyIds as exc:
             response = self._reject(413, exc.reason, exc.detail)
         except InvalidCallback as exc:
@@ -127,6 +160,20 @@ class CallbackHandler:
                 response = json_response(reply, 202)
         self.metrics.reply_seconds.observe(time.perf_counter() - started)
         return response
+
+    def _idempotency_key(self, request: web.Request) -> str | None:
+        """The request's Idempotency-Key, else the webhook-id of a signed request (Standard
+        Webhooks: the same message sent again keeps its id); ``InvalidCallback`` if unusable."""
+        key = request.headers.get("Idempotency-Key")
+        kind = "key"
+        if key is None and self.auth is not None and self.auth.webhook is not None:
+            key, kind = request.headers.get("webhook-id"), "webhook"
+        if key is None:
+            return None
+        if not 1 <= len(key) <= 255 or not key.isprintable():
+            detail = "Idempotency-Key: 1 to 255 printable characters"
+            raise InvalidCallback("bad_idempotency_key", detail)
+        return f"{kind}:{key}"  # a key and a webhook-id with the same text are not the same
 
     def _reject(
         self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None

@@ -64,6 +64,7 @@ class HeldCallbacks:
         self.on_finished = on_finished
         self._by_id: dict[int, HeldCallback] = {}
         self.ids = 0  # distinct ids of the held callbacks, answered or not
+        self.finished_ids = 0  # distinct ids of the callbacks finished so far
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -89,6 +90,7 @@ class HeldCallbacks:
             callback = self._by_id.pop(callback_id, None)
             if callback is not None:
                 self.ids -= callback.distinct
+                self.finished_ids += callback.distinct
         self.metrics.callbacks_completed.inc(len(ids))
         self.metrics.callbacks_active.set(len(self._by_id))
         if not self._by_id:

@@ -15,12 +15,12 @@ callback it serves is younger than the TTL (an older one's result could create n
 failure lets go of the callbacks that have aged past the TTL, as ``Expired``; so each callback
 has a budget of its own, whenever it joined.
 
-Outages. When the upstream fails broadly (``OUTAGE_SHARE`` of the last ``OUTAGE_WINDOW``
-attempts failed transiently), stretching each id's backoff would only delay the recovery:
-lookups that fail, and new ones, are held instead, ``PROBES`` of them are sent as probes every
-``retry_base`` seconds, and the first success releases them all at once (within the in-flight
-cap and the rate limit). Failing ids never block the others: an upstream that fails only some
-ids, however often they are retried, stays below the share, and a probe that hangs does not
+Outages. When the upstream answers nothing (``OUTAGE_FAILURES`` transient failures and no
+success for ``OUTAGE_SILENCE`` seconds), stretching each id's backoff would only delay the
+recovery: lookups that fail, and new ones, are held instead, ``PROBES`` of them are sent as
+probes every ``retry_base`` seconds, and the first success releases them all at once (within the
+in-flight cap and the rate limit). Failing ids never block the others: an upstream that answers
+some ids is not in an outage, however many others fail or hang, and a probe that hangs does not
 stop the next ones.
 """
 
@@ -44,13 +44,14 @@ log = structlog.get_logger("lastseen.lookups")
 Deliver = Callable[[Lookup, Outcome], None]
 Fetch = Callable[[int], Awaitable[bool]]
 
-# The share of the last attempts, across all ids, that says the upstream itself is failing. A
-# few bad ids retried again and again make half the attempts fail (a benchmark of a hostile
-# upstream, with 3 ids in 10 hanging, made a run of 20 failures in a row and held every lookup
-# for seconds); a real outage fails nearly all. A window of 50 is seen within a fraction of a
-# second under any load.
-OUTAGE_WINDOW = 50
-OUTAGE_SHARE = 0.9
+# What says the upstream itself is failing: this many transient failures, and not one success
+# for this long. Shares of recent attempts were tried and failed in benchmarks: a hostile
+# upstream's hanging ids time out together, in bursts of failures that pass any share, and held
+# every lookup, good ids included, for seconds; counting first attempts only never saw an outage
+# under the reference load (the same ids again and again join lookups already retrying). A real
+# outage answers nothing, and is seen within a second under any load.
+OUTAGE_FAILURES = 10
+OUTAGE_SILENCE = 1.0
 PROBES = 3  # held lookups sent per probe interval: one that hangs must not stall the recovery
 
 
@@ -102,8 +103,8 @@ class Lookups:
         self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
         # The outage: whether each of the last attempts failed, and the lookups held until
         # it ends.
-        self._recent: collections.deque[bool] = collections.deque(maxlen=OUTAGE_WINDOW)
-        self._recent_failures = 0
+        self._last_success = time.monotonic()
+        self._failures_since = 0  # transient failures since the last success
         self._outage = False
         self._held: collections.deque[Lookup] = collections.deque()
         self._probe: asyncio.TimerHandle | None = None
@@ -128,8 +129,15 @@ class Lookups:
 
     def _pump(self) -> None:
         while self._ready and self._in_flight < self.max_in_flight:
+            lookup = self._ready.popleft()
+            # After a burst the queue holds lookups whose callbacks all aged past the TTL while
+            # they waited: their answers could create no row, so they go now, as expired,
+            # without a request, and the capacity goes to callbacks that can still matter (an
+            # overload benchmark kept freshness away for minutes after the load dropped).
+            if not self._let_go_of_stale(lookup):
+                continue
             self._in_flight += 1
-            task = asyncio.create_task(self._run(self._ready.popleft()))
+            task = asyncio.create_task(self._run(lookup))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
 
@@ -193,31 +201,23 @@ class Lookups:
         self._ready.append(lookup)
         self._pump()
 
-    def _record(self, failed: bool) -> None:
-        if len(self._recent) == OUTAGE_WINDOW:
-            self._recent_failures -= self._recent[0]
-        self._recent.append(failed)
-        self._recent_failures += failed
-
     def _failed(self) -> None:
-        self._record(True)
+        self._failures_since += 1
         if (
             not self._outage
-            and len(self._recent) == OUTAGE_WINDOW
-            and self._recent_failures >= OUTAGE_SHARE * OUTAGE_WINDOW
+            and self._failures_since >= OUTAGE_FAILURES
+            and time.monotonic() - self._last_success >= OUTAGE_SILENCE
         ):
             self._outage = True
             log.warning("the upstream is failing; holding lookups and probing")
             self.metrics.upstream_outage.set(1)
 
     def _succeeded(self) -> None:
+        self._last_success = time.monotonic()
+        self._failures_since = 0
         if not self._outage:
-            self._record(False)
             return
         self._outage = False
-        # A fresh window: the failures that made the outage must not make the next one.
-        self._recent.clear()
-        self._recent_failures = 0
         log.info("the upstream answers again; releasing held lookups", held=len(self._held))
         self.metrics.upstream_outage.set(0)
         if self._probe is not None:

@@ -63,6 +63,13 @@ class Metrics:
         self.reply_seconds = Histogram(
             "lastseen_reply_seconds", "POST /callback reply time", buckets=FAST, registry=r
         )
+        self.clients_limited = Counter(
+            "lastseen_client_rate_limited",
+            "Callbacks refused with 429 by the per-client rate limit, by client (a bearer "
+            "token's digest or an address; the first 100 clients, then other)",
+            ["client"],
+            registry=r,
+        )
         # The spool (a local store while PostgreSQL is unreachable).
         self.spool_depth = Gauge(
             "lastseen_spool_callbacks", "Callbacks in this instance's spool", registry=r

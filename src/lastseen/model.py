@@ -73,3 +73,24 @@ class DeadLetter:
     reason: str
     detail: str
     attempts: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operation is about; None matches anything."""
+
+    reason: str | None = None
+    callback_id: int | None = None
+    received_before: datetime | None = None
+    received_after: datetime | None = None  # at or after
+
+    def still_relevant(self, cutoff: datetime) -> DeadLetterFilter:
+        """The part received at or after ``cutoff`` (the TTL's): the ids whose lookups could
+        still change ``objects``."""
+        after = cutoff if self.received_after is None else max(self.received_after, cutoff)
+        return dataclasses.replace(self, received_after=after)
+
+    def stale(self, cutoff: datetime) -> DeadLetterFilter:
+        """The part received before ``cutoff``."""
+        before = cutoff if self.received_before is None else min(self.received_before, cutoff)
+        return dataclasses.replace(self, received_before=before)

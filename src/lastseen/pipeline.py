@@ -84,6 +84,8 @@ class Pipeline:
             done=self.results.add_done,
             set_aside=self.results.set_aside,
             max_active_ids=s.max_active_ids,
+            # Enough to keep every lookup slot busy, whatever the rate so far.
+            min_active_ids=2 * s.max_lookups,
             max_claims=s.max_claims,
             ttl=s.ttl,
             poll_interval=s.poll_interval,
@@ -97,6 +99,7 @@ class Pipeline:
             audit_retention=s.audit_retention,
             dead_letter_retention=s.dead_letter_retention,
             prune_interval=s.prune_interval,
+            idempotency_retention=s.idempotency_retention,
         )
         self._started = False
 

@@ -54,6 +54,7 @@ class Reaper:
         audit_retention: float,
         dead_letter_retention: float,
         prune_interval: float,
+        idempotency_retention: float,
     ) -> None:
         self.db = db
         self.metrics = metrics
@@ -62,6 +63,7 @@ class Reaper:
         self.audit_retention = audit_retention
         self.dead_letter_retention = dead_letter_retention
         self.prune_interval = prune_interval
+        self.idempotency_retention = idempotency_retention
 
     async def expire_stale(self) -> int:
         """Completes unclaimed callbacks older than the TTL, up to ``STALE_LIMIT``."""
@@ -78,14 +80,15 @@ class Reaper:
             self.metrics.objects_deleted.labels("expired").inc(reaped[0])
         return reaped
 
-    async def prune_once(self) -> tuple[int, int, int]:
-        """One prune of each kind (done callbacks, observations, dead letters), up to
-        ``PRUNE_LIMIT`` rows each."""
+    async def prune_once(self) -> tuple[int, int, int, int]:
+        """One prune of each kind (done callbacks, observations, dead letters, idempotency
+        keys), up to ``PRUNE_LIMIT`` rows each."""
         now = time.time()
         return await self.db.prune(
             _at(now - self.audit_retention),
             _at(now - self.ttl),
             _at(now - self.dead_letter_retention),
+            _at(now - self.idempotency_retention),
             PRUNE_LIMIT,
         )
 
@@ -101,12 +104,13 @@ class Reaper:
                 if time.monotonic() >= next_prune:
                     pruned = await self.prune_once()
                     if any(pruned):
-                        callbacks, observations, dead = pruned
+                        callbacks, observations, dead, keys = pruned
                         log.info(
                             "pruned",
                             callbacks=callbacks,
                             observations=observations,
                             dead_letters=dead,
+                            idempotency_keys=keys,
                         )
                     # A full round means more is waiting: prune again next time round, so
                     # pruning keeps up with any ingest rate.

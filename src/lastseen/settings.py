@@ -52,6 +52,13 @@ def _name(value: str) -> str:
     return value.strip()
 
 
+def _secret(value: str) -> str:
+    # The error must not echo the value: it may be printed.
+    if not value.strip():
+        raise ValueError("expected a secret, got an empty value")
+    return value.strip()
+
+
 _seconds = positive(float)
 _positive_int = positive(int)
 
@@ -107,6 +114,45 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a request waits for its commit before it gets 503",
         "ingest",
     ),
+    Option(
+        "client_rate",
+        non_negative(float),
+        "0",
+        "callbacks per second one client may send (a client: its bearer token, else its "
+        "address); beyond, 429 with Retry-After (0: no limit)",
+        "ingest",
+    ),
+    Option(
+        "client_burst",
+        non_negative(float),
+        "0",
+        "callbacks one client may send at once above its rate (0: one second's worth)",
+        "ingest",
+    ),
+    Option(
+        "webhook_secret",
+        _secret,
+        None,
+        "Standard Webhooks secret (whsec_...): POST /callback must be signed with it",
+        "auth",
+    ),
+    Option("webhook_secret_file", Path, None, "a file holding LASTSEEN_WEBHOOK_SECRET", "auth"),
+    Option(
+        "intake_token",
+        _secret,
+        None,
+        "bearer token that lets POST /callback in (with a webhook secret too: either will do)",
+        "auth",
+    ),
+    Option("intake_token_file", Path, None, "a file holding LASTSEEN_INTAKE_TOKEN", "auth"),
+    Option(
+        "admin_token",
+        _secret,
+        None,
+        "bearer token for /objects, /callbacks, /metrics and the dead-letter routes",
+        "auth",
+    ),
+    Option("admin_token_file", Path, None, "a file holding LASTSEEN_ADMIN_TOKEN", "auth"),
     Option(
         "spool_max_bytes",
         non_negative(int),
@@ -221,6 +267,13 @@ OPTIONS: tuple[Option, ...] = (
         "housekeeping",
     ),
     Option(
+        "idempotency_retention",
+        _seconds,
+        "86400",
+        "seconds an Idempotency-Key is remembered",
+        "housekeeping",
+    ),
+    Option(
         "prune_interval", _seconds, "10", "seconds between prunes of done callbacks", "housekeeping"
     ),
     Option(
@@ -286,6 +339,14 @@ class Settings:
     commit_max_batch: int
     commit_concurrency: int
     commit_timeout: float
+    client_rate: float
+    client_burst: float
+    webhook_secret: str | None = dataclasses.field(repr=False)
+    webhook_secret_file: Path | None
+    intake_token: str | None = dataclasses.field(repr=False)
+    intake_token_file: Path | None
+    admin_token: str | None = dataclasses.field(repr=False)
+    admin_token_file: Path | None
     spool_max_bytes: int
     spool_path: Path | None
     pool_size: int
@@ -308,6 +369,7 @@ class Settings:
     reap_interval: float
     audit_retention: float
     dead_letter_retention: float
+    idempotency_retention: float
     prune_interval: float
     shutdown_delay: float
     shutdown_grace: float
@@ -338,6 +400,17 @@ class Settings:
                 raise ConfigError(name, "unknown setting")
             if value is not None:
                 values[name] = value
+        for secret in ("webhook_secret", "intake_token", "admin_token"):
+            path = values.get(f"{secret}_file")
+            if path is None:
+                continue
+            env_name = f"LASTSEEN_{secret.upper()}_FILE"
+            if values.get(secret) is not None:
+                raise ConfigError(env_name, f"give LASTSEEN_{secret.upper()} or this, not both")
+            try:
+                values[secret] = _secret(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(env_name, f"cannot read a secret from {path}: {exc}") from exc
         settings = cls(**values)
         settings.check()
         return settings
@@ -364,11 +437,23 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None = None) -> None:
-    """Adds one flag per setting (or per setting of ``groups``) to ``parser``."""
+# Set by lastseen itself, or for its benchmark: accepted, not offered in --help.
+INTERNAL = frozenset({"parent_pid", "noop_route"})
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    groups: Sequence[str] | None = None,
+    *,
+    fields: Sequence[str] | None = None,
+) -> None:
+    """Adds one flag per setting, or per setting of ``groups``, or per one of ``fields``
+    (the settings a command uses, so that its --help lists only those) to ``parser``."""
     sections: dict[str, argparse._ArgumentGroup] = {}
     for option in OPTIONS:
         if groups is not None and option.group not in groups:
+            continue
+        if fields is not None and option.field not in fields:
             continue
         section = sections.get(option.group)
         if section is None:
@@ -380,7 +465,9 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str] | None 
             type=option.parse,
             default=None,
             metavar=option.field.split("_")[-1].upper(),
-            help=f"{option.help} [env {option.env}, default {default}]",
+            help=argparse.SUPPRESS
+            if option.field in INTERNAL
+            else f"{option.help} [env {option.env}, default {default}]",
         )
 
 

@@ -17,32 +17,18 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from lastseen.errors import DatabaseError
+from lastseen import dead_letters, openapi
+from lastseen.auth import token_matches
+from lastseen.errors import DatabaseError, InvalidRequest
 from lastseen.metrics import Metrics, merge
+from lastseen.model import DeadLetterFilter
+from lastseen.replies import error_response, json_response
 from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PAGE_LIMIT = 1000
-
-
-def json_response(
-    data: object, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=msgspec.json.encode(data),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def error_response(
-    status: int, error: str, detail: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """The one shape of every error: ``{"error": code, "detail": text}``."""
-    return json_response({"error": error, "detail": detail}, status, headers)
 
 
 class Spooling(Protocol):
@@ -106,6 +92,8 @@ class Readiness:
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except InvalidRequest as exc:
+        return error_response(400, exc.reason, exc.detail)
     except DatabaseError as exc:
         log.warning("request failed on the database", path=request.path, error=str(exc))
         detail = "the database did not answer; try again"
@@ -132,8 +120,11 @@ class Routes:
         other_processes: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None,
         *,
         samples_database: bool = True,
+        ttl: float = 30.0,
     ) -> None:
         self.db = db
+        self.ttl = ttl
+        self._openapi = msgspec.json.encode(openapi.document())
         self.metrics = metrics
         self.readiness = readiness
         self.other_processes = other_processes
@@ -224,11 +215,119 @@ class Routes:
             return error_response(404, "not_found", f"object {object_id} is not online")
         return json_response(_object(object_id, last_seen))
 
+    async def get_callback(self, request: web.Request) -> web.Response:
+        callback_id = _int64(request.match_info["callback_id"], "callback_id")
+        row = await self.db.callback_status(callback_id)
+        if row is None:
+            detail = f"callback {callback_id} is not stored (never, or pruned after its audit)"
+            return error_response(404, "not_found", detail)
+        which = DeadLetterFilter(callback_id=callback_id)
+        letters = await self.db.list_dead_letters(which, PAGE_LIMIT)
+        done = row["done_at"] is not None
+        answer: dict[str, object] = {
+            "callback_id": callback_id,
+            "received_at": row["received_at"].isoformat(),
+            "status": "done" if done else "pending",
+            "done_at": row["done_at"].isoformat() if done else None,
+            "ids": row["ids"],
+            "distinct_ids": row["distinct_ids"],
+            "claims": row["claims"],
+            "outcomes": {
+                "dead_lettered": len(letters),
+                # Looked up (online or not), or expired past the TTL.
+                "resolved": row["distinct_ids"] - len(letters) if done else None,
+            },
+            "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
+        }
+        return json_response(answer)
+
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        which = dead_letters.parse_filter(request.query)
+        limit = _limit(request.query.get("limit"))
+        letters = await self.db.list_dead_letters(which, limit)
+        counts = await self.db.count_dead_letters()
+        return json_response(
+            {
+                "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
+                "by_reason": counts,
+            }
+        )
+
+    async def retry_dead_letters(self, request: web.Request) -> web.Response:
+        asked = dead_letters.decode_request(await request.read())
+        answer = await dead_letters.retry(
+            self.db,
+            dead_letters.parse_filter(msgspec.structs.asdict(asked)),
+            ttl=self.ttl,
+            include_stale=asked.include_stale,
+            limit=asked.limit,
+            dry_run=asked.dry_run,
+        )
+        return json_response(answer)
+
+    async def discard_dead_letters(self, request: web.Request) -> web.Response:
+        asked = dead_letters.decode_request(await request.read())
+        answer = await dead_letters.discard(
+            self.db,
+            dead_letters.parse_filter(msgspec.structs.asdict(asked)),
+            limit=asked.limit,
+            dry_run=asked.dry_run,
+        )
+        return json_response(answer)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+
+def _int64(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidRequest("bad_id", f"{name} must be an integer") from None
+    if not -(2**63) <= value < 2**63:
+        raise InvalidRequest("bad_id", f"{name} must fit 64 bits")
+    return value
+
+
+def _limit(value: object) -> int:
+    if value is None:
+        return PAGE_LIMIT
+    try:
+        limit = int(str(value))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= PAGE_LIMIT:
+        raise InvalidRequest("bad_limit", f"limit: 1 to {PAGE_LIMIT}")
+    return limit
+
 
 async def _noop(request: web.Request) -> web.Response:
     """The do-nothing handler that ``lastseen bench`` compares /callback with."""
     await request.read()
     return web.Response(status=202, body=b'{"callback_id":0}', content_type="application/json")
+
+
+# What the admin token guards: everything that reads what producers sent, and the operations.
+_ADMIN_PREFIXES = ("/objects", "/callbacks/", "/metrics", "/dead-letters")
+
+
+def admin_only(token: str) -> web.middleware:  # type: ignore[valid-type]
+    """A middleware that asks for ``Authorization: Bearer <token>`` on the admin routes."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(_ADMIN_PREFIXES) and not token_matches(
+            request.headers.get("Authorization"), token
+        ):
+            return error_response(
+                401,
+                "unauthorized",
+                "this route needs the admin bearer token",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    return check
 
 
 def build_app(
@@ -237,9 +336,13 @@ def build_app(
     *,
     max_body_bytes: int,
     noop: bool = False,
+    admin_token: str | None = None,
 ) -> web.Application:
     """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
-    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    middlewares: list[Handler | object] = [json_errors]
+    if admin_token is not None:
+        middlewares.append(admin_only(admin_token))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)  # type: ignore[arg-type]
     if callbacks is not None:
         app.router.add_post("/callback", callbacks)
     if noop:
@@ -247,6 +350,11 @@ def build_app(
     app.router.add_get("/health", routes.health)
     app.router.add_get("/ready", routes.ready)
     app.router.add_get("/metrics", routes.metrics_page)
+    app.router.add_get("/openapi.json", routes.openapi)
     app.router.add_get("/objects", routes.list_objects)
     app.router.add_get("/objects/{object_id}", routes.get_object)
+    app.router.add_get("/callbacks/{callback_id}", routes.get_callback)
+    app.router.add_get("/dead-letters", routes.list_dead_letters)
+    app.router.add_post("/dead-letters/retry", routes.retry_dead_letters)
+    app.router.add_post("/dead-letters/discard", routes.discard_dead_letters)
     return app

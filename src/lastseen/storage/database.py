@@ -22,7 +22,7 @@ import msgspec
 import structlog
 
 from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
-from lastseen.model import Claimed, DeadLetter
+from lastseen.model import Claimed, DeadLetter, DeadLetterFilter
 
 log = structlog.get_logger("lastseen.storage.database")
 
@@ -286,14 +286,36 @@ class Database:
         done_before: datetime,
         observed_before: datetime,
         dead_before: datetime,
+        keys_before: datetime,
         limit: int,
-    ) -> tuple[int, int, int]:
-        """Deletes old done callbacks, stale observations and old dead letters; returns how
-        many of each."""
+    ) -> tuple[int, int, int, int]:
+        """Deletes old done callbacks, stale observations, old dead letters and old
+        idempotency keys; returns how many of each."""
         callbacks = await self.pool.execute(Q["prune_callbacks"], done_before, limit)
         observations = await self.pool.execute(Q["prune_observations"], observed_before, limit)
         dead = await self.pool.execute(Q["prune_dead_letters"], dead_before, limit)
-        return _rows_affected(callbacks), _rows_affected(observations), _rows_affected(dead)
+        keys = await self.pool.execute(Q["prune_idempotency_keys"], keys_before, limit)
+        return (
+            _rows_affected(callbacks),
+            _rows_affected(observations),
+            _rows_affected(dead),
+            _rows_affected(keys),
+        )
+
+    @_edge
+    async def insert_idempotent_callback(
+        self, received_at: float, id_array: str, key: str, digest: str
+    ) -> tuple[int, str, bool]:
+        """Stores a callback under an idempotency key unless the key is taken; returns the
+        key's callback id and digest, and whether the callback was stored now."""
+        row = await self.pool.fetchrow(
+            Q["insert_idempotent_callback"], received_at, id_array, key, digest
+        )
+        if row is None:  # taken by a transaction that committed while this one ran
+            row = await self.pool.fetchrow(Q["keyed_callback"], key)
+            assert row is not None
+            return int(row["callback_id"]), str(row["digest"]), False
+        return int(row["callback_id"]), str(row["digest"]), bool(row["new"])
 
     @_edge
     async def inbox_stats(self) -> tuple[int, datetime | None]:
@@ -331,24 +353,42 @@ class Database:
         return None if row is None else row[1]
 
     @_edge
-    async def list_dead_letters(self, limit: int) -> list[DeadLetter]:
-        rows = await self.pool.fetch(Q["list_dead_letters"], limit)
-        return [DeadLetter(*r[:6]) for r in rows]
+    async def list_dead_letters(
+        self, which: DeadLetterFilter, limit: int
+    ) -> list[tuple[DeadLetter, datetime]]:
+        """Dead letters that match, oldest first, each with when it was recorded."""
+        rows = await self.pool.fetch(Q["list_dead_letters"], *_filter(which), limit)
+        return [(DeadLetter(*r[:6]), r[6]) for r in rows]
+
+    @_edge
+    async def count_matching_dead_letters(self, which: DeadLetterFilter) -> int:
+        return int(await self.pool.fetchval(Q["count_matching_dead_letters"], *_filter(which)))
 
     @_edge
     async def count_dead_letters(self) -> dict[str, int]:
         return {r[0]: r[1] for r in await self.pool.fetch(Q["count_dead_letters"])}
 
     @_edge
-    async def retry_dead_letters(self, limit: int, received_since: datetime) -> list[int]:
-        """Puts dead letters received since ``received_since`` back into the inbox; returns
-        the ids of the new callbacks."""
-        rows = await self.pool.fetch(Q["retry_dead_letters"], limit, received_since)
+    async def retry_dead_letters(self, which: DeadLetterFilter, limit: int) -> list[int]:
+        """Puts dead letters that match back into the inbox; returns the ids of the new
+        callbacks."""
+        rows = await self.pool.fetch(Q["retry_dead_letters"], *_filter(which), limit)
         return sorted(r[0] for r in rows)
 
     @_edge
-    async def count_dead_letters_before(self, received_before: datetime) -> int:
-        return int(await self.pool.fetchval(Q["count_dead_letters_before"], received_before))
+    async def discard_dead_letters(self, which: DeadLetterFilter, limit: int) -> int:
+        """Deletes dead letters that match; returns how many."""
+        return int(await self.pool.fetchval(Q["discard_dead_letters"], *_filter(which), limit))
+
+    @_edge
+    async def callback_status(self, callback_id: int) -> asyncpg.Record | None:
+        """One callback's receipt, completion, id counts and claims (None once pruned)."""
+        row: asyncpg.Record | None = await self.pool.fetchrow(Q["callback_status"], callback_id)
+        return row
+
+
+def _filter(which: DeadLetterFilter) -> tuple[object, ...]:
+    return (which.reason, which.callback_id, which.received_before, which.received_after)
 
 
 def _rows_affected(status: str) -> int:

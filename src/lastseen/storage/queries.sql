@@ -42,6 +42,31 @@ FROM unnest($1::float8[], $2::text[], $3::text[]) AS r(received_at, ids, source)
 ON CONFLICT (source) WHERE source IS NOT NULL DO NOTHING
 RETURNING id;
 
+-- name: insert_idempotent_callback
+-- Stores one callback ($1 receive time in epoch seconds, $2 id array literal) under the
+-- idempotency key $3 with the digest $4, unless the key is taken. Returns the key's callback id
+-- and digest, and whether the callback was stored now; no row when the key was taken by a
+-- transaction this statement could not see yet (ask keyed_callback then).
+WITH claimed AS (
+    INSERT INTO idempotency_keys (key, callback_id, digest)
+    VALUES ($3, nextval(pg_get_serial_sequence('callbacks', 'id')), $4)
+    ON CONFLICT (key) DO NOTHING
+    RETURNING callback_id, digest
+), stored AS (
+    INSERT INTO callbacks (id, received_at, object_ids, locked_until)
+    SELECT callback_id, to_timestamp($1), $2::text::bigint[], now() FROM claimed
+    RETURNING id
+)
+SELECT stored.id AS callback_id, claimed.digest, true AS new
+FROM stored JOIN claimed ON claimed.callback_id = stored.id
+UNION ALL
+SELECT callback_id, digest, false FROM idempotency_keys
+WHERE key = $3 AND NOT EXISTS (SELECT 1 FROM claimed);
+
+-- name: keyed_callback
+-- The callback id and digest stored under idempotency key $1.
+SELECT callback_id, digest FROM idempotency_keys WHERE key = $1;
+
 -- name: notify_inbox
 -- Wakes the workers. Its own transaction, with asynchronous commit: NOTIFY holds a cluster-wide
 -- lock until its commit is flushed, which would serialize the durable commits if they notified.
@@ -51,11 +76,13 @@ SELECT pg_notify('lastseen_inbox', '');
 COMMIT;
 
 -- name: claim_callbacks
--- Leases up to $2 claimable callbacks (new, released, or with a lapsed lease) to worker $1 for $3 s.
+-- Leases up to $2 claimable callbacks (new, released, or with a lapsed lease) to worker $1 for
+-- $3 s, newest first: under a backlog the newest callbacks are the ones whose results matter
+-- longest, and the older ones expire in bulk once past the TTL (freshness first).
 WITH claimable AS (
     SELECT id FROM callbacks
     WHERE done_at IS NULL AND locked_until <= now()
-    ORDER BY locked_until
+    ORDER BY received_at DESC
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -256,6 +283,11 @@ WHERE id IN (SELECT id FROM callbacks WHERE done_at < $1 LIMIT $2);
 DELETE FROM observations
 WHERE id IN (SELECT id FROM observations WHERE seen_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED);
 
+-- name: prune_idempotency_keys
+-- Deletes up to $2 idempotency keys recorded before $1 (their retention is over).
+DELETE FROM idempotency_keys
+WHERE key IN (SELECT key FROM idempotency_keys WHERE created_at < $1 LIMIT $2);
+
 -- name: prune_dead_letters
 -- Deletes up to $2 dead letters recorded before $1 (their retention is over).
 DELETE FROM dead_letters
@@ -278,28 +310,46 @@ SELECT id, last_seen FROM objects WHERE id > $1 ORDER BY id LIMIT $2;
 -- One online object.
 SELECT id, last_seen FROM objects WHERE id = $1;
 
--- name: list_dead_letters
--- Up to $1 dead letters, oldest first.
-SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
-FROM dead_letters ORDER BY created_at, callback_id, object_id LIMIT $1;
+-- name: callback_status
+-- One callback: when it was received and done, how many ids (and distinct ids), how often it
+-- was claimed.
+SELECT id, received_at, done_at, cardinality(object_ids) AS ids,
+       (SELECT count(DISTINCT x) FROM unnest(object_ids) AS x) AS distinct_ids, claims
+FROM callbacks WHERE id = $1;
 
--- name: count_dead_letters_before
--- Dead letters received before $1.
-SELECT count(*) FROM dead_letters WHERE received_at < $1;
+-- name: list_dead_letters
+-- Up to $5 dead letters that match a filter (reason $1, callback $2, received before $3,
+-- received at or after $4; a NULL matches anything), oldest first.
+SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
+FROM dead_letters
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
+  AND ($3::timestamptz IS NULL OR received_at < $3)
+  AND ($4::timestamptz IS NULL OR received_at >= $4)
+ORDER BY created_at, callback_id, object_id LIMIT $5;
+
+-- name: count_matching_dead_letters
+-- How many dead letters match a filter (as in list_dead_letters).
+SELECT count(*) FROM dead_letters
+WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
+  AND ($3::timestamptz IS NULL OR received_at < $3)
+  AND ($4::timestamptz IS NULL OR received_at >= $4);
 
 -- name: count_dead_letters
 -- Dead letters by reason.
 SELECT reason, count(*) AS n FROM dead_letters GROUP BY reason ORDER BY reason;
 
 -- name: retry_dead_letters
--- Moves up to $1 dead letters received at $2 or later back into the inbox, as new callbacks
--- with the original receive times (one per original callback), and deletes them. Returns the
--- new callbacks' ids.
+-- Moves up to $5 dead letters that match a filter (as in list_dead_letters) back into the
+-- inbox, as new callbacks with the original receive times (one per original callback), and
+-- deletes them. Returns the new callbacks' ids.
 WITH taken AS (
     DELETE FROM dead_letters
     WHERE (callback_id, object_id) IN (
-        SELECT callback_id, object_id FROM dead_letters WHERE received_at >= $2
-        ORDER BY callback_id, object_id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        SELECT callback_id, object_id FROM dead_letters
+        WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
+  AND ($3::timestamptz IS NULL OR received_at < $3)
+  AND ($4::timestamptz IS NULL OR received_at >= $4)
+        ORDER BY callback_id, object_id LIMIT $5 FOR UPDATE SKIP LOCKED)
     RETURNING callback_id, object_id, received_at
 ), stored AS (
     INSERT INTO callbacks (received_at, object_ids, locked_until, retry_of)
@@ -308,6 +358,21 @@ WITH taken AS (
     RETURNING id
 )
 SELECT stored.id FROM stored CROSS JOIN (SELECT pg_notify('lastseen_inbox', '')) AS wake;
+
+-- name: discard_dead_letters
+-- Deletes up to $5 dead letters that match a filter (as in list_dead_letters): given up on.
+-- Returns how many.
+WITH gone AS (
+    DELETE FROM dead_letters
+    WHERE (callback_id, object_id) IN (
+        SELECT callback_id, object_id FROM dead_letters
+        WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
+  AND ($3::timestamptz IS NULL OR received_at < $3)
+  AND ($4::timestamptz IS NULL OR received_at >= $4)
+        ORDER BY callback_id, object_id LIMIT $5 FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
 
 -- name: ping
 -- Is the database there?
@@ -323,8 +388,8 @@ SELECT count(*) FROM callbacks;
 
 -- name: empty_tables
 -- Empties every table of a database that is the demo's own, so that it holds one run only.
-TRUNCATE callbacks, objects, observations, dead_letters, pending_ids, reaper_cursor
-    RESTART IDENTITY;
+TRUNCATE callbacks, objects, observations, dead_letters, pending_ids, reaper_cursor,
+    idempotency_keys RESTART IDENTITY;
 
 -- name: holds_data
 -- Does the database hold any callback or object?

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import psutil
 
-from lastseen.devtools.bench.processes import rss_mib, workers
+from lastseen.devtools.bench.processes import rss_growth, rss_mib, workers
 from lastseen.devtools.loadgen import percentile
 from lastseen.devtools.simulate import hostile
 from lastseen.metrics import Metrics
@@ -276,12 +276,7 @@ async def hostile_upstream(bench: Bench) -> dict[str, Any]:
     await serve.terminate()
     server.close()
     delays = [appeared[i] - sent[i] for i in sent if i in appeared]
-    half = samples[len(samples) // 2 :] or samples
-    growth = {
-        name: round(half[-1]["rss_mib"][name] - half[0]["rss_mib"][name], 1)
-        for name in (half[0]["rss_mib"] if half else {})
-        if name in half[-1]["rss_mib"]
-    }
+    growth = rss_growth(samples)
     return {
         "seconds": o.hostile_seconds,
         "well_answered_ids": len(sent),
@@ -334,6 +329,7 @@ async def reaper(bench: Bench) -> dict[str, Any]:
             audit_retention=3600,
             dead_letter_retention=3600,
             prune_interval=10,
+            idempotency_retention=3600,
         )
         rounds: list[dict[str, float]] = []
         for n in range(5):

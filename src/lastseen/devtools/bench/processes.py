@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import psutil
 
@@ -28,3 +29,13 @@ def rss_mib(pid: int) -> dict[str, float]:
         return {k: round(v, 1) for k, v in found.items()}
     except psutil.Error:
         return {}
+
+
+def rss_growth(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Per process, how much its RSS grew over the second half of ``samples`` (each with an
+    ``rss_mib`` of ``rss_mib``'s shape), in MiB."""
+    half = samples[len(samples) // 2 :] or samples
+    if not half:
+        return {}
+    first, last = half[0]["rss_mib"], half[-1]["rss_mib"]
+    return {name: round(last[name] - first[name], 1) for name in first if name in last}

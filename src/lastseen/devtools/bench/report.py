@@ -126,6 +126,29 @@ def render(results: dict[str, Any]) -> str:
             f"p99 {late['p99']} s, max {late['max']} s; lookups in flight up to "
             f"{s['lookups_in_flight_max']:.0f}; RSS {rss}"
         )
+    if "database-outage" in scenarios:
+        s = scenarios["database-outage"]
+        for n, run in enumerate(s["runs"], 1):
+            reply = run["reply_ms"]
+            console.print(
+                f"database outage {n}: {s['outage_s']:g} s away; {run['acknowledged']} of "
+                f"{run['posts']} POSTs acknowledged ({run['acknowledged_from_the_spool']} from "
+                f"the spool), reply p99 {reply['p99']} ms, max {reply['max']} ms; spool drained "
+                f"{run['spool_drained_after_s']} s after; {run['never_appeared']} of "
+                f"{run['acknowledged_ids']} ids never in objects, "
+                f"{run['appeared_after_the_ttl']} after their TTL, max "
+                f"{run['appeared_after_s']['max']} s"
+            )
+        console.print(f"database outage: error log lines {len(s['error_log_lines'])}")
+    if "overload" in scenarios:
+        s = scenarios["overload"]
+        console.print(
+            f"overload: {s['overload_rate_per_s']:g} callbacks/s for {s['overload_s']:g} s, then "
+            f"{s['normal_rate_per_s']:g}/s; reply p99 {s['reply_p99_ms_overload']} ms "
+            f"(after: {s['reply_p99_ms_after']} ms); inbox up to {s['inbox_pending_max']:.0f}; "
+            f"RSS peak {s['rss_mib_peak']}, end {s['rss_mib_end']}; fresh again after "
+            f"{s['fresh_again_after_s']} s; {s['callbacks_expired']:.0f} callbacks expired"
+        )
     if "scale" in scenarios:
         s = scenarios["scale"]
         for layout, run in s["layouts"].items():

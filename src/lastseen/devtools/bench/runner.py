@@ -65,6 +65,15 @@ class BenchOptions:
     crash_seconds: float = 60.0
     # hostile-upstream
     hostile_seconds: float = 120.0
+    # database-outage
+    db_outage_seconds: float = 15.0
+    db_outage_before: float = 5.0
+    db_outage_runs: int = 5
+    # overload: 3 times the ~4,000 lookups/s this machine sustains, then half of it
+    overload_rate: float = 120.0
+    overload_normal_rate: float = 20.0
+    overload_seconds: float = 120.0
+    overload_after_seconds: float = 90.0
     # reaper
     reaper_callbacks: int = 5000
     # scale
@@ -93,6 +102,13 @@ class BenchOptions:
             outage_warmup=2.0,
             outage_seconds=3.0,
             hostile_seconds=3.0,
+            db_outage_seconds=2.0,
+            db_outage_before=1.0,
+            db_outage_runs=1,
+            overload_rate=10.0,
+            overload_normal_rate=5.0,
+            overload_seconds=3.0,
+            overload_after_seconds=3.0,
             reaper_callbacks=50,
             scale_rates=(5.0,),
             sample_every=0.5,
@@ -178,7 +194,11 @@ class Bench:
         return with_database(self.server_url, name)
 
     async def serve(self, database_url: str, *args: str, **env: str) -> ServeProcess:
-        environment = {"LASTSEEN_DATABASE_URL": database_url}
+        # The bench's own data directory: a spool made in a scenario stays with its results.
+        environment = {
+            "LASTSEEN_DATABASE_URL": database_url,
+            "LASTSEEN_DATA_DIR": str(self.options.out_dir / "data"),
+        }
         environment.update({f"LASTSEEN_{k.upper()}": v for k, v in env.items()})
         serve = ServeProcess(*args, env=environment, keep_logs=1000)
         self.serves.append(serve)

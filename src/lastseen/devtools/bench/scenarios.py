@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
-from lastseen.devtools.bench.processes import rss_mib
+from lastseen.devtools.bench.processes import rss_growth, rss_mib
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
@@ -295,12 +296,7 @@ async def soak(bench: Bench) -> dict[str, Any]:
     await producer.wait()
     await serve.terminate()
     await upstream.terminate()
-    half = samples[len(samples) // 2 :] or samples
-    growth = {
-        name: round(half[-1]["rss_mib"][name] - half[0]["rss_mib"][name], 1)
-        for name in (half[0]["rss_mib"] if half else {})
-        if name in half[-1]["rss_mib"]
-    }
+    growth = rss_growth(samples)
     return {
         "rate_per_s": o.soak_rate,
         "seconds": o.soak_seconds,
@@ -321,6 +317,8 @@ SCENARIOS: dict[str, Scenario] = {
     "crash": crash,
     "upstream-outage": upstream_outage,
     "hostile-upstream": hostile_upstream,
+    "database-outage": database_outage,
+    "overload": overload,
     "reaper": reaper,
     "scale": scale,
 }

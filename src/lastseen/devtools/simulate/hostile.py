@@ -58,5 +58,6 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 async def start() -> tuple[asyncio.Server, str]:
     """The hostile upstream on a free loopback port, and its objects URL."""
-    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    # A deep accept queue: released lookups connect in bursts of thousands.
+    server = await asyncio.start_server(_serve, "127.0.0.1", 0, backlog=4096)
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"

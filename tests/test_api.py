@@ -1,0 +1,329 @@
+"""The API operators can trust: signed or token-bearing intake, an admin token, idempotency
+keys, callback status, dead-letter operations, and an OpenAPI document that matches the routes
+and that a fuzzer finds honest."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+import standardwebhooks
+from aiohttp import web
+from helpers.cli import run_cli
+from helpers.services import Spawn, StartService, fast_settings
+from openapi_spec_validator import validate
+
+from lastseen.errors import ConfigError
+from lastseen.openapi import document
+from lastseen.settings import Settings
+from lastseen.web import Readiness, Routes, build_app
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def _signed(body: str, *, at: datetime | None = None, msg_id: str = "msg_1") -> dict[str, str]:
+    at = at or datetime.now(UTC)
+    signature = standardwebhooks.Webhook(SECRET).sign(msg_id, at, body)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": signature,
+    }
+
+
+async def test_a_signed_callback_is_taken_and_a_bad_one_refused(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """With a webhook secret, a request signed with standardwebhooks gets 202; a tampered body,
+    a timestamp 6 minutes old and missing headers each get 401 and store nothing."""
+    service = await start_service(role="ingest", webhook_secret=SECRET)
+    body = '{"object_ids": [1, 2]}'
+    assert (await service.post(body, headers=_signed(body)))[0] == 202
+    status, error = await service.post('{"object_ids": [1, 3]}', headers=_signed(body, msg_id="m2"))
+    assert (status, error["error"]) == (401, "unauthorized")
+    old = datetime.now(UTC) - timedelta(minutes=6)
+    assert (await service.post(body, headers=_signed(body, at=old, msg_id="m3")))[0] == 401
+    status, error = await service.post(body)
+    assert status == 401
+    assert "missing" in error["detail"]
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+    assert service.sample("lastseen_callbacks_rejected_total", reason="unauthorized") == 3
+
+
+async def test_an_intake_token_lets_callbacks_in(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """With an intake token, the bearer token gets 202 and a wrong or missing one 401; with a
+    webhook secret as well, either is enough."""
+    service = await start_service(role="ingest", intake_token="t0ken", webhook_secret=SECRET)
+    body = '{"object_ids": [5]}'
+    assert (await service.post(body, headers={"Authorization": "Bearer t0ken"}))[0] == 202
+    assert (await service.post(body, headers={"Authorization": "Bearer nope"}))[0] == 401
+    assert (await service.post(body))[0] == 401
+    assert (await service.post(body, headers=_signed(body)))[0] == 202
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2
+
+
+async def test_the_admin_token_guards_reads_and_operations_not_probes(
+    start_service: StartService,
+) -> None:
+    """With an admin token, /objects, /callbacks/{id}, /metrics and the dead-letter routes
+    need it; /health, /ready and /openapi.json never do; POST /callback is not its business."""
+    service = await start_service(role="ingest", admin_token="adm1n")
+    for path in ("/objects", "/objects/1", "/callbacks/1", "/metrics", "/dead-letters"):
+        status, answer = await service.get(path)
+        assert (status, answer["error"]) == (401, "unauthorized"), path
+    auth = {"Authorization": "Bearer adm1n"}
+    async with service.http.get(service.url + "/objects", headers=auth) as response:
+        assert response.status == 200
+    async with service.http.post(service.url + "/dead-letters/retry", headers=auth) as response:
+        assert response.status == 200
+    for path in ("/health", "/ready", "/openapi.json"):
+        assert (await service.get(path))[0] == 200, path
+    assert (await service.post('{"object_ids": [1]}'))[0] == 202
+
+
+def test_secrets_come_from_files_and_are_never_shown(tmp_path: Path) -> None:
+    """Each secret may be given as a file; giving both is an error; no secret appears in the
+    settings' repr or in --help."""
+    (tmp_path / "admin").write_text("from-a-file\n")
+    settings = Settings.load({"LASTSEEN_ADMIN_TOKEN_FILE": str(tmp_path / "admin")})
+    assert settings.admin_token == "from-a-file"
+    assert "from-a-file" not in repr(settings)
+    with pytest.raises(ConfigError):
+        Settings.load(
+            {"LASTSEEN_ADMIN_TOKEN": "x", "LASTSEEN_ADMIN_TOKEN_FILE": str(tmp_path / "admin")}
+        )
+    env = {**os.environ, "LASTSEEN_ADMIN_TOKEN": "do-not-print-me"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "lastseen", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
+    assert "do-not-print-me" not in shown.stdout
+    assert "--admin-token-file" in shown.stdout
+
+
+async def test_an_idempotency_key_stores_once_across_a_restart(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """The same Idempotency-Key twice, with a service restart between, answers the same
+    callback_id and stores one callback; the same key with another body gets 422."""
+    first = await start_service(role="ingest")
+    key = {"Idempotency-Key": "order-42"}
+    status, answer = await first.post('{"object_ids": [7, 8]}', headers=key)
+    assert status == 202
+    await first.service.stop()
+    second = await start_service(role="ingest")
+    assert await second.post('{"object_ids": [7, 8]}', headers=key) == (202, answer)
+    status, error = await second.post('{"object_ids": [9]}', headers=key)
+    assert (status, error["error"]) == (422, "idempotency_key_reused")
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+    assert (await second.post('{"object_ids": [7, 8]}'))[0] == 202  # no key: a new callback
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2
+
+
+async def test_a_signed_callback_sent_again_is_stored_once(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """A signed request's webhook-id is its idempotency key: the same message delivered twice
+    is one callback."""
+    service = await start_service(role="ingest", webhook_secret=SECRET)
+    body = '{"object_ids": [3]}'
+    headers = _signed(body, msg_id="msg_same")
+    first = await service.post(body, headers=headers)
+    assert await service.post(body, headers=headers) == first
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+
+
+async def test_a_callback_can_be_looked_up_by_its_id(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """GET /callbacks/{id}: pending until its ids are looked up, then done with its outcomes
+    and dead letters; 404 for an id never stored (or pruned)."""
+    service = await start_service(role="ingest")
+    status, accepted = await service.post('{"object_ids": [4, 4, 6]}')
+    callback_id = accepted["callback_id"]
+    status, answer = await service.get(f"/callbacks/{callback_id}")
+    assert status == 200
+    assert answer["status"] == "pending"
+    assert (answer["ids"], answer["distinct_ids"], answer["done_at"]) == (3, 2, None)
+    await sql.execute(
+        "INSERT INTO dead_letters (callback_id, object_id, received_at, reason, detail, attempts)"
+        " VALUES ($1, 6, now(), 'http_4xx', '404', 1)",
+        callback_id,
+    )
+    await sql.execute("UPDATE callbacks SET done_at = now() WHERE id = $1", callback_id)
+    status, answer = await service.get(f"/callbacks/{callback_id}")
+    assert answer["status"] == "done"
+    assert answer["outcomes"] == {"dead_lettered": 1, "resolved": 1}
+    assert [d["object_id"] for d in answer["dead_letters"]] == [6]
+    assert (await service.get("/callbacks/999999"))[0] == 404
+    assert (await service.get("/callbacks/x"))[0] == 400
+
+
+async def _dead_letters(sql: asyncpg.Connection) -> None:
+    """Three dead letters: two recent (http_4xx, poison), one from a day ago (http_4xx)."""
+    now = datetime.now(UTC)
+    await sql.executemany(
+        "INSERT INTO dead_letters (callback_id, object_id, received_at, reason, detail, attempts)"
+        " VALUES ($1, $2, $3, $4, '', 1)",
+        [
+            (1, 10, now, "http_4xx"),
+            (2, 20, now, "poison"),
+            (3, 30, now - timedelta(days=1), "http_4xx"),
+        ],
+    )
+
+
+async def test_dead_letters_are_filtered_retried_and_discarded_by_route(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """The admin routes filter dead letters by reason, callback and receive time; a retry's dry
+    run counts without moving anything; a retry skips those past the TTL; a discard deletes."""
+    await _dead_letters(sql)
+    service = await start_service(role="ingest", ttl=30.0)
+    status, page = await service.get("/dead-letters?reason=http_4xx")
+    assert status == 200
+    assert [d["object_id"] for d in page["dead_letters"]] == [10, 30]
+    assert page["by_reason"] == {"http_4xx": 2, "poison": 1}
+    _, page = await service.get("/dead-letters?callback_id=2")
+    assert [d["object_id"] for d in page["dead_letters"]] == [20]
+    assert (await service.get("/dead-letters?received_after=yesterday"))[0] == 400
+
+    async def call(path: str, body: object) -> dict[str, object]:
+        async with service.http.post(service.url + path, json=body) as response:
+            assert response.status == 200, await response.text()
+            answer: dict[str, object] = await response.json()
+            return answer
+
+    dry = await call("/dead-letters/retry", {"reason": "http_4xx", "dry_run": True})
+    assert dry == {"dry_run": True, "would_retry": 1, "skipped_stale": 1}
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 3
+    done = await call("/dead-letters/retry", {"reason": "http_4xx"})
+    assert done["skipped_stale"] == 1
+    assert len(done["callbacks_created"]) == 1  # type: ignore[arg-type]
+    gone = await call("/dead-letters/discard", {"reason": "poison"})
+    assert gone == {"dry_run": False, "discarded": 1}
+    assert await sql.fetchval("SELECT object_id FROM dead_letters") == 30
+    async with service.http.post(
+        service.url + "/dead-letters/discard", json={"unknown": 1}
+    ) as response:
+        assert response.status == 400
+
+
+async def test_dead_letter_commands_filter_and_dry_run(
+    db_url: str, sql: asyncpg.Connection
+) -> None:
+    """`lastseen dead-letters --reason`, `retry-dead-letters --dry-run` and
+    `discard-dead-letters` do from the command line what the routes do."""
+    await _dead_letters(sql)
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    listed = await run_cli("dead-letters", "--reason", "poison", env=env)
+    assert [json.loads(line)["object_id"] for line in listed.stdout.splitlines()] == [20]
+    dry = await run_cli("retry-dead-letters", "--dry-run", env=env)
+    assert "2 dead letters would be queued again" in dry.stderr
+    assert "1 dead letters skipped" in dry.stderr
+    gone = await run_cli("discard-dead-letters", "--callback", "3", env=env)
+    assert "1 dead letters discarded" in gone.stderr
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 2
+
+
+def test_each_command_offers_only_the_flags_it_uses() -> None:
+    """--help lists the settings a command uses: no upstream flags for dead letters, and the
+    internal flags of serve (set by lastseen itself) are not offered."""
+
+    def help_of(*command: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "lastseen", *command, "--help"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+
+    dead = help_of("dead-letters")
+    assert "--database-url" in dead
+    assert "--reason" in dead
+    for flag in ("--objects-url", "--listen", "--max-lookups", "--commit-timeout"):
+        assert flag not in dead, flag
+    serve = help_of("serve")
+    assert "--parent-pid" not in serve
+    assert "--noop-route" not in serve
+
+
+def test_the_openapi_document_is_valid_and_matches_the_routes() -> None:
+    """The document validates as OpenAPI 3.1, and its paths and methods are exactly the
+    routes of the application (HEAD, which aiohttp adds to each GET, aside)."""
+    doc = document()
+    validate(doc)
+
+    async def callbacks(request: web.Request) -> web.Response:
+        return web.Response()
+
+    settings = fast_settings()
+    app = build_app(
+        Routes(None, None, Readiness()),  # type: ignore[arg-type]
+        callbacks,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    routes = {
+        (route.method.lower(), route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {(method, path) for path, item in doc["paths"].items() for method in item}
+    assert routes == documented
+
+
+@pytest.mark.slow
+async def test_a_fuzzer_finds_no_5xx_and_no_answer_off_the_document(
+    db_url: str, spawn: Spawn, tmp_path: Path
+) -> None:
+    """schemathesis sends generated requests, valid and not, to every route of a running
+    service (with the admin token): no 5xx, and every answer conforms to the document."""
+    admin = "fuzz-admin"
+    serve = await spawn(
+        env={
+            "LASTSEEN_DATABASE_URL": db_url,
+            "LASTSEEN_ADMIN_TOKEN": admin,
+            "LASTSEEN_WORKER_PROCESSES": "0",
+        }
+    )
+    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert st is not None
+    checks = ",".join(
+        [
+            "not_a_server_error",
+            "status_code_conformance",
+            "content_type_conformance",
+            "response_schema_conformance",
+            "response_headers_conformance",
+        ]
+    )
+    started = time.monotonic()
+    # Not subprocess.run: the service's log pipe is read by this event loop.
+    fuzzer = await asyncio.create_subprocess_exec(
+        st, "run", serve.url + "/openapi.json",
+        "--checks", checks,
+        "--max-examples", "100",
+        "--header", f"Authorization: Bearer {admin}",
+        "--seed", "1",
+        "--no-color",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(fuzzer.communicate(), 240)
+    report = out.decode()
+    assert fuzzer.returncode == 0, report[-8000:]
+    assert "Tested: 10" in report or "Tested: 11" in report, report[-3000:]
+    assert time.monotonic() - started < 200
