@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 
 import aiohttp
 import asyncpg
@@ -12,6 +14,7 @@ import pytest
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
 
+from lastseen.app import collect_when_grown
 from lastseen.devtools.dbproxy import DatabaseProxy
 
 
@@ -346,3 +349,30 @@ async def test_two_ingest_and_two_worker_instances_survive_a_kill_of_each(
     }
     rows = {r[0]: r[1] for r in await sql.fetch("SELECT id, last_seen FROM objects")}
     assert rows == {i: seen for i, seen in newest.items() if i % 2 == 0}
+
+
+async def test_a_full_collection_follows_memory_growth() -> None:
+    """A pipeline process collects fully when its RSS has grown by the threshold since the last
+    time, and not while it stays level."""
+    growth = 16 << 20
+    collections: list[float] = []
+
+    def collect() -> int:
+        collections.append(time.monotonic())
+        return 0
+
+    task = asyncio.create_task(collect_when_grown(0.02, growth, collect))
+    try:
+        await asyncio.sleep(0.2)
+        assert collections == []
+        ballast = bytearray(2 * growth)
+        for i in range(0, len(ballast), 4096):  # touched, so resident
+            ballast[i] = 1
+        await eventually(lambda: len(collections) == 1, timeout=5)
+        await asyncio.sleep(0.2)
+        assert len(collections) == 1  # level again: no second one
+        del ballast
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

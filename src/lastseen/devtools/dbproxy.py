@@ -21,6 +21,7 @@ class DatabaseProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        self._stops = 0  # how many times stop was called: a connection from before is cut
 
     def url(self, database: str | None = None) -> str:
         """The URL of the same server and user through this proxy (the same database, or
@@ -39,12 +40,18 @@ class DatabaseProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stops = self._stops
         try:
             if self._unix is not None:
                 up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
             else:
                 up_reader, up_writer = await asyncio.open_connection(*self._tcp)
         except OSError:
+            writer.close()
+            return
+        if stops != self._stops:
+            # Accepted just before a stop, connected just after: it must not outlive it.
+            up_writer.close()
             writer.close()
             return
         tasks = {
@@ -68,6 +75,7 @@ class DatabaseProxy:
 
     async def stop(self) -> None:
         """Refuses new connections and cuts the open ones."""
+        self._stops += 1
         if self._server is not None:
             self._server.close()
             for task in list(self._pipes):
