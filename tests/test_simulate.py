@@ -83,9 +83,13 @@ async def check_run(db: Database, truth_dir: Path, ttl: float = TTL) -> Report:
 
 async def reap_now(running: Running) -> None:
     """One reaper round now: a check that follows sees the table as the reaper leaves it, not
-    as a reaper that a busy machine delays left it a round ago."""
+    as a reaper that a busy machine delays left it a round ago. (A round finds the lock taken,
+    and reaps nothing, while the service's own reaper is in one: it waits for a round of its
+    own.)"""
     assert running.service.pipeline is not None
-    await running.service.pipeline.reaper.reap_once()
+    async with asyncio.timeout(10):
+        while await running.service.pipeline.reaper.reap_once() is None:
+            await asyncio.sleep(0.01)
 
 
 async def independent_check(sql: asyncpg.Connection, truth_dir: Path, ttl: float) -> list[str]:
