@@ -191,16 +191,21 @@ class GroupCommit:
         return callback_id
 
     async def _spool_one(self, received_at: float, literal: str) -> str:
+        (key,) = await self._append_to_spool([(received_at, literal)])
+        return key
+
+    async def _append_to_spool(self, callbacks: list[tuple[float, str]]) -> list[str]:
+        """Appends to the spool, keeping track of whether it takes callbacks; their keys."""
         assert self.spool is not None
         try:
-            (key,) = await self.spool.append([(received_at, literal)])
+            keys = await self.spool.append(callbacks)
         except (SpoolFull, SpoolFailed):
             self._spool_refusing = True
             raise
         self._spool_refusing = False
-        self.metrics.callbacks_spooled.inc()
+        self.metrics.callbacks_spooled.inc(len(callbacks))
         self._drain.set()
-        return key
+        return keys
 
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
@@ -320,14 +325,12 @@ class GroupCommit:
         self._queue.extendleft(reversed(batch))
 
     async def _to_spool(self, batch: list[_Entry]) -> None:
-        assert self.spool is not None
         entries = [e for e in batch if not e.future.done()]
         if not entries:
             return
         try:
-            keys = await self.spool.append([(e.received_at, e.ids) for e in entries])
+            keys = await self._append_to_spool([(e.received_at, e.ids) for e in entries])
         except (SpoolFull, SpoolFailed) as exc:
-            self._spool_refusing = True
             if isinstance(exc, SpoolFailed):
                 log.error("the spool refused callbacks", error=str(exc), size=len(entries))
             for entry in entries:
@@ -336,9 +339,6 @@ class GroupCommit:
                         SpoolFull(exc.max_bytes) if isinstance(exc, SpoolFull) else SpoolFailed()
                     )
             return
-        self._spool_refusing = False
-        self.metrics.callbacks_spooled.inc(len(entries))
-        self._drain.set()
         for entry, key in zip(entries, keys, strict=True):
             if not entry.future.done():
                 entry.future.set_result(key)
