@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test lint bench clean
+.PHONY: install run demo test test-browser lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The status page in headless Chromium; Debian's chromium is installed when it is missing
+# (Playwright drives it, and never downloads a browser of its own).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: install
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	$(BIN)/pytest -m browser tests/browser
 
 bench: install
 	$(BIN)/lastseen bench --scenario all

@@ -29,14 +29,17 @@ from lastseen.errors import DatabaseError, SpoolFailed
 from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import CallbackHandler
+from lastseen.leases import holder_name
 from lastseen.metrics import Metrics
 from lastseen.pipeline import Pipeline
 from lastseen.settings import Settings
 from lastseen.spool import Spool, spool_path
+from lastseen.status import StatusBoard
 from lastseen.storage.database import Database
 from lastseen.storage.embedded import EmbeddedPostgres
 from lastseen.supervisor import Supervisor
 from lastseen.tracing import Submit, start_tracing, traced_handler, traced_submit
+from lastseen.ui import Page
 from lastseen.web import Handler, Readiness, Routes, build_app
 from lastseen.worker_processes import WorkerProcesses, die_with_parent
 
@@ -105,19 +108,28 @@ class Service:
             self._upstream_failing if runs_lookups else None,
             self.commit if self.spool is not None else None,
         )
-        self.app = build_app(
-            Routes(
+        scrape = worker_processes.scrape if worker_processes else None
+        # The status page belongs to the instance, so to its first process, not to each
+        # worker process.
+        self.status: StatusBoard | None = None
+        if s.parent_pid is None:
+            self.status = StatusBoard(
                 db,
                 m,
                 self.readiness,
-                worker_processes.scrape if worker_processes else None,
-                samples_database=s.parent_pid is None,
-                ttl=s.ttl,
-            ),
+                scrape,
+                instance=holder_name(s.instance_id, s.listen),
+                role=s.role,
+                ui=s.ui,
+            )
+        self.app = build_app(
+            Routes(db, m, self.readiness, scrape, samples_database=s.parent_pid is None, ttl=s.ttl),
             callback_handler,
             max_body_bytes=s.max_body_bytes,
             noop=s.noop_route,
             admin_token=s.admin_token,
+            status=None if self.status is None else self.status.handle,
+            page=Page().routes() if self.status is not None and s.ui != "off" else None,
         )
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         self._stopped = False
@@ -158,6 +170,8 @@ class Service:
         await site.start()
         self.port = self._runner.addresses[0][1]
         log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
+        if self.status is not None and self.settings.ui != "off":
+            log.info("status page", url=f"http://{host}:{self.port}/ui/", mode=self.settings.ui)
         if not ipaddress.ip_address(_resolved(host)).is_loopback:
             s = self.settings
             if s.takes_callbacks and s.webhook_secret is None and s.intake_token is None:

@@ -99,6 +99,25 @@ def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
     }
 
 
+def cursor(letter: DeadLetter, created_at: datetime) -> str:
+    """Where a page of dead letters ended, for ``after`` (opaque to callers)."""
+    return f"{created_at.isoformat()}/{letter.callback_id}/{letter.object_id}"
+
+
+def parse_cursor(value: str | None) -> tuple[datetime, int, int] | None:
+    """The position a ``cursor`` names; None for the first page."""
+    if value is None or value == "":
+        return None
+    try:
+        created, callback_id, object_id = value.rsplit("/", 2)
+        at, callback, letter = datetime.fromisoformat(created), int(callback_id), int(object_id)
+    except ValueError:
+        raise InvalidRequest("bad_cursor", "after: a next_after from a page") from None
+    if at.tzinfo is None or not all(-(2**63) <= n < 2**63 for n in (callback, letter)):
+        raise InvalidRequest("bad_cursor", "after: a next_after from a page")
+    return at, callback, letter
+
+
 async def retry(
     db: Database,
     which: DeadLetterFilter,

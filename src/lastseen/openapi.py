@@ -15,6 +15,7 @@ import msgspec
 from lastseen import __version__
 from lastseen.dead_letters import DeadLetterRequest
 from lastseen.ingest import CallbackBody
+from lastseen.status import Status
 
 
 class Accepted(msgspec.Struct):
@@ -66,6 +67,7 @@ class DeadLetterOut(msgspec.Struct):
 class DeadLettersPage(msgspec.Struct):
     dead_letters: list[DeadLetterOut]
     by_reason: dict[str, int]
+    next_after: str | None
 
 
 class Outcomes(msgspec.Struct):
@@ -110,6 +112,7 @@ _TYPES = (
     CallbackStatus,
     RetryResult,
     DiscardResult,
+    Status,
 )
 _REF = "#/components/schemas/{name}"
 _INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
@@ -235,6 +238,13 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/status": {
+                "get": {
+                    "summary": "What this instance is doing: the status page's figures",
+                    "security": _ADMIN,
+                    "responses": {"200": _answer("the figures", "Status"), **_errors(401)},
+                }
+            },
             "/objects": {
                 "get": {
                     "summary": "The online objects, in id order, a page at a time",
@@ -277,9 +287,12 @@ def document() -> dict[str, Any]:
             },
             "/dead-letters": {
                 "get": {
-                    "summary": "Dead letters that match a filter, oldest first",
+                    "summary": "Dead letters that match a filter, oldest first, a page at a time",
                     "security": _ADMIN,
-                    "parameters": filters,
+                    "parameters": [
+                        *filters,
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
                     "responses": {
                         "200": _answer("dead letters", "DeadLettersPage"),
                         **_errors(400, 401, 503),

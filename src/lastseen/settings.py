@@ -292,6 +292,13 @@ OPTIONS: tuple[Option, ...] = (
         "housekeeping",
     ),
     Option(
+        "ui",
+        choice("off", "read", "full"),
+        "full",
+        "the status page at /ui/: off, read (no retry or discard buttons), or full",
+        "service",
+    ),
+    Option(
         "gc_threshold",
         non_negative(int),
         "100000",
@@ -373,6 +380,7 @@ class Settings:
     prune_interval: float
     shutdown_delay: float
     shutdown_grace: float
+    ui: str
     gc_threshold: int
     noop_route: bool
     log_format: str

@@ -7,7 +7,6 @@ Every error, from any route, is a JSON body ``{"error": ..., "detail": ...}``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
@@ -23,6 +22,7 @@ from lastseen.errors import DatabaseError, InvalidRequest
 from lastseen.metrics import Metrics, merge
 from lastseen.model import DeadLetterFilter
 from lastseen.replies import error_response, json_response
+from lastseen.status import database_figures
 from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.web")
@@ -87,6 +87,27 @@ class Readiness:
         self.unreachable = False
         return None
 
+    async def answer(self, db: Database) -> dict[str, str | bool]:
+        """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded."""
+        reason = await self.check(db)
+        answer: dict[str, str | bool] = {"ready": True}
+        spool = self.spool
+        if reason is not None:
+            spools = spool is not None and self.unreachable and not self.draining
+            if not spools:
+                return {"ready": False, "reason": reason}
+            assert spool is not None
+            if not spool.accepting:
+                reason = f"{reason}, and the spool cannot take more"
+                return {"ready": False, "reason": reason}
+            answer["degraded"] = f"spooling: {reason}; callbacks are stored on local disk"
+        elif spool is not None and spool.spooling:
+            answer["degraded"] = "spooling: callbacks are stored on local disk"
+        if self.upstream_failing is not None:
+            failing = await self.upstream_failing()
+            answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
+        return answer
+
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -136,47 +157,23 @@ class Routes:
         return json_response({"status": "alive"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        reason = await self.readiness.check(self.db)
-        answer: dict[str, object] = {"ready": True}
-        spool = self.readiness.spool
-        if reason is not None:
-            spools = (
-                spool is not None and self.readiness.unreachable and not self.readiness.draining
-            )
-            if not spools:
-                return json_response({"ready": False, "reason": reason}, status=503)
-            assert spool is not None
-            if not spool.accepting:
-                reason = f"{reason}, and the spool cannot take more"
-                return json_response({"ready": False, "reason": reason}, status=503)
-            answer["degraded"] = f"spooling: {reason}; callbacks are stored on local disk"
-        elif spool is not None and spool.spooling:
-            answer["degraded"] = "spooling: callbacks are stored on local disk"
-        if self.readiness.upstream_failing is not None:
-            failing = await self.readiness.upstream_failing()
-            answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
-        return json_response(answer)
+        answer = await self.readiness.answer(self.db)
+        return json_response(answer, status=200 if answer["ready"] else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         # Figures that live in the database are sampled on scrape; a slow database only makes
         # them stale, never the scrape fail.
+        figures = None
         if self.readiness.migrated and self.samples_database:
-            try:
-                pending, oldest = await asyncio.wait_for(self.db.inbox_stats(), 1.0)
-                online = await asyncio.wait_for(self.db.count_objects(), 1.0)
-                dead = await asyncio.wait_for(self.db.count_dead_letters(), 1.0)
-            except (DatabaseError, TimeoutError):
-                pass
-            else:
-                # A reason with none left must drop out, not keep its last count.
-                self.metrics.dead_letters_pending.clear()
-                for reason, count in dead.items():
-                    self.metrics.dead_letters_pending.labels(reason).set(count)
-                self.metrics.inbox_pending.set(pending)
-                self.metrics.inbox_oldest_age.set(
-                    0.0 if oldest is None else max(0.0, time.time() - oldest.timestamp())
-                )
-                self.metrics.objects_online.set(online)
+            figures = await database_figures(self.db)
+        if figures is not None:
+            # A reason with none left must drop out, not keep its last count.
+            self.metrics.dead_letters_pending.clear()
+            for reason, count in figures.dead_letters.items():
+                self.metrics.dead_letters_pending.labels(reason).set(count)
+            self.metrics.inbox_pending.set(figures.pending or 0)
+            self.metrics.inbox_oldest_age.set(figures.oldest_age or 0.0)
+            self.metrics.objects_online.set(figures.online or 0)
         if self.other_processes is None:
             body = self.metrics.render()
         else:
@@ -244,12 +241,15 @@ class Routes:
     async def list_dead_letters(self, request: web.Request) -> web.Response:
         which = dead_letters.parse_filter(request.query)
         limit = _limit(request.query.get("limit"))
-        letters = await self.db.list_dead_letters(which, limit)
+        after = dead_letters.parse_cursor(request.query.get("after"))
+        letters = await self.db.list_dead_letters(which, limit, after)
         counts = await self.db.count_dead_letters()
+        last = letters[-1] if len(letters) == limit else None
         return json_response(
             {
                 "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
                 "by_reason": counts,
+                "next_after": None if last is None else dead_letters.cursor(*last),
             }
         )
 
@@ -308,7 +308,7 @@ async def _noop(request: web.Request) -> web.Response:
 
 
 # What the admin token guards: everything that reads what producers sent, and the operations.
-_ADMIN_PREFIXES = ("/objects", "/callbacks/", "/metrics", "/dead-letters")
+_ADMIN_PREFIXES = ("/objects", "/callbacks/", "/metrics", "/dead-letters", "/status")
 
 
 def admin_only(token: str) -> web.middleware:  # type: ignore[valid-type]
@@ -337,8 +337,11 @@ def build_app(
     max_body_bytes: int,
     noop: bool = False,
     admin_token: str | None = None,
+    status: Handler | None = None,
+    page: list[web.RouteDef] | None = None,
 ) -> web.Application:
-    """The aiohttp application; ``callbacks`` is None on an instance that does not ingest."""
+    """The aiohttp application; ``callbacks`` is None on an instance that does not ingest,
+    ``status`` and ``page`` (the status page's routes) on one that does not serve them."""
     middlewares: list[Handler | object] = [json_errors]
     if admin_token is not None:
         middlewares.append(admin_only(admin_token))
@@ -357,4 +360,8 @@ def build_app(
     app.router.add_get("/dead-letters", routes.list_dead_letters)
     app.router.add_post("/dead-letters/retry", routes.retry_dead_letters)
     app.router.add_post("/dead-letters/discard", routes.discard_dead_letters)
+    if status is not None:
+        app.router.add_get("/status", status)
+    if page is not None:
+        app.router.add_routes(page)
     return app

@@ -21,8 +21,8 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 
-from lastseen.devtools.promtext import Reading, quantile, since
 from lastseen.errors import DatabaseError
+from lastseen.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.app import Service

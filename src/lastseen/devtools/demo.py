@@ -183,6 +183,8 @@ async def _run_service(
     host, _ = settings.listen
     host = "127.0.0.1" if host in ("", "0.0.0.0") else host
     simulator.start_producer(target=f"http://{host}:{service.port}/callback")
+    if settings.ui != "off":
+        console.print(f"status page: http://{host}:{service.port}/ui/", highlight=False)
     board = dashboard.Dashboard(service, simulator, window=options.window)
     duration = simulator.config.duration
     deadline = None if duration is None else time.monotonic() + duration

@@ -354,10 +354,15 @@ class Database:
 
     @_edge
     async def list_dead_letters(
-        self, which: DeadLetterFilter, limit: int
+        self,
+        which: DeadLetterFilter,
+        limit: int,
+        after: tuple[datetime, int, int] | None = None,
     ) -> list[tuple[DeadLetter, datetime]]:
-        """Dead letters that match, oldest first, each with when it was recorded."""
-        rows = await self.pool.fetch(Q["list_dead_letters"], *_filter(which), limit)
+        """Dead letters that match, oldest first, each with when it was recorded; ``after``
+        (recorded, callback, object) continues from the end of a page."""
+        start = after or (None, None, None)
+        rows = await self.pool.fetch(Q["list_dead_letters"], *_filter(which), limit, *start)
         return [(DeadLetter(*r[:6]), r[6]) for r in rows]
 
     @_edge

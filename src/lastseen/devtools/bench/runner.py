@@ -32,7 +32,7 @@ import psutil
 from lastseen.devtools.bench.report import plot, render
 from lastseen.devtools.bench.scenarios import SCENARIOS
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
-from lastseen.devtools.promtext import Reading
+from lastseen.promtext import Reading
 from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
 

@@ -29,7 +29,7 @@ from lastseen.devtools.bench.processes import rss_growth, rss_mib
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
-from lastseen.devtools.promtext import Reading, quantile, since
+from lastseen.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench

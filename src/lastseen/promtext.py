@@ -1,5 +1,6 @@
-"""Readings of Prometheus metrics for the tools: one parser (of exposition text, or of a
-registry in this process) and one histogram quantile, shared by the benchmark and the dashboard.
+"""Readings of Prometheus metrics: one parser (of exposition text, or of a registry in this
+process) and one histogram quantile, shared by the status page, the benchmark and the demo's
+dashboard.
 
 A quantile over a time window is taken as Prometheus' ``histogram_quantile`` does: the bucket
 counts of the newer reading minus those of the older one, interpolated linearly within the
@@ -38,6 +39,15 @@ class Reading:
     @classmethod
     def of_registry(cls, registry: CollectorRegistry, at: float | None = None) -> Reading:
         return cls(registry.collect(), at)
+
+    @classmethod
+    def summed(cls, readings: Iterable[Reading], at: float | None = None) -> Reading:
+        """Several processes' readings as one, each sample summed (as ``/metrics`` merges them)."""
+        total = cls((), at)
+        for reading in readings:
+            for key, value in reading.values.items():
+                total.values[key] = total.values.get(key, 0.0) + value
+        return total
 
     def get(self, name: str, **labels: str) -> float:
         return self.values.get((name, tuple(sorted(labels.items()))), 0.0)
