@@ -156,6 +156,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
             setattr(options, name, value)
     if args.rates:
         options.rates = tuple(float(r) for r in args.rates.split(","))
+    options.watch_status = args.watch_status
     if args.smoke:
         options = options.smoke()
     return await run(options)
@@ -301,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
     bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
     bench.add_argument("--crash-seconds", type=float, help="crash: duration in seconds [60]")
+    bench.add_argument(
+        "--watch-status",
+        action="store_true",
+        help="ingest: read GET /status every 2 s throughout, as an open status page does",
+    )
     bench.add_argument("--smoke", action="store_true", help="tiny, seconds-long run (for tests)")
     bench.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     bench.add_argument("--log-level", default="warning")

@@ -49,6 +49,7 @@ class BenchOptions:
     connections: int = 128
     rounds: int = 3
     ids_per_callback: int = 200
+    watch_status: bool = False  # read /status every 2 s, as an open status page does
     # pipeline
     rates: Sequence[float] = (10, 20, 40, 60, 80, 100, 120)
     step_seconds: float = 20.0

@@ -13,6 +13,7 @@ The failure scenarios are in failures.py, the scale scenario in scale.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -53,6 +54,10 @@ async def ingest(bench: Bench) -> dict[str, Any]:
     bodies = callback_bodies(500, o.ids_per_callback, o.seed)
     await run_load(host, port, "/noop", bodies, connections=o.connections, seconds=1.0)  # warm up
     rounds: list[dict[str, Any]] = []
+    watched: list[int] = []
+    watcher = None
+    if o.watch_status:
+        watcher = asyncio.create_task(_watch_status(serve.url, watched), name="status-watcher")
     for round_no in range(o.rounds):
         for path in ("/noop", "/callback"):
             meter = bench.cpu(serve=serve.pid)
@@ -67,6 +72,10 @@ async def ingest(bench: Bench) -> dict[str, Any]:
             bench.progress(
                 f"ingest {path} round {round_no + 1}: {entry['ok_per_s']}/s p99 {p99:.1f} ms"
             )
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     async with bench.database(url) as db:
         stored = await db.count_callbacks()
     await serve.terminate()
@@ -86,7 +95,20 @@ async def ingest(bench: Bench) -> dict[str, Any]:
         "acknowledged": acknowledged,
         "stored_rows": stored,
         "goal": "ratio >= 0.5 and p99 < 50 ms",
+        "status_reads": {"200": watched.count(200), "other": len(watched) - watched.count(200)}
+        if o.watch_status
+        else None,
     }
+
+
+async def _watch_status(url: str, statuses: list[int], every: float = 2.0) -> None:
+    """Reads GET /status every ``every`` seconds, as an open status page does."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(url + "/status") as response:
+                await response.read()
+                statuses.append(response.status)
+            await asyncio.sleep(every)
 
 
 DISTRIBUTIONS = {
