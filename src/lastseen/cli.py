@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="all",
         help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
-        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale",
+        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale, inflight",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")

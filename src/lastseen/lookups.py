@@ -108,6 +108,13 @@ class Lookups:
         self._outage = False
         self._held: collections.deque[Lookup] = collections.deque()
         self._probe: asyncio.TimerHandle | None = None
+        # Per lookup, the metrics cost what labels() and a locked gauge cost: the outcomes'
+        # children are bound once, and the gauge reads the count when scraped.
+        self._outcomes = {
+            name: metrics.lookups.labels(name) for name in ("online", "offline", "failed")
+        }
+        self._attempting = 0
+        metrics.lookups_in_flight.set_function(lambda: self._attempting)
 
     @property
     def outage(self) -> bool:
@@ -171,9 +178,9 @@ class Lookups:
         if not isinstance(outcome, LookupFailed):
             self._succeeded()
         self._close(lookup)
-        self.metrics.lookups.labels(
+        self._outcomes[
             "failed" if isinstance(outcome, LookupFailed) else ("online" if outcome else "offline")
-        ).inc()
+        ].inc()
         self.deliver(lookup, outcome)
 
     def _close(self, lookup: Lookup) -> None:
@@ -249,7 +256,7 @@ class Lookups:
     async def _attempt(self, lookup: Lookup) -> Outcome:
         lookup.sent_at = time.time()
         started = time.perf_counter()
-        self.metrics.lookups_in_flight.inc()
+        self._attempting += 1
         try:
             return await self.fetch(lookup.object_id)
         except LookupFailed as failure:
@@ -262,7 +269,7 @@ class Lookups:
         finally:
             lookup.latency = time.perf_counter() - started
             lookup.sent_at = None
-            self.metrics.lookups_in_flight.dec()
+            self._attempting -= 1
             self.metrics.lookup_seconds.observe(lookup.latency)
 
     async def close(self) -> None:

@@ -233,8 +233,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_lookups",
         _positive_int,
-        "16384",
-        "most upstream lookups in flight at once (each holds a connection while it waits)",
+        "32768",
+        "most upstream lookups in flight at once, per pipeline process (each holds a connection "
+        "while it waits; lowered to what the open-file limit allows)",
         "lookups",
     ),
     Option(

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lastseen import dead_letters, openapi
 from lastseen.auth import token_matches
 from lastseen.errors import DatabaseError, InvalidRequest
+from lastseen.ingest import parse_callback
 from lastseen.metrics import Metrics, merge
 from lastseen.model import DeadLetterFilter
 from lastseen.replies import error_response, json_response
@@ -302,8 +303,9 @@ def _limit(value: object) -> int:
 
 
 async def _noop(request: web.Request) -> web.Response:
-    """The do-nothing handler that ``lastseen bench`` compares /callback with."""
-    await request.read()
+    """The do-nothing handler that ``lastseen bench`` compares /callback with: it reads the
+    body and decodes it as /callback does (msgspec), and stores nothing."""
+    parse_callback(await request.read())
     return web.Response(status=202, body=b'{"callback_id":0}', content_type="application/json")
 
 

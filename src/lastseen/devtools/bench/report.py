@@ -24,7 +24,8 @@ def render(results: dict[str, Any]) -> str:
         table = Table(
             title=f"ingest: {s['ids_per_callback']}-id bodies, {s['connections']} connections"
         )
-        for column in ("round", "path", "ok/s", "p50 ms", "p99 ms", "max ms", "cpu % by process"):
+        columns = ("round", "path", "ok/s", "p50 ms", "p99 ms", "max ms", "cpu % by process")
+        for column in (*columns, "cpu µs per request"):
             table.add_column(column)
         for r in s["rounds"]:
             lat = r["latency_ms"]
@@ -37,6 +38,7 @@ def render(results: dict[str, Any]) -> str:
                 str(lat["p99"]),
                 str(lat["max"]),
                 cpu,
+                " ".join(f"{k}={v:.0f}" for k, v in r.get("cpu_us_per_request", {}).items()),
             )
         console.print(table)
         console.print(
@@ -80,6 +82,12 @@ def render(results: dict[str, Any]) -> str:
                 )
             console.print(table)
             console.print(f"most lookups/s sustained: {run['max_sustained_lookups_per_s']:.0f}")
+            for step in run["steps"]:
+                per = step.get("cpu_us_per_lookup", {})
+                console.print(
+                    f"  {step['callbacks_per_s']:g} callbacks/s: cpu µs per lookup "
+                    + " ".join(f"{k}={v:.0f}" for k, v in per.items())
+                )
     if "expiry" in scenarios:
         s = scenarios["expiry"]
         late = s["after_ttl_ms"]
@@ -169,6 +177,14 @@ def render(results: dict[str, Any]) -> str:
                 f"{r['ms']} ms ({r['deleted']:.0f} deleted, {r['kept']:.0f} kept)"
                 for r in s["rounds"]
             )
+        )
+    if "inflight" in scenarios:
+        s = scenarios["inflight"]
+        console.print(
+            f"inflight: {s['lookups_in_flight_peak']:,.0f} lookups in flight (asked for "
+            f"{s['ids']:,}); worker RSS grew {s['worker_mib_for_lookups']} MiB, "
+            f"{s['worker_kib_per_lookup_in_flight']} KiB per lookup in flight; every id looked "
+            f"up: {s['all_looked_up']}"
         )
     return console.export_text()
 

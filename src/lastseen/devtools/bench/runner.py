@@ -79,6 +79,9 @@ class BenchOptions:
     reaper_callbacks: int = 5000
     # scale
     scale_rates: Sequence[float] = (30, 50)
+    # inflight: lookups held this long by the upstream, as many as the worker takes at once
+    inflight_lookups: int = 50_000
+    inflight_hold: float = 40.0
     # upstream-outage
     outage_warmup: float = 6.0
     outage_seconds: float = 12.0
@@ -112,6 +115,8 @@ class BenchOptions:
             overload_after_seconds=3.0,
             reaper_callbacks=50,
             scale_rates=(5.0,),
+            inflight_lookups=400,
+            inflight_hold=3.0,
             sample_every=0.5,
         )
 
@@ -123,6 +128,7 @@ class CpuMeter:
         self.pids = pids
         self._start: dict[str, float] = {}
         self._t0 = 0.0
+        self.used: dict[str, float] = {}  # CPU seconds per process, once stopped
 
     @staticmethod
     def _cpu(pid: int) -> float:
@@ -149,10 +155,16 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         """Per process, the share of one core used, in percent."""
         elapsed = time.perf_counter() - self._t0
-        return {
-            name: round(100 * (self._cpu(pid) - self._start[name]) / elapsed, 1)
-            for name, pid in self.pids.items()
-        }
+        self.used = {name: self._cpu(pid) - self._start[name] for name, pid in self.pids.items()}
+        return {name: round(100 * used / elapsed, 1) for name, used in self.used.items()}
+
+    def per_unit(self, units: float) -> dict[str, float]:
+        """CPU microseconds per unit of work (a lookup, a callback), per process and in all."""
+        if units <= 0:
+            return {}
+        each = {name: round(used / units * 1e6, 1) for name, used in self.used.items()}
+        each["total"] = round(sum(self.used.values()) / units * 1e6, 1)
+        return each
 
 
 class Bench:

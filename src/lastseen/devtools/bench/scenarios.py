@@ -26,7 +26,8 @@ import aiohttp
 
 from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
-from lastseen.devtools.bench.processes import rss_growth, rss_mib
+from lastseen.devtools.bench.inflight import inflight
+from lastseen.devtools.bench.processes import rss_growth, rss_mib, workers
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.devtools.loadgen import percentile, run_load
@@ -67,6 +68,8 @@ async def ingest(bench: Bench) -> dict[str, Any]:
             )
             entry = result.summary() | {"round": round_no, "cpu_percent": meter.stop()}
             entry["ok_per_s"] = round(result.ok_rate(202), 1)
+            # Per answered request: a durable callback on /callback, a do-nothing one on /noop.
+            entry["cpu_us_per_request"] = meter.per_unit(result.statuses.get(202, 0))
             rounds.append(entry)
             p99 = result.percentile(99) * 1000
             bench.progress(
@@ -163,9 +166,14 @@ async def _pipeline_step(
     universe: int,
 ) -> dict[str, Any]:
     o = bench.options
-    meter = bench.cpu(serve=serve.pid, upstream=upstream.pid)
     producer = await bench.producer(
         serve, rate, o.step_seconds, connections=32, max_ids=max_ids, universe=universe
+    )
+    meter = bench.cpu(
+        http=-serve.pid,  # negative: the process alone, not its worker processes
+        **{f"worker{n}": p.pid for n, p in enumerate(workers(serve))},
+        upstream=upstream.pid,
+        producer=producer.pid,
     )
     meter.start()
     first = previous = await bench.read_metrics(serve)
@@ -192,6 +200,7 @@ async def _pipeline_step(
         previous = now
     await producer.wait()
     cpu = meter.stop()
+    done = await bench.read_metrics(serve)
     # Steady state: from when the first lookups can have finished to when the producer stopped;
     # the ramp (nothing finishes for a few seconds) and the drain would understate the rate.
     steady = [
@@ -228,6 +237,8 @@ async def _pipeline_step(
         "lag_over_upstream_ms": lag_quantiles[lag[0]],
         "result_lag_ms": lag_quantiles[lag[1]],
         "cpu_percent": cpu,
+        # Over the whole step, ramp and all: every lookup done while the meter ran.
+        "cpu_us_per_lookup": meter.per_unit(_delta(first, done, "lastseen_lookups_total")),
         "keeping_up": keeping_up,
         "timeline": timeline,
     }
@@ -343,4 +354,5 @@ SCENARIOS: dict[str, Scenario] = {
     "overload": overload,
     "reaper": reaper,
     "scale": scale,
+    "inflight": inflight,
 }

@@ -14,6 +14,7 @@ import signal
 
 import structlog
 
+from lastseen.app import raise_open_file_limit
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.producer import Producer
 from lastseen.devtools.simulate.truth import ANSWERS, CALLBACKS, TruthWriter
@@ -113,6 +114,7 @@ async def run(config: SimulatorConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     simulator = Simulator(config)
+    raise_open_file_limit()  # an upstream holds a connection per request in flight
     try:
         if config.runs_upstream:
             await simulator.start_upstream()
