@@ -41,6 +41,14 @@ def test_every_scenario_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert expiry["objects"] == expiry["expected_objects"]
     assert expiry["deleted_before_ttl"] == 0
     assert results["scenarios"]["soak"]["samples"]
+    box = results["scenarios"]["box"]
+    assert box["every_callback_processed"]
+    assert all(r["stored"] == r["acknowledged"] > 0 for r in box["rounds"])
+    assert box["rounds"][0]["cpu_us_per_callback"]["total"] > 0
+    inflight = results["scenarios"]["inflight"]
+    assert inflight["all_looked_up"]
+    assert inflight["lookups_in_flight_peak"] > 0
+    assert inflight["worker_kib_per_lookup_in_flight"] is not None
     report = (out / "report.txt").read_text()
     assert "durable/do-nothing" in report
     assert "expiry:" in report

@@ -157,6 +157,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.rates:
         options.rates = tuple(float(r) for r in args.rates.split(","))
     options.watch_status = args.watch_status
+    options.worker_processes = args.worker_processes
     if args.smoke:
         options = options.smoke()
     return await run(options)
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="all",
         help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
-        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale, inflight",
+        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale, inflight, "
+        "box",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
@@ -302,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
     bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
     bench.add_argument("--crash-seconds", type=float, help="crash: duration in seconds [60]")
+    bench.add_argument(
+        "--worker-processes",
+        type=int,
+        help="worker processes of each lastseen serve with the default role [serve's default]",
+    )
     bench.add_argument(
         "--watch-status",
         action="store_true",

@@ -201,8 +201,9 @@ class StatusBoard:
 
     async def _sample(self) -> Status:
         ready = await self.readiness.answer(self.db)
-        if self.readiness.migrated:
-            self._database = await database_figures(self.db) or self._database
+        figures = await database_figures(self.db) if self.readiness.migrated else None
+        if figures is not None:
+            self._database = figures
         reading = await self._reading()
         now = reading.at
         previous = self._readings[-1] if self._readings else None

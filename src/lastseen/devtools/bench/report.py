@@ -178,6 +178,19 @@ def render(results: dict[str, Any]) -> str:
                 for r in s["rounds"]
             )
         )
+    if "box" in scenarios:
+        s = scenarios["box"]
+        for r in s["rounds"]:
+            console.print(
+                f"box round {r['round'] + 1}: {r['processed_per_s']:.0f} callbacks/s processed "
+                f"vs {r['noop_per_s']:.0f}/s do-nothing = {r['ratio']:.2f}; reply p99 "
+                f"{r['reply_p99_ms']} ms; cpu µs per callback "
+                + " ".join(f"{k}={v:.0f}" for k, v in r["cpu_us_per_callback"].items())
+            )
+        console.print(
+            f"box: ratio {s['ratio_median']:.2f} (median; goal >= 0.4), every callback "
+            f"processed: {s['every_callback_processed']}"
+        )
     if "inflight" in scenarios:
         s = scenarios["inflight"]
         console.print(

@@ -42,6 +42,7 @@ class BenchOptions:
     scenarios: Sequence[str]
     out_dir: Path
     database_url: str | None = None
+    worker_processes: int | None = None  # for every serve with the default role [its default]
     # ingest
     seconds: float = 5.0
     # Enough requests in flight to keep the group commit's batches full: fewer leave the
@@ -212,6 +213,8 @@ class Bench:
             "LASTSEEN_DATABASE_URL": database_url,
             "LASTSEEN_DATA_DIR": str(self.options.out_dir / "data"),
         }
+        if self.options.worker_processes is not None and "--role" not in args:
+            env.setdefault("worker_processes", str(self.options.worker_processes))
         environment.update({f"LASTSEEN_{k.upper()}": v for k, v in env.items()})
         serve = ServeProcess(*args, env=environment, keep_logs=1000)
         self.serves.append(serve)

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from lastseen.devtools.bench.box import box
 from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
 from lastseen.devtools.bench.inflight import inflight
@@ -169,11 +170,11 @@ async def _pipeline_step(
     producer = await bench.producer(
         serve, rate, o.step_seconds, connections=32, max_ids=max_ids, universe=universe
     )
+    # The producer is not metered: it has exited (and cannot be read) when the step ends.
     meter = bench.cpu(
         http=-serve.pid,  # negative: the process alone, not its worker processes
         **{f"worker{n}": p.pid for n, p in enumerate(workers(serve))},
         upstream=upstream.pid,
-        producer=producer.pid,
     )
     meter.start()
     first = previous = await bench.read_metrics(serve)
@@ -355,4 +356,5 @@ SCENARIOS: dict[str, Scenario] = {
     "reaper": reaper,
     "scale": scale,
     "inflight": inflight,
+    "box": box,
 }
