@@ -104,6 +104,16 @@ def id_array(ids: Sequence[int]) -> str:
     return "{" + msgspec.json.encode(ids)[1:-1].decode() + "}"
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool: out of any transaction left
+    open. asyncpg's default also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` on every release, a round trip and four statements for state lastseen never
+    leaves on a pooled connection (its advisory locks are transaction-scoped, its settings
+    ``SET LOCAL``, its LISTEN on a connection of its own)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 # Serializes migrations of concurrently starting instances.
 _MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
 
@@ -138,6 +148,7 @@ class Database:
                 timeout=timeout,
                 command_timeout=timeout,
                 max_inactive_connection_lifetime=60,
+                reset=_reset,
                 server_settings={
                     "application_name": "lastseen",
                     # A 202 promises durability, whatever the server's default.
@@ -267,15 +278,21 @@ class Database:
 
     @_edge
     async def reap(self, cutoff: datetime, limit: int) -> tuple[int, int] | None:
-        """Notes what arrived since the last round, then deletes expired objects; returns
-        (deleted, kept), or None when another instance's reaper holds the lock."""
+        """Deletes expired objects, after noting the pending callbacks that arrived since the
+        last note; returns (deleted, kept), or None when another instance's reaper holds the
+        lock.
+
+        The note is only needed to decide about an expired object, so a round with none
+        skips it: the next note catches up, and finds only the callbacks still pending by
+        then (with results that come in seconds, a small share). In a run where nothing
+        expired, noting every callback's ids was 70% of PostgreSQL's statement time."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(Q["take_reaper_lock"]):
                 return None
-            await conn.execute(Q["note_pending_ids"], cutoff)
             await conn.execute(Q["forget_pending_ids"], cutoff)
             if not await conn.fetchval(Q["any_expired"], cutoff):
                 return 0, 0
+            await conn.execute(Q["note_pending_ids"], cutoff)
             row = await conn.fetchrow(Q["reap_objects"], cutoff, limit)
         assert row is not None
         return int(row["deleted"]), int(row["kept"])

@@ -214,8 +214,9 @@ SELECT pg_try_advisory_xact_lock(hashtext('lastseen.reaper'));
 
 -- name: note_pending_ids
 -- Notes the ids of pending callbacks received since $1 (the TTL's cutoff) that committed after
--- the reaper's last look (all of them on a first look), and makes this statement's snapshot the
--- last look. Its cost follows what arrived since, not the size of the backlog. Returns how many.
+-- the reaper's last look (all of them on a first look), each distinct id once per callback, and
+-- makes this statement's snapshot the last look. Its cost follows what arrived since and is
+-- still pending, not the size of the backlog. Returns how many.
 WITH last AS (
     SELECT (SELECT seen FROM reaper_cursor) AS seen
 ), fresh AS (
@@ -226,7 +227,7 @@ WITH last AS (
       AND c.received_at >= $1
 ), noted AS (
     INSERT INTO pending_ids (object_id, callback_id, received_at)
-    SELECT x.id, fresh.id, fresh.received_at
+    SELECT DISTINCT x.id, fresh.id, fresh.received_at
     FROM fresh CROSS JOIN LATERAL unnest(fresh.object_ids) AS x(id)
     RETURNING 1
 ), looked AS (
@@ -240,8 +241,10 @@ SELECT count(*) FROM noted;
 DELETE FROM pending_ids WHERE received_at < $1;
 
 -- name: any_expired
--- Is any object due, last seen (and kept) before $1? (A cheap index probe before the real work.)
-SELECT EXISTS (SELECT 1 FROM objects WHERE GREATEST(last_seen, kept_for) < $1);
+-- Is any object due, last seen (and kept) before $1? One probe of objects_reap_at's first entry
+-- (min() over the indexed expression), whatever the planner's statistics say (an EXISTS was
+-- planned as a full scan on a table never analysed).
+SELECT coalesce(min(GREATEST(last_seen, kept_for)) < $1, false) FROM objects;
 
 -- name: reap_objects
 -- Examines up to $2 objects due before $1 (the TTL's cutoff), oldest first: deletes them, except
