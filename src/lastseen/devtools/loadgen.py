@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -54,6 +56,15 @@ class LoadResult:
                 "max": round(max(self.latencies, default=0.0) * 1000, 2),
             },
         }
+
+
+def callback_bodies(count: int, ids: int, seed: int, universe: int = 10_000_000) -> list[bytes]:
+    """``count`` callback bodies of ``ids`` ids each, drawn from ``range(universe)``."""
+    rng = random.Random(seed)
+    return [
+        json.dumps({"object_ids": [rng.randrange(universe) for _ in range(ids)]}).encode()
+        for _ in range(count)
+    ]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

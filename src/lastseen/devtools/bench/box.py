@@ -11,28 +11,18 @@ process's CPU per callback.
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from lastseen.devtools.bench.processes import workers
-from lastseen.devtools.loadgen import run_load
+from lastseen.devtools.loadgen import callback_bodies, run_load
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench
 
 IDS = 100  # ids 0 to 99: the reference producer's universe
-
-
-def bodies(count: int, ids_per_callback: int, seed: int) -> list[bytes]:
-    rng = random.Random(seed)
-    return [
-        json.dumps({"object_ids": [rng.randrange(IDS) for _ in range(ids_per_callback)]}).encode()
-        for _ in range(count)
-    ]
 
 
 async def box(bench: Bench) -> dict[str, Any]:
@@ -42,7 +32,7 @@ async def box(bench: Bench) -> dict[str, Any]:
     serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl="30", noop_route="true")
     parts = urlsplit(serve.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    sent = bodies(500, o.ids_per_callback, o.seed)
+    sent = callback_bodies(500, o.ids_per_callback, o.seed, universe=IDS)
     await run_load(host, port, "/noop", sent, connections=o.connections, seconds=1.0)  # warm up
     rounds: list[dict[str, Any]] = []
     for round_no in range(o.rounds):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -31,19 +29,11 @@ from lastseen.devtools.bench.inflight import inflight
 from lastseen.devtools.bench.processes import rss_growth, rss_mib, workers
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
-from lastseen.devtools.loadgen import percentile, run_load
+from lastseen.devtools.loadgen import callback_bodies, percentile, run_load
 from lastseen.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench
-
-
-def callback_bodies(count: int, ids: int, seed: int, universe: int = 10_000_000) -> list[bytes]:
-    rng = random.Random(seed)
-    return [
-        json.dumps({"object_ids": [rng.randrange(universe) for _ in range(ids)]}).encode()
-        for _ in range(count)
-    ]
 
 
 async def ingest(bench: Bench) -> dict[str, Any]:
