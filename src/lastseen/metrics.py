@@ -6,7 +6,7 @@ import bisect
 import itertools
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -60,6 +60,8 @@ class Counter:
         self.documentation = documentation
         self.labelnames = list(labelnames)
         self._children: dict[tuple[str, ...], _Value] = {}
+        # Unlabelled: its one series, there (at 0) from the start, as prometheus_client's is.
+        self._only = None if self.labelnames else self.labels()
         registry.register(self)
 
     def labels(self, *values: str) -> _Value:
@@ -71,7 +73,9 @@ class Counter:
         return child
 
     def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
+        if self._only is None:
+            raise ValueError(f"{self.name}: give the labels {self.labelnames}")
+        self._only.value += amount
 
     def collect(self) -> list[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -102,6 +106,14 @@ class Histogram:
         # The first bound at or above the value: Prometheus buckets are "less or equal".
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds, first_at_or_above = self.counts, self.bounds, bisect.bisect_left
+        total = 0.0
+        for value in values:
+            counts[first_at_or_above(bounds, value)] += 1
+            total += value
+        self.sum += total
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation)

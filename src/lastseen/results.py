@@ -194,11 +194,18 @@ class ResultWriter:
             self.metrics.objects_upserted.inc(upserted)
             self.metrics.objects_deleted.labels("offline").inc(deleted)
         written = time.time()
-        for received, latency in lags:
-            for received_ts in received:
-                lag = written - received_ts
-                self.metrics.result_lag.observe(lag)
-                self.metrics.lag_over_upstream.observe(max(0.0, lag - latency))
+        # One observation per id of every callback served: in bulk, hundreds per lookup when
+        # a lookup serves many callbacks.
+        self.metrics.result_lag.observe_many(
+            [written - received_ts for received, _ in lags for received_ts in received]
+        )
+        self.metrics.lag_over_upstream.observe_many(
+            [
+                max(0.0, written - received_ts - latency)
+                for received, latency in lags
+                for received_ts in received
+            ]
+        )
         if done:
             self.on_done(done)
 
