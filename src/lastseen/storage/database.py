@@ -105,13 +105,12 @@ def id_array(ids: Sequence[int]) -> str:
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
-    """What a connection needs before it goes back to the pool: out of any transaction left
-    open. asyncpg's default also sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    RESET ALL`` on every release, a round trip and four statements for state lastseen never
-    leaves on a pooled connection (its advisory locks are transaction-scoped, its settings
-    ``SET LOCAL``, its LISTEN on a connection of its own)."""
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
+    """Nothing more to do when a connection goes back to the pool. Given this, asyncpg's pool
+    still rolls back a transaction left open and drops listeners (``Connection._reset``), but no
+    longer sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release: a round trip and four statements for state lastseen never leaves on a pooled
+    connection (its advisory locks are transaction-scoped, its settings ``SET LOCAL``, its
+    LISTEN on a connection of its own)."""
 
 
 # Serializes migrations of concurrently starting instances.
