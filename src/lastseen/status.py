@@ -200,11 +200,14 @@ class StatusBoard:
         return Reading.summed([own, *others], own.at)
 
     async def _sample(self) -> Status:
-        ready = await self.readiness.answer(self.db)
+        # The reading first: it holds the worker processes' outage gauges, which readiness
+        # would otherwise scrape from them a second time.
+        reading = await self._reading()
+        upstream_failing = reading.total("lastseen_upstream_outage") > 0
+        ready = await self.readiness.answer(self.db, upstream_failing)
         figures = await database_figures(self.db) if self.readiness.migrated else None
         if figures is not None:
             self._database = figures
-        reading = await self._reading()
         now = reading.at
         previous = self._readings[-1] if self._readings else None
         self._readings.append(reading)
@@ -280,7 +283,7 @@ class StatusBoard:
             objects_online=d.online,
             dead_letters=d.dead_letters,
             spool=spool,
-            upstream_failing=reading.total("lastseen_upstream_outage") > 0,
+            upstream_failing=upstream_failing,
             latency=latency,
             memory_bytes=int(reading.total("lastseen_process_resident_memory_bytes")),
             history=list(self._points),

@@ -88,8 +88,11 @@ class Readiness:
         self.unreachable = False
         return None
 
-    async def answer(self, db: Database) -> dict[str, str | bool]:
-        """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded."""
+    async def answer(
+        self, db: Database, upstream_failing: bool | None = None
+    ) -> dict[str, str | bool]:
+        """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
+        ``upstream_failing``, when the caller already knows it, spares asking again."""
         reason = await self.check(db)
         answer: dict[str, str | bool] = {"ready": True}
         spool = self.spool
@@ -105,7 +108,9 @@ class Readiness:
         elif spool is not None and spool.spooling:
             answer["degraded"] = "spooling: callbacks are stored on local disk"
         if self.upstream_failing is not None:
-            failing = await self.upstream_failing()
+            failing = upstream_failing
+            if failing is None:
+                failing = await self.upstream_failing()
             answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
         return answer
 
@@ -255,10 +260,10 @@ class Routes:
         )
 
     async def retry_dead_letters(self, request: web.Request) -> web.Response:
-        asked = dead_letters.decode_request(await request.read())
+        asked, which = await _dead_letter_request(request)
         answer = await dead_letters.retry(
             self.db,
-            dead_letters.parse_filter(msgspec.structs.asdict(asked)),
+            which,
             ttl=self.ttl,
             include_stale=asked.include_stale,
             limit=asked.limit,
@@ -267,17 +272,22 @@ class Routes:
         return json_response(answer)
 
     async def discard_dead_letters(self, request: web.Request) -> web.Response:
-        asked = dead_letters.decode_request(await request.read())
+        asked, which = await _dead_letter_request(request)
         answer = await dead_letters.discard(
-            self.db,
-            dead_letters.parse_filter(msgspec.structs.asdict(asked)),
-            limit=asked.limit,
-            dry_run=asked.dry_run,
+            self.db, which, limit=asked.limit, dry_run=asked.dry_run
         )
         return json_response(answer)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
+
+
+async def _dead_letter_request(
+    request: web.Request,
+) -> tuple[dead_letters.DeadLetterRequest, DeadLetterFilter]:
+    """The body of a retry or a discard, and the dead letters it is about."""
+    asked = dead_letters.decode_request(await request.read())
+    return asked, dead_letters.parse_filter(msgspec.structs.asdict(asked))
 
 
 def _int64(text: str, name: str) -> int:

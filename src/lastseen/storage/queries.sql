@@ -353,8 +353,8 @@ WITH taken AS (
     WHERE (callback_id, object_id) IN (
         SELECT callback_id, object_id FROM dead_letters
         WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
-  AND ($3::timestamptz IS NULL OR received_at < $3)
-  AND ($4::timestamptz IS NULL OR received_at >= $4)
+          AND ($3::timestamptz IS NULL OR received_at < $3)
+          AND ($4::timestamptz IS NULL OR received_at >= $4)
         ORDER BY callback_id, object_id LIMIT $5 FOR UPDATE SKIP LOCKED)
     RETURNING callback_id, object_id, received_at
 ), stored AS (
@@ -373,8 +373,8 @@ WITH gone AS (
     WHERE (callback_id, object_id) IN (
         SELECT callback_id, object_id FROM dead_letters
         WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
-  AND ($3::timestamptz IS NULL OR received_at < $3)
-  AND ($4::timestamptz IS NULL OR received_at >= $4)
+          AND ($3::timestamptz IS NULL OR received_at < $3)
+          AND ($4::timestamptz IS NULL OR received_at >= $4)
         ORDER BY callback_id, object_id LIMIT $5 FOR UPDATE SKIP LOCKED)
     RETURNING 1
 )
