@@ -129,9 +129,7 @@ async def test_load_mode_is_open_loop_over_many_connections() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.Server)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         producer = Producer(
             ProducerConfig(target=url + "/callback", rate=100, connections=10, seed=3)

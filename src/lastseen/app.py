@@ -170,7 +170,10 @@ class Service:
         site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=4096)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        log.info("listening", url=f"http://{host}:{self.port}", role=self.settings.role)
+        loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        log.info(
+            "listening", url=f"http://{host}:{self.port}", role=self.settings.role, event_loop=loop
+        )
         if self.status is not None and self.settings.ui != "off":
             log.info("status page", url=f"http://{host}:{self.port}/ui/", mode=self.settings.ui)
         if not ipaddress.ip_address(_resolved(host)).is_loopback:

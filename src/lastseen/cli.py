@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
     bench.add_argument("--seconds", type=float, help="ingest: seconds per round [5]")
-    bench.add_argument("--connections", type=int, help="ingest: connections [128]")
+    bench.add_argument("--connections", type=int, help="ingest and box: connections [64]")
     bench.add_argument("--rounds", type=int, help="ingest: rounds per handler [3]")
     bench.add_argument("--rates", help="pipeline: callback rates per second to step through")
     bench.add_argument("--step-seconds", type=float, help="pipeline: seconds per step [20]")
@@ -437,6 +437,14 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard > 0 else soft, hard))
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop" and sys.platform != "win32":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -448,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _raise_open_file_limit()
     command: Command = args.run
     try:
-        status = asyncio.run(command(settings, args))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            status = runner.run(command(settings, args))
     except LastseenError as exc:
         print(f"lastseen: {exc}", file=sys.stderr)
         status = 2

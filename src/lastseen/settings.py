@@ -307,6 +307,13 @@ OPTIONS: tuple[Option, ...] = (
         "service",
     ),
     Option(
+        "event_loop",
+        choice("uvloop", "asyncio"),
+        "uvloop",
+        "event loop of every process: uvloop (libuv), or asyncio's own",
+        "service",
+    ),
+    Option(
         "noop_route",
         boolean,
         "false",
@@ -383,6 +390,7 @@ class Settings:
     shutdown_grace: float
     ui: str
     gc_threshold: int
+    event_loop: str
     noop_route: bool
     log_format: str
     log_level: str

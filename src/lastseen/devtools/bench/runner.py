@@ -47,7 +47,7 @@ class BenchOptions:
     seconds: float = 5.0
     # Enough requests in flight to keep the group commit's batches full: fewer leave the
     # durable path waiting on fsyncs rather than on the CPU (64 gave about 10% less).
-    connections: int = 128
+    connections: int = 64
     rounds: int = 3
     ids_per_callback: int = 200
     watch_status: bool = False  # read /status every 2 s, as an open status page does
