@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from lastseen.http_client import MAX_RESPONSE, HttpError, UpstreamClient, _Answer
+from lastseen.http_client import (
+    MAX_RESPONSE,
+    Answer,
+    HttpError,
+    UpstreamClient,
+    _Answer,
+    _Exchange,
+)
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -209,11 +216,14 @@ async def _feed(answer: bytes, segment: int, max_response: int) -> tuple[int, by
     client = UpstreamClient("http://127.0.0.1:1", timeout=1, max_response=max_response)
     conn = _Answer(client, max_response)
     conn.connection_made(_NullTransport())
-    waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-    conn.send(b"GET / HTTP/1.1\r\n\r\n", waiter)
+    done: asyncio.Future[Answer | HttpError] = asyncio.get_running_loop().create_future()
+    conn.send(_Exchange(b"GET / HTTP/1.1\r\n\r\n", lambda s, b: True, done.set_result, 0.0))
     for start in range(0, len(answer), segment):
         conn.data_received(answer[start : start + segment])
-    return await waiter
+    result = await done
+    if isinstance(result, HttpError):
+        raise result
+    return result
 
 
 def _one_byte_chunks(count: int) -> bytes:

@@ -16,6 +16,11 @@ Timeouts. Every request has the same timeout, so deadlines come in the order req
 sent: one queue of (deadline, connection, exchange number) and one timer for its head fail
 the requests that are late. ``asyncio.timeout`` per request (a timer handle, a context and
 a cancellation each) was 13% of the worker's CPU at 4,000 lookups/s.
+
+Completions. ``start`` hands the answer (or the ``HttpError``) to a callback, called from the
+connection's protocol callbacks or the deadline timer, never from inside ``start``: no task,
+coroutine chain or future per request. ``get`` awaits the same, for callers that want a
+coroutine.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ MAX_RESPONSE = 16 << 10
 _MAX_CHUNK_LINE = 64  # "ffffffff;name=value": a chunk-size line longer than this is not one
 
 
+Answer = tuple[int, bytes]  # (status, body)
+InStep = Callable[[int, bytes], bool]
+OnAnswer = Callable[["Answer | HttpError"], None]
+
+
 class HttpError(Exception):
     """The request got no usable answer: connection trouble, a timeout, or a bad response."""
 
@@ -42,8 +52,21 @@ class HttpError(Exception):
         self.detail = detail
 
 
+class _Exchange:
+    """One request, from its first send to its answer."""
+
+    __slots__ = ("deadline", "in_step", "on_answer", "request", "reused")
+
+    def __init__(self, request: bytes, in_step: InStep, on_answer: OnAnswer, deadline: float):
+        self.request = request
+        self.in_step = in_step
+        self.on_answer = on_answer
+        self.deadline = deadline
+        self.reused = False  # sent on a pooled connection, which the server may have closed
+
+
 class _Answer(asyncio.Protocol):
-    """One connection; parses one response at a time into ``waiter``.
+    """One connection; parses one response at a time for ``exchange``.
 
     Parsing is incremental: each segment is looked at once, whatever the segmentation (a
     response in one-byte segments costs as little as one in a single segment), interim answers
@@ -54,7 +77,7 @@ class _Answer(asyncio.Protocol):
         self.pool = pool
         self.max_response = max_response
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.exchange: _Exchange | None = None
         self.exchanges = 0  # requests sent on this connection: tells a timeout whose it is
         self.closed = False
         self.keep_alive = True
@@ -73,22 +96,27 @@ class _Answer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, request: bytes, waiter: asyncio.Future[tuple[int, bytes]]) -> None:
+    def send(self, exchange: _Exchange) -> None:
         assert self.transport is not None
         self._start()
-        self.waiter = waiter
+        self.exchange = exchange
         self.exchanges += 1
-        self.transport.write(request)
+        self.transport.write(exchange.request)
+
+    def _settle(self, result: Answer | HttpError) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            self.pool._settled(self, exchange, result)
 
     def time_out(self, exchange: int, detail: str) -> None:
         """Fails the request ``exchange`` if it is still waiting."""
-        waiter = self.waiter
-        if exchange == self.exchanges and waiter is not None and not waiter.done():
+        if exchange == self.exchanges and self.exchange is not None:
             self.keep_alive = False
-            waiter.set_exception(HttpError("timeout", detail))
+            self._settle(HttpError("timeout", detail))
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.waiter.done():
+        if self.exchange is None:
             # Bytes nobody asked for: the next answer on this connection could not be trusted.
             self.keep_alive = False
             self.close()
@@ -106,21 +134,19 @@ class _Answer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiter is not None and not self.waiter.done():
+        if self.exchange is not None:
             self._parse(eof=True)
-        if self.waiter is not None and not self.waiter.done():
+        if self.exchange is not None:
             kind = "stale" if not self.received else "connection"
-            self.waiter.set_exception(HttpError(kind, repr(exc) if exc else "connection closed"))
+            self._settle(HttpError(kind, repr(exc) if exc else "connection closed"))
 
     def _fail(self, detail: str) -> None:
         self.keep_alive = False
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(HttpError("bad_response", detail))
+        self._settle(HttpError("bad_response", detail))
         self.close()
 
     def _parse(self, *, eof: bool) -> None:
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if self.exchange is None:
             return
         try:
             while not self.framing:
@@ -131,8 +157,7 @@ class _Answer(asyncio.Protocol):
             self._fail(str(exc))
             return
         if body is not None:
-            self.waiter = None
-            waiter.set_result((self.status, body))
+            self._settle((self.status, body))
 
     def _head(self, eof: bool) -> bool:
         """Parses a head once it is complete; False while it is not. An interim answer
@@ -281,6 +306,8 @@ class UpstreamClient:
         # first deadline, and is failed at most a few milliseconds late).
         self._deadlines: collections.deque[tuple[float, _Answer, int]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def request_bytes(self, path: str) -> bytes:
         return b"GET " + (self.prefix + path).encode() + b" HTTP/1.1\r\n" + self._head
@@ -310,65 +337,95 @@ class UpstreamClient:
             conn.time_out(exchange, detail)
         self._timer = loop.call_at(deadlines[0][0], self._expire) if deadlines else None
 
-    async def get(
-        self, path: str, in_step: Callable[[int, bytes], bool] = lambda status, body: True
-    ) -> tuple[int, bytes]:
-        """(status, body) of ``GET path``, or ``HttpError``; the whole exchange within the
-        timeout. A connection whose answer ``in_step`` rejects is not used again."""
-        request = self.request_bytes(path)
+    def start(self, path: str, in_step: InStep, on_answer: OnAnswer) -> None:
+        """Sends ``GET path``; ``on_answer`` gets (status, body), or an ``HttpError``, once,
+        the whole exchange within the timeout. A connection whose answer ``in_step`` rejects
+        is not used again."""
         deadline = asyncio.get_running_loop().time() + self.timeout
-        while True:
-            while self._idle and self._idle[-1].closed:
-                self._all.discard(self._idle.pop())
-            reused = bool(self._idle)
-            conn = self._idle.pop() if reused else await self._connect(deadline)
-            try:
-                return await self._exchange(conn, request, in_step, deadline)
-            except HttpError as exc:
-                if exc.reason != "stale":
-                    raise
-                if not reused:
-                    raise HttpError("connection", exc.detail) from None
-                # The server closed an idle connection; this was not a real attempt.
+        self._send(_Exchange(self.request_bytes(path), in_step, on_answer, deadline))
 
-    async def _exchange(
-        self,
-        conn: _Answer,
-        request: bytes,
-        in_step: Callable[[int, bytes], bool],
-        deadline: float,
-    ) -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        conn.send(request, waiter)
-        self._deadlines.append((deadline, conn, conn.exchanges))
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._expire)
+    async def get(self, path: str, in_step: InStep = lambda status, body: True) -> Answer:
+        """``start``, awaited: (status, body), or ``HttpError``."""
+        done: asyncio.Future[Answer | HttpError] = asyncio.get_running_loop().create_future()
+
+        def answered(result: Answer | HttpError) -> None:
+            if not done.done():
+                done.set_result(result)
+
+        self.start(path, in_step, answered)
+        result = await done
+        if isinstance(result, HttpError):
+            raise result
+        return result
+
+    def _send(self, exchange: _Exchange) -> None:
+        if self._closed:
+            # Told on the next turn of the loop: an answer never comes from inside ``start``,
+            # so a caller that starts the next request from its callback cannot recurse.
+            failure = HttpError("connection", "the client closed")
+            asyncio.get_running_loop().call_soon(exchange.on_answer, failure)
+            return
+        idle = self._idle
+        while idle and idle[-1].closed:
+            self._all.discard(idle.pop())
+        if not idle:
+            exchange.reused = False
+            task = asyncio.get_running_loop().create_task(self._connect_and_send(exchange))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+            return
+        exchange.reused = True
+        self._dispatch(idle.pop(), exchange)
+
+    async def _connect_and_send(self, exchange: _Exchange) -> None:
         try:
-            answer = await waiter
-        except BaseException:
+            conn = await self._connect(exchange.deadline)
+        except HttpError as exc:
+            exchange.on_answer(exc)
+            return
+        except asyncio.CancelledError:
+            exchange.on_answer(HttpError("connection", "the client closed"))
+            raise
+        self._dispatch(conn, exchange)
+
+    def _dispatch(self, conn: _Answer, exchange: _Exchange) -> None:
+        conn.send(exchange)
+        self._deadlines.append((exchange.deadline, conn, conn.exchanges))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(exchange.deadline, self._expire)
+
+    def _settled(self, conn: _Answer, exchange: _Exchange, result: Answer | HttpError) -> None:
+        """``conn`` has the answer to ``exchange``, or failed it: back to the pool or closed,
+        then the caller is told (a stale pooled connection is not a real attempt: the request
+        goes again)."""
+        if isinstance(result, HttpError):
             self._all.discard(conn)
             conn.close()
-            raise
-        finally:
-            # A failed waiter holds its exception, whose traceback holds this frame, which
-            # holds the waiter: a cycle per failed request, left for the collector (a hostile
-            # upstream's failures piled up tens of thousands of them in the worker).
-            conn.waiter = None
-            del waiter
-        reusable = in_step(*answer) and conn.keep_alive and not conn.closed
+            if result.reason == "stale":
+                if exchange.reused:
+                    self._send(exchange)  # the server closed an idle connection meanwhile
+                    return
+                result = HttpError("connection", result.detail)
+            exchange.on_answer(result)
+            return
+        reusable = exchange.in_step(*result) and conn.keep_alive and not conn.closed
         if reusable and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
             self._all.discard(conn)
             conn.close()
-        return answer
+        exchange.on_answer(result)
 
     async def close(self) -> None:
+        """Closes every connection; requests under way fail with ``HttpError``."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._deadlines.clear()
+        for task in self._connecting:
+            task.cancel()
+        await asyncio.gather(*self._connecting, return_exceptions=True)
         for conn in list(self._all):
             conn.close()
         self._all.clear()

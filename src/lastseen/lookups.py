@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
@@ -42,7 +43,8 @@ log = structlog.get_logger("lastseen.lookups")
 
 
 Deliver = Callable[[Lookup, Outcome], None]
-Fetch = Callable[[int], Awaitable[bool]]
+# Asks about one id; calls back once with whether it is online, or why there is no answer.
+Fetch = Callable[[int, Callable[[bool | LookupFailed], None]], None]
 
 # What says the upstream itself is failing: this many transient failures, and not one success
 # for this long. Shares of recent attempts were tried and failed in benchmarks: a hostile
@@ -62,12 +64,12 @@ class RateLimiter:
         self.interval = 1.0 / rate
         self._next = time.monotonic()
 
-    async def acquire(self) -> None:
+    def reserve(self) -> float:
+        """Takes the next slot; the seconds until it comes."""
         now = time.monotonic()
         slot = max(self._next, now)
         self._next = slot + self.interval
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        return slot - now
 
 
 class Lookups:
@@ -94,13 +96,15 @@ class Lookups:
         self.max_in_flight = max_in_flight
         self._rate = RateLimiter(rate) if rate > 0 else None
         self._open: dict[int, Lookup] = {}
-        # Lookups wait here for a slot (new ones, and retries after their backoff). A task is
-        # made only when a request can go out: a burst of twenty thousand ids costs a queue
-        # entry each, not a task each waiting on a semaphore.
+        # Lookups wait here for a slot (new ones, and retries after their backoff): a burst of
+        # twenty thousand ids costs a queue entry each. An attempt is a request and a callback,
+        # not a task: at thousands of lookups a second, a task, its coroutines and a future per
+        # lookup were a tenth of the worker's CPU.
         self._ready: collections.deque[Lookup] = collections.deque()
         self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._backoffs: dict[Lookup, asyncio.TimerHandle] = {}
+        self._paced: dict[Lookup, asyncio.TimerHandle] = {}  # waiting for a rate slot
+        self._closed = False
         # The outage: whether each of the last attempts failed, and the lookups held until
         # it ends.
         self._last_success = time.monotonic()
@@ -144,24 +148,50 @@ class Lookups:
             if not self._let_go_of_stale(lookup):
                 continue
             self._in_flight += 1
-            task = asyncio.create_task(self._run(lookup))
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
+            delay = self._rate.reserve() if self._rate is not None else 0.0
+            if delay > 0:
+                loop = asyncio.get_running_loop()
+                self._paced[lookup] = loop.call_later(delay, self._attempt, lookup)
+            else:
+                self._attempt(lookup)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._in_flight -= 1
-        self._pump()
-        if not task.cancelled() and task.exception() is not None:
-            # _run catches everything it expects; anything else is a bug worth a loud log.
-            log.error("lookup task crashed", error=repr(task.exception()))
-
-    async def _run(self, lookup: Lookup) -> None:
-        """One attempt; then the outcome, or a retry (after a backoff, or after the outage)."""
+    def _attempt(self, lookup: Lookup) -> None:
+        """Sends one attempt; ``_attempted`` gets its outcome."""
+        if self._closed:
+            return
+        self._paced.pop(lookup, None)
         lookup.attempts += 1
-        if self._rate is not None:
-            await self._rate.acquire()
-        outcome = await self._attempt(lookup)
+        lookup.sent_at = time.time()
+        lookup.started = time.perf_counter()
+        self._attempting += 1
+        try:
+            self.fetch(lookup.object_id, functools.partial(self._attempted, lookup))
+        except Exception as exc:
+            # A bug here must not strand the callbacks waiting on this id: log it loudly and
+            # treat it as a failed attempt (on the next turn of the loop: no recursion through
+            # the queue), retried while its answer can matter.
+            log.exception("lookup attempt crashed", object_id=lookup.object_id)
+            failure = LookupFailed(lookup.object_id, "internal_error", repr(exc), permanent=False)
+            asyncio.get_running_loop().call_soon(self._attempted, lookup, failure)
+
+    def _attempted(self, lookup: Lookup, outcome: bool | LookupFailed) -> None:
+        if self._closed:
+            return
+        lookup.latency = time.perf_counter() - lookup.started
+        lookup.sent_at = None
+        self._attempting -= 1
+        self.metrics.lookup_seconds.observe(lookup.latency)
+        try:
+            self._conclude(lookup, outcome)
+        except Exception:
+            # Whatever it was, the slot comes back; a bug here is worth a loud log.
+            log.exception("lookup outcome crashed", object_id=lookup.object_id)
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+    def _conclude(self, lookup: Lookup, outcome: bool | LookupFailed) -> None:
+        """The outcome, or a retry (after a backoff, or after the outage)."""
         if isinstance(outcome, LookupFailed) and not outcome.permanent:
             self._failed()
             lookup.last_failure = outcome.reason
@@ -253,37 +283,17 @@ class Lookups:
         if self._held:
             self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
 
-    async def _attempt(self, lookup: Lookup) -> Outcome:
-        lookup.sent_at = time.time()
-        started = time.perf_counter()
-        self._attempting += 1
-        try:
-            return await self.fetch(lookup.object_id)
-        except LookupFailed as failure:
-            return failure
-        except Exception as exc:
-            # A bug here must not strand the callbacks waiting on this id: log it loudly and
-            # treat it as a failed attempt, retried while its answer can matter.
-            log.exception("lookup attempt crashed", object_id=lookup.object_id)
-            return LookupFailed(lookup.object_id, "internal_error", repr(exc), permanent=False)
-        finally:
-            lookup.latency = time.perf_counter() - started
-            lookup.sent_at = None
-            self._attempting -= 1
-            self.metrics.lookup_seconds.observe(lookup.latency)
-
     async def close(self) -> None:
-        """Cancels the lookups under way (their callbacks stay in the inbox for a redo)."""
-        for handle in self._backoffs.values():
+        """Drops the lookups under way: answers that come later are ignored, and their
+        callbacks stay in the inbox for a redo."""
+        self._closed = True
+        for handle in [*self._backoffs.values(), *self._paced.values()]:
             handle.cancel()
         self._backoffs.clear()
+        self._paced.clear()
         if self._probe is not None:
             self._probe.cancel()
             self._probe = None
         self._held.clear()
         self._ready.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         self._open.clear()

@@ -62,7 +62,7 @@ class Pipeline:
             interval=s.results_interval,
             on_done=self.held.finish,
         )
-        fetch: Fetch = Upstream(client).online
+        fetch: Fetch = Upstream(client).ask
         if tracer is not None:
             fetch = traced_fetch(fetch, tracer)
         self.lookups = Lookups(

@@ -77,17 +77,18 @@ def traced_fetch(fetch: Fetch, tracer: Tracer) -> Fetch:
     """One upstream lookup attempt inside a client span, with its outcome."""
     from opentelemetry.trace import SpanKind
 
-    async def lookup(object_id: int) -> bool:
+    def lookup(object_id: int, done: Callable[[bool | LookupFailed], None]) -> None:
         attributes = {"lastseen.object_id": object_id}
-        with tracer.start_as_current_span(
-            "lookup", kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            try:
-                online = await fetch(object_id)
-            except LookupFailed as failure:
-                span.set_attribute("lastseen.failure", failure.reason)
-                raise
-            span.set_attribute("lastseen.online", online)
-            return online
+        span = tracer.start_span("lookup", kind=SpanKind.CLIENT, attributes=attributes)
+
+        def answered(outcome: bool | LookupFailed) -> None:
+            if isinstance(outcome, LookupFailed):
+                span.set_attribute("lastseen.failure", outcome.reason)
+            else:
+                span.set_attribute("lastseen.online", outcome)
+            span.end()
+            done(outcome)
+
+        fetch(object_id, answered)
 
     return lookup

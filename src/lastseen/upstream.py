@@ -9,10 +9,12 @@ a connection that fell out of step, so that connection is not used again. Perman
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from lastseen.errors import LookupFailed
-from lastseen.http_client import HttpError, UpstreamClient
+from lastseen.http_client import Answer, HttpError, UpstreamClient
 
 
 class UpstreamObject(msgspec.Struct):
@@ -23,45 +25,65 @@ class UpstreamObject(msgspec.Struct):
 _decoder = msgspec.json.Decoder(UpstreamObject)
 
 
+Done = Callable[[bool | LookupFailed], None]
+
+
 class Upstream:
     """Asks the upstream about one object at a time."""
 
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
 
-    async def online(self, object_id: int) -> bool:
-        """Whether the object is online, or ``LookupFailed`` saying why there is no answer."""
-        answer: UpstreamObject | None = None
+    def ask(self, object_id: int, done: Done) -> None:
+        """Asks whether the object is online; ``done`` gets the answer, or ``LookupFailed``
+        saying why there is none."""
+        ask = _Ask(object_id, done)
+        self.client.start(f"/objects/{object_id}", ask.in_step, ask.answered)
 
-        def in_step(status: int, body: bytes) -> bool:
-            # Decoded here, once, so that a connection whose answer is not about this object
-            # is retired before anyone else can use it.
-            nonlocal answer
-            if not 200 <= status < 300:
-                return True
-            try:
-                answer = _decoder.decode(body)
-            except msgspec.DecodeError:
-                return False
-            return answer.id == object_id
 
+class _Ask:
+    """One request's view of its answer."""
+
+    __slots__ = ("answer", "done", "object_id")
+
+    def __init__(self, object_id: int, done: Done) -> None:
+        self.object_id = object_id
+        self.done = done
+        self.answer: UpstreamObject | None = None
+
+    def in_step(self, status: int, body: bytes) -> bool:
+        # Decoded here, once, so that a connection whose answer is not about this object is
+        # retired before anyone else can use it.
+        if not 200 <= status < 300:
+            return True
         try:
-            status, body = await self.client.get(f"/objects/{object_id}", in_step)
-        except HttpError as exc:
-            raise LookupFailed(object_id, exc.reason, exc.detail, permanent=False) from None
+            self.answer = _decoder.decode(body)
+        except msgspec.DecodeError:
+            return False
+        return self.answer.id == self.object_id
+
+    def answered(self, result: Answer | HttpError) -> None:
+        self.done(self._outcome(result))
+
+    def _outcome(self, result: Answer | HttpError) -> bool | LookupFailed:
+        object_id = self.object_id
+        if isinstance(result, HttpError):
+            return LookupFailed(object_id, result.reason, result.detail, permanent=False)
+        status, body = result
         if 200 <= status < 300:
+            answer = self.answer
             if answer is None:
                 detail = f"not an object: {body[:200].decode(errors='replace')}"
-                raise LookupFailed(object_id, "malformed_body", detail, permanent=False)
+                return LookupFailed(object_id, "malformed_body", detail, permanent=False)
             if answer.id != object_id:
                 detail = f"asked for {object_id}, the answer is about {answer.id}"
-                raise LookupFailed(object_id, "wrong_id", detail, permanent=False)
+                return LookupFailed(object_id, "wrong_id", detail, permanent=False)
             return answer.online
         if status >= 500 or status in (408, 429) or 300 <= status < 400:
-            raise LookupFailed(object_id, _REASONS.get(status, f"http_{status // 100}xx"),
-                               f"status {status}", permanent=False)  # fmt: skip
+            return LookupFailed(object_id, _REASONS.get(status, f"http_{status // 100}xx"),
+                                f"status {status}", permanent=False)  # fmt: skip
         detail = f"status {status}: {body[:200].decode(errors='replace')}"
-        raise LookupFailed(object_id, "http_4xx", detail, permanent=True)
+        return LookupFailed(object_id, "http_4xx", detail, permanent=True)
 
 
 _REASONS = {408: "http_408", 429: "http_429"}
