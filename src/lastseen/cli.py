@@ -158,6 +158,8 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         options.rates = tuple(float(r) for r in args.rates.split(","))
     options.watch_status = args.watch_status
     options.worker_processes = args.worker_processes
+    if args.upstream_processes is not None:
+        options.upstream_processes = args.upstream_processes
     if args.smoke:
         options = options.smoke()
     return await run(options)
@@ -308,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-processes",
         type=int,
         help="worker processes of each lastseen serve with the default role [serve's default]",
+    )
+    bench.add_argument(
+        "--upstream-processes",
+        type=int,
+        help="pipeline: processes of the simulated upstream, on one port [1] (each process may "
+        "hold only so many connections, one per lookup in flight)",
     )
     bench.add_argument(
         "--watch-status",

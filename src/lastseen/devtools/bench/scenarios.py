@@ -118,11 +118,11 @@ async def pipeline(bench: Bench) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for distribution, (max_ids, universe) in DISTRIBUTIONS.items():
         url = await bench.fresh_database(f"bench_pipeline_{distribution}")
-        upstream = await bench.upstream(o.latency_min, o.latency_max)
-        serve = await bench.serve(url, objects_url=upstream.upstream_url, ttl="30")
+        upstreams = await bench.upstreams(o.latency_min, o.latency_max)
+        serve = await bench.serve(url, objects_url=upstreams[0].upstream_url, ttl="30")
         steps = []
         for rate in o.rates:
-            step = await _pipeline_step(bench, serve, upstream, rate, max_ids, universe)
+            step = await _pipeline_step(bench, serve, upstreams, rate, max_ids, universe)
             steps.append(step)
             bench.progress(
                 f"pipeline {distribution} {rate}/s: {step['lookups_per_s']} lookups/s, "
@@ -132,7 +132,8 @@ async def pipeline(bench: Bench) -> dict[str, Any]:
             if not step["keeping_up"]:
                 break
         await serve.terminate()
-        await upstream.terminate()
+        for upstream in upstreams:
+            await upstream.terminate()
         sustained = [s for s in steps if s["keeping_up"]]
         runs[distribution] = {
             "max_ids_per_callback": max_ids,
@@ -151,7 +152,7 @@ async def pipeline(bench: Bench) -> dict[str, Any]:
 async def _pipeline_step(
     bench: Bench,
     serve: ServeProcess,
-    upstream: SimulateProcess,
+    upstreams: list[SimulateProcess],
     rate: float,
     max_ids: int,
     universe: int,
@@ -164,7 +165,11 @@ async def _pipeline_step(
     meter = bench.cpu(
         http=-serve.pid,  # negative: the process alone, not its worker processes
         **{f"worker{n}": p.pid for n, p in enumerate(workers(serve))},
-        upstream=upstream.pid,
+        **(
+            {"upstream": upstreams[0].pid}
+            if len(upstreams) == 1
+            else {f"upstream{n}": p.pid for n, p in enumerate(upstreams)}
+        ),
     )
     meter.start()
     first = previous = await bench.read_metrics(serve)

@@ -32,6 +32,7 @@ class SimulatorConfig:
 
     mode: str = "both"
     upstream_listen: tuple[str, int] = ("127.0.0.1", 9010)
+    upstream_reuse_port: bool = False
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
     online_rule: str = "even"
     producer: ProducerConfig = dataclasses.field(default_factory=ProducerConfig)
@@ -79,6 +80,7 @@ class SimulatorConfig:
         return cls(
             mode=getattr(args, "mode", "both"),
             upstream_listen=args.upstream_listen,
+            upstream_reuse_port=getattr(args, "upstream_reuse_port", False),
             upstream=upstream,
             online_rule=args.online,
             producer=producer,
@@ -122,6 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
         metavar="HOST:PORT",
         help="where the upstream listens; port 0 picks a free one [127.0.0.1:9010]",
     )
+    if standalone:
+        up.add_argument(
+            "--upstream-reuse-port",
+            action="store_true",
+            help="share the port with other upstream processes (SO_REUSEPORT), which the "
+            "kernel spreads connections over: one process may hold only so many sockets",
+        )
     up.add_argument(
         "--latency-min",
         type=_seconds,

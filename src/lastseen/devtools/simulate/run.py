@@ -46,7 +46,8 @@ class Simulator:
         writer = self._writer(ANSWERS)
         self.upstream = Upstream(self.config.upstream, writer.write if writer else None)
         host, port = self.config.upstream_listen
-        self.upstream_url = await self.upstream.serve(host, port)
+        reuse_port = self.config.upstream_reuse_port
+        self.upstream_url = await self.upstream.serve(host, port, reuse_port=reuse_port)
         log.info("upstream listening", url=self.upstream_url, online=self.config.online_rule)
         return self.upstream_url
 

@@ -114,11 +114,17 @@ class Upstream:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
 
-    async def serve(self, host: str, port: int) -> str:
-        """Listens on ``host:port`` (0: a free port); returns the base URL."""
+    async def serve(self, host: str, port: int, *, reuse_port: bool = False) -> str:
+        """Listens on ``host:port`` (0: a free port); returns the base URL. With
+        ``reuse_port``, other processes may listen on the same port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=4096, reuse_address=True
+            lambda: _Connection(self),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         bound = self._server.sockets[0].getsockname()
         return f"http://{host}:{bound[1]}"
