@@ -12,7 +12,6 @@ import contextlib
 import gc
 import ipaddress
 import re
-import resource
 import signal
 import socket
 import time
@@ -31,6 +30,7 @@ from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import CallbackHandler
 from lastseen.leases import holder_name
+from lastseen.limits import fit_lookups
 from lastseen.metrics import Metrics
 from lastseen.pipeline import Pipeline
 from lastseen.settings import Settings
@@ -364,39 +364,6 @@ def tune_gc(threshold: int) -> None:
         gc.set_threshold(threshold, 50, 1000)
 
 
-# File descriptors kept for everything but upstream connections: the pool, the listener, clients.
-FD_MARGIN = 1024
-
-
-def raise_open_file_limit() -> int:
-    """Raises this process's open-file limit to its hard limit (as far as allowed); returns
-    the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft
-
-
-def fit_lookups_to_files(settings: Settings) -> Settings:
-    """Raises this process's open-file limit, and lowers ``max_lookups`` to what that limit
-    allows (each lookup in flight holds a connection): beyond it, connects would fail with
-    EMFILE, retried as if the upstream failed."""
-    soft = raise_open_file_limit()
-    room = soft - FD_MARGIN if soft != resource.RLIM_INFINITY else settings.max_lookups
-    if settings.max_lookups <= room:
-        return settings
-    log.warning(
-        "LASTSEEN_MAX_LOOKUPS is above what this process's open-file limit allows; using the "
-        "limit (raise it with ulimit -n, or run more worker processes)",
-        max_lookups=settings.max_lookups,
-        open_file_limit=soft,
-        using=max(1, room),
-    )
-    return settings.replace(max_lookups=max(1, room))
-
-
 async def run(settings: Settings) -> int:
     """``lastseen serve``: runs one instance until SIGTERM or SIGINT; returns the exit status."""
     stop = asyncio.Event()
@@ -409,7 +376,7 @@ async def run(settings: Settings) -> int:
     spawns_workers = settings.role == "all" and settings.worker_processes > 0
     here = settings.replace(role="ingest") if spawns_workers else settings
     if here.runs_pipeline:
-        here = fit_lookups_to_files(here)
+        here = fit_lookups(here)
     tune_gc(here.gc_threshold if here.runs_pipeline else 0)
     tracing = start_tracing(settings.otlp_endpoint)
     tracer = None if tracing is None else tracing[0]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,6 +16,7 @@ from lastseen import __version__, dead_letters, logs
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
 from lastseen.errors import LastseenError
+from lastseen.limits import raise_open_file_limit
 from lastseen.model import DeadLetterFilter
 from lastseen.settings import Settings, add_arguments, from_arguments
 
@@ -437,14 +436,6 @@ def _dead_letter_arguments(
     which.add_argument("--limit", type=int, default=limit, help=f"at most this many [{limit}]")
 
 
-def _raise_open_file_limit() -> None:
-    """Every lookup in flight holds a socket: take all the file descriptors we may have."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard > 0 else soft, hard))
-
-
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if name == "uvloop" and sys.platform != "win32":
         import uvloop
@@ -461,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except LastseenError as exc:
         parser.error(str(exc))
     logs.configure(settings.log_format, settings.log_level)
-    _raise_open_file_limit()
+    raise_open_file_limit()
     command: Command = args.run
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:

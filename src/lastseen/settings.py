@@ -235,7 +235,7 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
         "32768",
         "most upstream lookups in flight at once, per pipeline process (each holds a connection "
-        "while it waits; lowered to what the open-file limit allows)",
+        "while it waits; lowered to what the open-file limit and the ephemeral ports allow)",
         "lookups",
     ),
     Option(

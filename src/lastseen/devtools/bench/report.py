@@ -16,7 +16,8 @@ def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     console.print(
         f"lastseen bench {results['started']}  cores={m['cores']} memory={m['memory_gib']} GiB "
-        f"python={m['python']} postgresql={results.get('postgresql', '?')}"
+        f"python={m['python']} postgresql={results.get('postgresql', '?')} "
+        f"open files={m.get('open_file_limit', '?')} ephemeral ports={m.get('ephemeral_ports')}"
     )
     scenarios = results["scenarios"]
     if "ingest" in scenarios:

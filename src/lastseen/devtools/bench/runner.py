@@ -32,6 +32,7 @@ import psutil
 from lastseen.devtools.bench.report import plot, render
 from lastseen.devtools.bench.scenarios import SCENARIOS
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
+from lastseen.limits import ephemeral_ports, raise_open_file_limit
 from lastseen.promtext import Reading
 from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
@@ -310,11 +311,15 @@ class Bench:
 
 
 def machine() -> dict[str, Any]:
+    """The machine, with the two limits that cap the lookups in flight (limits.py)."""
+    ports = ephemeral_ports()
     return {
         "cores": psutil.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "open_file_limit": raise_open_file_limit(),
+        "ephemeral_ports": None if ports is None else f"{ports[0]}-{ports[1]}",
     }
 
 

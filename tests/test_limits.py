@@ -1,0 +1,38 @@
+"""The lookups cap fitted to what the host allows one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lastseen.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
+from lastseen.settings import Settings
+
+SET = 15_000  # LASTSEEN_MAX_LOOKUPS in these tests
+
+
+def _range(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ip_local_port_range"
+    path.write_text(text)
+    return path
+
+
+def _files() -> int:
+    """What this machine's open-file limit leaves for lookups (the other bound)."""
+    return raise_open_file_limit() - FD_MARGIN
+
+
+def test_the_cap_stays_below_the_costly_half_of_the_ephemeral_ports(tmp_path: Path) -> None:
+    """With Linux's default range (32768-60999), a worker keeps at most 95% of half the range
+    in flight: past that, every connect to the one upstream address scans the ports in use."""
+    settings = Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET)})
+    fitted = fit_lookups(settings, _range(tmp_path, "32768\t60999\n"))
+    assert fitted.max_lookups == min(int(28232 // 2 * 0.95), _files())
+
+
+def test_a_wide_range_or_an_unknown_one_leaves_the_cap_as_set(tmp_path: Path) -> None:
+    """A range widened with the sysctl gives room for the cap as set; so does a host whose
+    range cannot be read (not Linux)."""
+    settings = Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET)})
+    expected = min(SET, _files())
+    assert fit_lookups(settings, _range(tmp_path, "1024 65535")).max_lookups == expected
+    assert fit_lookups(settings, tmp_path / "missing").max_lookups == expected
