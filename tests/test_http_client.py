@@ -293,3 +293,17 @@ async def test_bytes_beyond_the_answer_retire_the_connection(
     assert await client.get("/objects/1") == (200, b"ok")
     assert not client._idle
     await client.close()
+
+
+async def test_connects_are_capped_and_the_rest_wait(
+    raw_server: Callable[[Reply], Awaitable[str]],
+) -> None:
+    """Twenty requests at once with no pooled connection open at most ``max_connecting``
+    connections at a time; the others wait for a connect to finish, and every one is answered."""
+    url = await raw_server(_keep_alive(*[b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"] * 20))
+    client = UpstreamClient(url, timeout=5, max_connecting=3)
+    answers = [asyncio.ensure_future(client.get(f"/objects/{n}")) for n in range(20)]
+    await asyncio.sleep(0)
+    assert (len(client._connecting), len(client._queued)) == (3, 17)
+    assert await asyncio.gather(*answers) == [(200, b"ok")] * 20
+    await client.close()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lastseen.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
 from lastseen.settings import Settings
+from lastseen.worker_processes import child_environment
 
 SET = 15_000  # LASTSEEN_MAX_LOOKUPS in these tests
 
@@ -36,3 +37,18 @@ def test_a_wide_range_or_an_unknown_one_leaves_the_cap_as_set(tmp_path: Path) ->
     expected = min(SET, _files())
     assert fit_lookups(settings, _range(tmp_path, "1024 65535")).max_lookups == expected
     assert fit_lookups(settings, tmp_path / "missing").max_lookups == expected
+
+
+def test_worker_processes_of_one_instance_split_the_ports(tmp_path: Path) -> None:
+    """The ports are the host's: each of two worker processes keeps half of the cheap ones."""
+    settings = Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET), "LASTSEEN_PORT_SHARE": "2"})
+    fitted = fit_lookups(settings, _range(tmp_path, "32768 60999"))
+    assert fitted.max_lookups == min(int(28232 // 2 * 0.95) // 2, _files())
+
+
+def test_serve_tells_its_worker_processes_how_many_share_the_ports() -> None:
+    """A worker process's settings, as ``lastseen serve`` hands them down, say how many worker
+    processes the instance runs."""
+    parent = Settings.load({"LASTSEEN_WORKER_PROCESSES": "3"})
+    child = Settings.load(child_environment(parent, "postgresql://h/db", 1234, "host:1/worker-0"))
+    assert (child.role, child.port_share) == ("worker", 3)

@@ -36,6 +36,11 @@ from urllib.parse import urlsplit
 # connection: 16,384 connections in flight hold at most 256 MiB of answers.
 MAX_RESPONSE = 16 << 10
 _MAX_CHUNK_LINE = 64  # "ffffffff;name=value": a chunk-size line longer than this is not one
+# Connects under way at once; more requests wait for one of those, or for a connection an answer
+# frees. A worker that starts 20,000 lookups at once (a cold start under load, a backlog claimed)
+# would otherwise open 20,000 connections in a burst that overflows the upstream's accept queue:
+# lost SYNs are retried after 1, 3, 7 s, the lookups time out, and the reconnects cost more.
+MAX_CONNECTING = 256
 
 
 Answer = tuple[int, bytes]  # (status, body)
@@ -281,6 +286,7 @@ class UpstreamClient:
         timeout: float,
         max_idle: int = 20_000,
         max_response: int = MAX_RESPONSE,
+        max_connecting: int = MAX_CONNECTING,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -307,6 +313,9 @@ class UpstreamClient:
         self._deadlines: collections.deque[tuple[float, _Answer, int]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[None]] = set()
+        self.max_connecting = max_connecting
+        # Requests waiting for a connection while ``max_connecting`` connects are under way.
+        self._queued: collections.deque[_Exchange] = collections.deque()
         self._closed = False
 
     def request_bytes(self, path: str) -> bytes:
@@ -368,14 +377,35 @@ class UpstreamClient:
         idle = self._idle
         while idle and idle[-1].closed:
             self._all.discard(idle.pop())
-        if not idle:
+        if idle:
+            exchange.reused = True
+            self._dispatch(idle.pop(), exchange)
+        elif len(self._connecting) < self.max_connecting:
             exchange.reused = False
             task = asyncio.get_running_loop().create_task(self._connect_and_send(exchange))
             self._connecting.add(task)
-            task.add_done_callback(self._connecting.discard)
-            return
-        exchange.reused = True
-        self._dispatch(idle.pop(), exchange)
+            task.add_done_callback(self._connected)
+        else:
+            self._queued.append(exchange)
+
+    def _connected(self, task: asyncio.Task[None]) -> None:
+        """A connect ended: the next queued request may start one (or take a free
+        connection)."""
+        self._connecting.discard(task)
+        if not self._closed:
+            exchange = self._next_queued()
+            if exchange is not None:
+                self._send(exchange)
+
+    def _next_queued(self) -> _Exchange | None:
+        """The oldest queued request still within its deadline; the late ones fail."""
+        now = asyncio.get_running_loop().time()
+        while self._queued:
+            exchange = self._queued.popleft()
+            if exchange.deadline > now:
+                return exchange
+            exchange.on_answer(HttpError("timeout", f"no connection within {self.timeout:g} s"))
+        return None
 
     async def _connect_and_send(self, exchange: _Exchange) -> None:
         try:
@@ -386,6 +416,9 @@ class UpstreamClient:
         except asyncio.CancelledError:
             exchange.on_answer(HttpError("connection", "the client closed"))
             raise
+        except Exception as exc:  # whatever it is, the caller hears of it: no request is lost
+            exchange.on_answer(HttpError("connection", repr(exc)))
+            return
         self._dispatch(conn, exchange)
 
     def _dispatch(self, conn: _Answer, exchange: _Exchange) -> None:
@@ -409,7 +442,11 @@ class UpstreamClient:
             exchange.on_answer(result)
             return
         reusable = exchange.in_step(*result) and conn.keep_alive and not conn.closed
-        if reusable and len(self._idle) < self.max_idle:
+        waiting = self._next_queued() if reusable and self._queued else None
+        if waiting is not None:
+            waiting.reused = True
+            self._dispatch(conn, waiting)
+        elif reusable and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
             self._all.discard(conn)
@@ -426,6 +463,8 @@ class UpstreamClient:
         for task in self._connecting:
             task.cancel()
         await asyncio.gather(*self._connecting, return_exceptions=True)
+        while self._queued:
+            self._queued.popleft().on_answer(HttpError("connection", "the client closed"))
         for conn in list(self._all):
             conn.close()
         self._all.clear()

@@ -10,7 +10,9 @@ connection costs a scan of the ports in use: measured here, 80 µs of CPU per co
 worker needs about 14,000 connections; beyond that, connecting took 64 to 72% of its CPU, answers
 came late, timeouts closed connections, and the reconnects made it worse: 15,000 timeouts in
 20 s and an upstream "outage" that was the worker's own. Below the bound, lookups wait for a slot
-instead, at the most the kernel allows cheaply.
+instead, at the most the kernel allows cheaply. The ports are the host's, so the worker processes
+of one instance split them (``port_share``); instances that share a host and an upstream are for
+the operator to size.
 """
 
 from __future__ import annotations
@@ -69,7 +71,10 @@ def fit_lookups(settings: Settings, port_range: Path = PORT_RANGE) -> Settings:
         )
         using = files
     ports = ephemeral_ports(port_range)
-    cheap = None if ports is None else int((ports[1] - ports[0] + 1) // 2 * (1 - PORT_MARGIN))
+    cheap = None
+    if ports is not None:
+        # The ports are the host's: the worker processes of one instance split them.
+        cheap = int((ports[1] - ports[0] + 1) // 2 * (1 - PORT_MARGIN)) // settings.port_share
     if cheap is not None and cheap < using:
         log.warning(
             "LASTSEEN_MAX_LOOKUPS is above the connections to one upstream address that the "
@@ -77,6 +82,7 @@ def fit_lookups(settings: Settings, port_range: Path = PORT_RANGE) -> Settings:
             "net.ipv4.ip_local_port_range)",
             max_lookups=settings.max_lookups,
             port_range=f"{ports[0]}-{ports[1]}" if ports else None,
+            worker_processes=settings.port_share,
             using=max(1, cheap),
         )
         using = cheap

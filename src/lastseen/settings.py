@@ -200,6 +200,14 @@ OPTIONS: tuple[Option, ...] = (
         "set by lastseen serve for its worker processes: exit when that process does",
         "service",
     ),
+    Option(
+        "port_share",
+        positive(int),
+        "1",
+        "set by lastseen serve for its worker processes: how many of them share this host's "
+        "ephemeral ports for connections to the upstream",
+        "service",
+    ),
     # Claiming work from the inbox.
     Option(
         "lease",
@@ -369,6 +377,7 @@ class Settings:
     otlp_endpoint: str | None
     instance_id: str | None
     parent_pid: int | None
+    port_share: int
     lease: float
     poll_interval: float
     claim_batch: int
@@ -455,7 +464,7 @@ class Settings:
 
 
 # Set by lastseen itself, or for its benchmark: accepted, not offered in --help.
-INTERNAL = frozenset({"parent_pid", "noop_route"})
+INTERNAL = frozenset({"parent_pid", "port_share", "noop_route"})
 
 
 def add_arguments(

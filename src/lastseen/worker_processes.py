@@ -71,6 +71,7 @@ def child_environment(
         LASTSEEN_DATABASE_URL=database_url,
         LASTSEEN_WORKER_PROCESSES="0",
         LASTSEEN_PARENT_PID=str(os.getpid()),
+        LASTSEEN_PORT_SHARE=str(settings.worker_processes),
         LASTSEEN_INSTANCE_ID=holder,
     )
     return env
