@@ -32,6 +32,15 @@ logs.configure("console", "warning")
 _names = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Whatever lastseen a test starts keeps its data (an embedded server, a spool) under the
+    run's temporary directory, never in the user's data directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LASTSEEN_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL of the session's PostgreSQL server (its maintenance database)."""

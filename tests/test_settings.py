@@ -98,10 +98,12 @@ def test_the_readme_documents_every_setting() -> None:
     assert missing == []
 
 
-async def test_every_process_runs_on_uvloop_unless_told_otherwise(spawn: Spawn) -> None:
+async def test_every_process_runs_on_uvloop_unless_told_otherwise(
+    db_url: str, spawn: Spawn
+) -> None:
     """``lastseen serve`` runs on uvloop by default (measured cheaper per lookup and per durable
     callback), and on asyncio's own loop with ``LASTSEEN_EVENT_LOOP=asyncio``."""
-    by_default = await spawn()
+    by_default = await spawn(env={"LASTSEEN_DATABASE_URL": db_url})
     assert by_default.events("listening")[0]["event_loop"] == "uvloop"
-    told = await spawn(env={"LASTSEEN_EVENT_LOOP": "asyncio"})
+    told = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_EVENT_LOOP": "asyncio"})
     assert told.events("listening")[0]["event_loop"] == "asyncio"
