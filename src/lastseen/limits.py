@@ -71,21 +71,20 @@ def fit_lookups(settings: Settings, port_range: Path = PORT_RANGE) -> Settings:
         )
         using = files
     ports = ephemeral_ports(port_range)
-    cheap = None
     if ports is not None:
         # The ports are the host's: the worker processes of one instance split them.
         cheap = int((ports[1] - ports[0] + 1) // 2 * (1 - PORT_MARGIN)) // settings.port_share
-    if cheap is not None and cheap < using:
-        log.warning(
-            "LASTSEEN_MAX_LOOKUPS is above the connections to one upstream address that the "
-            "ephemeral port range gives cheaply; using that (widen the range with the sysctl "
-            "net.ipv4.ip_local_port_range)",
-            max_lookups=settings.max_lookups,
-            port_range=f"{ports[0]}-{ports[1]}" if ports else None,
-            worker_processes=settings.port_share,
-            using=max(1, cheap),
-        )
-        using = cheap
+        if cheap < using:
+            log.warning(
+                "LASTSEEN_MAX_LOOKUPS is above the connections to one upstream address that the "
+                "ephemeral port range gives cheaply; using that (widen the range with the sysctl "
+                "net.ipv4.ip_local_port_range)",
+                max_lookups=settings.max_lookups,
+                port_range=f"{ports[0]}-{ports[1]}",
+                worker_processes=settings.port_share,
+                using=max(1, cheap),
+            )
+            using = cheap
     if using == settings.max_lookups:
         return settings
     return settings.replace(max_lookups=max(1, using))

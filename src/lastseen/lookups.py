@@ -283,7 +283,7 @@ class Lookups:
         if self._held:
             self._probe = asyncio.get_running_loop().call_later(self.retry_base, self._send_probe)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Drops the lookups under way: answers that come later are ignored, and their
         callbacks stay in the inbox for a redo."""
         self._closed = True

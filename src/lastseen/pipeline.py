@@ -121,7 +121,7 @@ class Pipeline:
         # what follows sees every callback this process holds.
         await self.supervisor.wait("worker", grace)
         await self.held.wait_empty(grace)
-        await self.lookups.close()
+        self.lookups.close()
         await self.supervisor.cancel("leases", "reaper", "results")
         try:
             await self.results.flush_all()

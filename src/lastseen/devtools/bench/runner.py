@@ -234,30 +234,26 @@ class Bench:
         self.simulators.append(process)
         return await process.start(wait_for_upstream=upstream)
 
-    async def upstream(self, latency_min: float, latency_max: float) -> SimulateProcess:
-        """The simulated upstream (even ids online) on a free port."""
+    async def upstream(
+        self, latency_min: float, latency_max: float, *, listen: str = "127.0.0.1:0", n: int = 0
+    ) -> SimulateProcess:
+        """The simulated upstream (even ids online) on a free port, or as the ``n``-th of
+        several processes sharing ``listen``'s port."""
+        shared = ["--upstream-reuse-port"] if self.options.upstream_processes > 1 else []
         return await self.simulate(
-            "--mode", "upstream", "--upstream-listen", "127.0.0.1:0",
+            "--mode", "upstream", "--upstream-listen", listen, *shared,
             "--latency-min", str(latency_min), "--latency-max", str(latency_max),
-            "--seed", str(self.options.seed), upstream=True,
+            "--seed", str(self.options.seed + 1000 * n), upstream=True,
         )  # fmt: skip
 
     async def upstreams(self, latency_min: float, latency_max: float) -> list[SimulateProcess]:
         """``upstream``, in ``upstream_processes`` processes that share one port."""
-        count = self.options.upstream_processes
-        if count == 1:
-            return [await self.upstream(latency_min, latency_max)]
-        processes: list[SimulateProcess] = []
-        listen = "127.0.0.1:0"
-        for n in range(count):
-            process = await self.simulate(
-                "--mode", "upstream", "--upstream-listen", listen, "--upstream-reuse-port",
-                "--latency-min", str(latency_min), "--latency-max", str(latency_max),
-                "--seed", str(self.options.seed + 1000 * n), upstream=True,
-            )  # fmt: skip
-            processes.append(process)
-            listen = processes[0].upstream_url.removeprefix("http://")
-        return processes
+        first = await self.upstream(latency_min, latency_max)
+        listen = first.upstream_url.removeprefix("http://")
+        return [first] + [
+            await self.upstream(latency_min, latency_max, listen=listen, n=n)
+            for n in range(1, self.options.upstream_processes)
+        ]
 
     async def producer(
         self,
