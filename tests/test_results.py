@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -14,7 +15,7 @@ from lastseen.errors import DatabaseUnavailable
 from lastseen.metrics import Metrics
 from lastseen.model import DeadLetter
 from lastseen.reaper import Reaper
-from lastseen.storage.database import Database, ResultBatch, translate
+from lastseen.storage.database import Database, Q, ResultBatch, id_array, translate
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -256,3 +257,22 @@ def test_driver_errors_of_a_lost_connection_mean_unavailable() -> None:
         assert isinstance(translate("write_results", error), DatabaseUnavailable), error
     refused = asyncpg.UniqueViolationError("duplicate key value")
     assert not isinstance(translate("x", refused), DatabaseUnavailable)
+
+
+async def test_leasing_a_callback_rewrites_its_row_in_place(
+    db: Database, sql: asyncpg.Connection
+) -> None:
+    """Claiming callbacks of 200 ids, renewing their leases and handing them back are HOT
+    updates (no new index entries, no second copy of the id array in the WAL), so leases cost
+    the database little whatever the callbacks hold."""
+    literals = [id_array(list(range(i * 1000, i * 1000 + 200))) for i in range(8)]
+    await db.insert_callbacks([time.time()] * 8, literals)
+    claimed = [r[0] for r in await sql.fetch(Q["claim_callbacks"], "w", 8, 30.0)]
+    await sql.fetch(Q["extend_leases"], "w", claimed, 30.0)
+    await sql.execute(Q["release_callbacks"], "w", claimed)
+    await sql.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, when idle
+    counts = await sql.fetchrow(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'callbacks'"
+    )
+    assert len(claimed) == 8
+    assert tuple(counts) == (24, 24)

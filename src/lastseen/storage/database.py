@@ -352,6 +352,10 @@ class Database:
         return str(await self.pool.fetchval(Q["server_version"]))
 
     @_edge
+    async def wal_position(self) -> int:
+        return int(await self.pool.fetchval(Q["wal_position"]))
+
+    @_edge
     async def count_callbacks(self) -> int:
         return int(await self.pool.fetchval(Q["count_callbacks"]))
 

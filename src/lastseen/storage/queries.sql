@@ -388,6 +388,10 @@ SELECT 1;
 -- The PostgreSQL server's version, for reports.
 SHOW server_version;
 
+-- name: wal_position
+-- How many bytes of WAL the server has written so far, for reports of WAL per unit of work.
+SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn;
+
 -- name: count_callbacks
 -- How many callbacks are stored, done or not.
 SELECT count(*) FROM callbacks;

@@ -46,6 +46,7 @@ async def box(bench: Bench) -> dict[str, Any]:
         )
         async with bench.database(url) as db:
             before = await db.count_callbacks()
+            wal_before = await db.wal_position()
         meter.start()
         started = time.monotonic()
         load = await run_load(
@@ -58,6 +59,7 @@ async def box(bench: Bench) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             pending, _ = await db.inbox_stats()
             stored = await db.count_callbacks() - before
+            wal = await db.wal_position() - wal_before
         elapsed = time.monotonic() - started
         cpu = meter.stop()
         acknowledged = load.statuses.get(202, 0)
@@ -74,6 +76,7 @@ async def box(bench: Bench) -> dict[str, Any]:
             "reply_p99_ms": round(load.percentile(99) * 1000, 1),
             "cpu_percent": cpu,
             "cpu_us_per_callback": meter.per_unit(acknowledged),
+            "wal_bytes_per_callback": round(wal / acknowledged) if acknowledged else None,
             "ratio": round(processed / noop_rate, 3) if noop_rate else 0.0,
         }
         rounds.append(entry)

@@ -26,7 +26,7 @@ def render(results: dict[str, Any]) -> str:
             title=f"ingest: {s['ids_per_callback']}-id bodies, {s['connections']} connections"
         )
         columns = ("round", "path", "ok/s", "p50 ms", "p99 ms", "max ms", "cpu % by process")
-        for column in (*columns, "cpu µs per request"):
+        for column in (*columns, "cpu µs per request", "WAL bytes per request"):
             table.add_column(column)
         for r in s["rounds"]:
             lat = r["latency_ms"]
@@ -40,6 +40,7 @@ def render(results: dict[str, Any]) -> str:
                 str(lat["max"]),
                 cpu,
                 " ".join(f"{k}={v:.0f}" for k, v in r.get("cpu_us_per_request", {}).items()),
+                str(r.get("wal_bytes_per_request", "")),
             )
         console.print(table)
         console.print(
@@ -188,6 +189,7 @@ def render(results: dict[str, Any]) -> str:
                 f"vs {r['noop_per_s']:.0f}/s do-nothing = {r['ratio']:.2f}; reply p99 "
                 f"{r['reply_p99_ms']} ms; cpu µs per callback "
                 + " ".join(f"{k}={v:.0f}" for k, v in r["cpu_us_per_callback"].items())
+                + f"; WAL {r['wal_bytes_per_callback']} bytes per callback"
             )
         console.print(
             f"box: ratio {s['ratio_median']:.2f} (median; goal >= 0.4), every callback "

@@ -53,14 +53,20 @@ async def ingest(bench: Bench) -> dict[str, Any]:
     for round_no in range(o.rounds):
         for path in ("/noop", "/callback"):
             meter = bench.cpu(serve=serve.pid)
+            async with bench.database(url) as db:
+                wal_before = await db.wal_position()
             meter.start()
             result = await run_load(
                 host, port, path, bodies, connections=o.connections, seconds=o.seconds
             )
             entry = result.summary() | {"round": round_no, "cpu_percent": meter.stop()}
+            async with bench.database(url) as db:
+                wal = await db.wal_position() - wal_before
+            answered = result.statuses.get(202, 0)
             entry["ok_per_s"] = round(result.ok_rate(202), 1)
             # Per answered request: a durable callback on /callback, a do-nothing one on /noop.
-            entry["cpu_us_per_request"] = meter.per_unit(result.statuses.get(202, 0))
+            entry["cpu_us_per_request"] = meter.per_unit(answered)
+            entry["wal_bytes_per_request"] = round(wal / answered) if answered else None
             rounds.append(entry)
             p99 = result.percentile(99) * 1000
             bench.progress(
