@@ -75,6 +75,37 @@ def test_any_completion_order_gives_the_newest_state(
     assert asyncio.run(apply()) == expected
 
 
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    times=st.lists(
+        st.datetimes(datetime(1900, 1, 1), datetime(2200, 1, 1), timezones=st.just(UTC)),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_receive_times_are_stored_to_the_microsecond(db_url: str, times: list[datetime]) -> None:
+    """A result's receive time reaches observations and objects exactly, to the microsecond
+    (the writer sends it as a number of microseconds)."""
+    ids = list(range(len(times)))
+
+    async def apply() -> tuple[dict[int, datetime], dict[int, datetime]]:
+        db = await Database.open(db_url, size=1, timeout=10)
+        try:
+            await db.pool.execute("TRUNCATE objects, observations")
+            batch = ResultBatch(ids, times, [True] * len(ids), dead_letters=[], completed=[])
+            await db.write_results(batch, LONG_AGO.replace(year=1800))
+            seen = await db.pool.fetch("SELECT id, seen_at FROM observations")
+            rows = await db.pool.fetch("SELECT id, last_seen FROM objects")
+        finally:
+            await db.close()
+        return dict((r[0], r[1]) for r in seen), dict((r[0], r[1]) for r in rows)
+
+    expected = dict(zip(ids, times, strict=True))
+    assert asyncio.run(apply()) == (expected, expected)
+
+
 async def test_results_older_than_the_ttl_create_no_row(db: Database) -> None:
     """An online result whose callback is older than the cutoff is recorded but adds no row."""
     cutoff = datetime.now(UTC) - timedelta(seconds=30)

@@ -13,7 +13,7 @@ import functools
 import importlib.resources
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,7 +101,35 @@ def with_database(url: str, name: str) -> str:
 
 def id_array(ids: Sequence[int]) -> str:
     """The PostgreSQL array literal of ``ids``: ``[1, 2]`` -> ``'{1,2}'``."""
-    return "{" + msgspec.json.encode(ids)[1:-1].decode() + "}"
+    return array_literal(ids)
+
+
+def array_literal(values: Sequence[int] | Sequence[bool]) -> str:
+    """The PostgreSQL array literal of integers or booleans: ``[True, False]`` ->
+    ``'{true,false}'``."""
+    return "{" + msgspec.json.encode(values)[1:-1].decode() + "}"
+
+
+def result_arrays(batch: ResultBatch) -> tuple[str, str, str]:
+    """A batch's ids, receive times (whole microseconds since the epoch, so exact) and states
+    as PostgreSQL array literals.
+
+    asyncpg encodes array elements one by one, a timestamptz at 2.9 µs, a bigint or a boolean
+    at 0.8 µs on this machine; a literal costs one string.
+    """
+    micros: dict[datetime, int] = {}  # a batch's results share few receive times
+    for t in batch.seen_at:
+        if t not in micros:
+            micros[t] = (t - _EPOCH) // _MICROSECOND
+    return (
+        id_array(batch.ids),
+        array_literal([micros[t] for t in batch.seen_at]),
+        array_literal(batch.online),
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 async def _reset(conn: asyncpg.Connection) -> None:
@@ -251,7 +279,7 @@ class Database:
             if batch.ids:
                 # Two statements, not one: if the first waits for another writer of the same
                 # ids, the second's fresh snapshot sees what that writer did to objects.
-                results = (batch.ids, batch.seen_at, batch.online)
+                results = result_arrays(batch)
                 await conn.execute(Q["record_observations"], *results)
                 row = await conn.fetchrow(Q["apply_newest"], *results, cutoff)
                 assert row is not None

@@ -126,11 +126,12 @@ UPDATE callbacks AS c SET locked_until = now(), locked_by = NULL
 FROM theirs WHERE c.id = theirs.id;
 
 -- name: record_observations
--- Records results ($1 ids, $2 receive times, $3 online) that are newer than what is known for
--- their id. The ids must be distinct. Locks each id's row until the transaction ends.
+-- Records results ($1 ids, $2 receive times in microseconds since the epoch, $3 online: array
+-- literals, see result_arrays) that are newer than what is known for their id. The ids must be
+-- distinct. Locks each id's row until the transaction ends.
 INSERT INTO observations AS o (id, seen_at, online)
-SELECT r.id, r.seen_at, r.online
-FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[]) AS r(id, seen_at, online)
+SELECT r.id, 'epoch'::timestamptz + r.us * interval '1 microsecond', r.online
+FROM unnest($1::text::bigint[], $2::text::bigint[], $3::text::boolean[]) AS r(id, us, online)
 ORDER BY r.id
 ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, online = excluded.online
 WHERE o.seen_at < excluded.seen_at;
@@ -139,9 +140,12 @@ WHERE o.seen_at < excluded.seen_at;
 -- Makes objects follow the results that are now the newest for their id (run right after
 -- record_observations, in the same transaction): online -> upsert if newer than the cutoff $4,
 -- offline -> delete. Returns (rows upserted, rows deleted).
-WITH newest AS (
+WITH results AS (
+    SELECT r.id, 'epoch'::timestamptz + r.us * interval '1 microsecond' AS seen_at, r.online
+    FROM unnest($1::text::bigint[], $2::text::bigint[], $3::text::boolean[]) AS r(id, us, online)
+), newest AS (
     SELECT r.id, r.seen_at, r.online
-    FROM unnest($1::bigint[], $2::timestamptz[], $3::boolean[]) AS r(id, seen_at, online)
+    FROM results AS r
     JOIN observations AS o ON o.id = r.id AND o.seen_at = r.seen_at AND o.online = r.online
     ORDER BY r.id
 ), gone AS (
