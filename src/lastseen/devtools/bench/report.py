@@ -40,7 +40,7 @@ def render(results: dict[str, Any]) -> str:
                 str(lat["max"]),
                 cpu,
                 " ".join(f"{k}={v:.0f}" for k, v in r.get("cpu_us_per_request", {}).items()),
-                str(r.get("wal_bytes_per_request", "")),
+                str(r.get("wal_bytes_per_request") or "-"),
             )
         console.print(table)
         console.print(
@@ -189,7 +189,7 @@ def render(results: dict[str, Any]) -> str:
                 f"vs {r['noop_per_s']:.0f}/s do-nothing = {r['ratio']:.2f}; reply p99 "
                 f"{r['reply_p99_ms']} ms; cpu µs per callback "
                 + " ".join(f"{k}={v:.0f}" for k, v in r["cpu_us_per_callback"].items())
-                + f"; WAL {r['wal_bytes_per_callback']} bytes per callback"
+                + f"; WAL {r.get('wal_bytes_per_callback') or '-'} bytes per callback"
             )
         console.print(
             f"box: ratio {s['ratio_median']:.2f} (median; goal >= 0.4), every callback "
