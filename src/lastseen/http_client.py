@@ -57,6 +57,11 @@ class HttpError(Exception):
         self.detail = detail
 
 
+def _client_closed() -> HttpError:
+    # A new one per request: a shared exception would gather every raiser's traceback.
+    return HttpError("connection", "the client closed")
+
+
 class _Exchange:
     """One request, from its first send to its answer."""
 
@@ -371,8 +376,7 @@ class UpstreamClient:
         if self._closed:
             # Told on the next turn of the loop: an answer never comes from inside ``start``,
             # so a caller that starts the next request from its callback cannot recurse.
-            failure = HttpError("connection", "the client closed")
-            asyncio.get_running_loop().call_soon(exchange.on_answer, failure)
+            asyncio.get_running_loop().call_soon(exchange.on_answer, _client_closed())
             return
         idle = self._idle
         while idle and idle[-1].closed:
@@ -414,7 +418,7 @@ class UpstreamClient:
             exchange.on_answer(exc)
             return
         except asyncio.CancelledError:
-            exchange.on_answer(HttpError("connection", "the client closed"))
+            exchange.on_answer(_client_closed())
             raise
         except Exception as exc:  # whatever it is, the caller hears of it: no request is lost
             exchange.on_answer(HttpError("connection", repr(exc)))
@@ -464,7 +468,7 @@ class UpstreamClient:
             task.cancel()
         await asyncio.gather(*self._connecting, return_exceptions=True)
         while self._queued:
-            self._queued.popleft().on_answer(HttpError("connection", "the client closed"))
+            self._queued.popleft().on_answer(_client_closed())
         for conn in list(self._all):
             conn.close()
         self._all.clear()
