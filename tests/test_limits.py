@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lastseen.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
 from lastseen.settings import Settings
-from lastseen.worker_processes import child_environment
+from lastseen.worker_processes import child_settings
 
 SET = 15_000  # LASTSEEN_MAX_LOOKUPS in these tests
 
@@ -50,5 +50,6 @@ def test_serve_tells_its_worker_processes_how_many_share_the_ports() -> None:
     """A worker process's settings, as ``lastseen serve`` hands them down, say how many worker
     processes the instance runs."""
     parent = Settings.load({"LASTSEEN_WORKER_PROCESSES": "3"})
-    child = Settings.load(child_environment(parent, "postgresql://h/db", 1234, "host:1/worker-0"))
+    handed = child_settings(parent, "postgresql://h/db", 1234, "host:1/worker-0", "token")
+    child = Settings.decode(handed.encode())
     assert (child.role, child.port_share) == ("worker", 3)

@@ -29,7 +29,7 @@ from lastseen.errors import DatabaseError, SpoolFailed
 from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import CallbackHandler
-from lastseen.leases import holder_name
+from lastseen.leases import instance_name, named
 from lastseen.limits import fit_lookups
 from lastseen.metrics import Metrics
 from lastseen.pipeline import Pipeline
@@ -66,7 +66,7 @@ class Service:
         worker_processes: WorkerProcesses | None = None,
         tracer: Tracer | None = None,
     ) -> None:
-        self.settings = s = settings
+        self.settings = s = named(settings)
         self.db = db
         self.metrics = m = metrics or Metrics()
         self.worker_processes = worker_processes
@@ -108,6 +108,7 @@ class Service:
         self.readiness = Readiness(
             self._upstream_failing if runs_lookups else None,
             self.commit if self.spool is not None else None,
+            worker_processes.trouble if worker_processes is not None else None,
         )
         scrape = worker_processes.scrape if worker_processes else None
         # The status page belongs to the instance, so to its first process, not to each
@@ -119,7 +120,7 @@ class Service:
                 m,
                 self.readiness,
                 scrape,
-                instance=holder_name(s.instance_id, s.listen),
+                instance=instance_name(s),
                 role=s.role,
                 ui=s.ui,
             )
@@ -372,6 +373,7 @@ async def run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     if settings.role == "worker" and settings.parent_pid is not None:
         die_with_parent(settings.parent_pid)
+    settings = named(settings)
     # With worker processes, the pipeline moves to them; this process keeps the front door.
     spawns_workers = settings.role == "all" and settings.worker_processes > 0
     here = settings.replace(role="ingest") if spawns_workers else settings
@@ -382,8 +384,11 @@ async def run(settings: Settings) -> int:
     tracer = None if tracing is None else tracing[0]
     try:
         async with database(settings) as db, upstream_client(here) as client:
-            children = WorkerProcesses(settings, db) if spawns_workers else None
-            service = Service(here, db, client, worker_processes=children, tracer=tracer)
+            metrics = Metrics()
+            children = None
+            if spawns_workers:
+                children = WorkerProcesses(settings, db, instance_name(settings), metrics)
+            service = Service(here, db, client, metrics, worker_processes=children, tracer=tracer)
             failure = await service.run_until(stop)
     finally:
         if tracing is not None:

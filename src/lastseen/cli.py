@@ -19,6 +19,7 @@ from lastseen.errors import LastseenError
 from lastseen.limits import raise_open_file_limit
 from lastseen.model import DeadLetterFilter
 from lastseen.settings import Settings, add_arguments, from_arguments
+from lastseen.worker_processes import WORKER_COMMAND
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -99,9 +100,10 @@ async def _discard_dead_letters(settings: Settings, args: argparse.Namespace) ->
 async def _drain_spool(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.app import database
     from lastseen.inbox import drain_batch
+    from lastseen.leases import named
     from lastseen.spool import Spool, spool_path
 
-    paths: list[Path] = args.files or [spool_path(settings)]
+    paths: list[Path] = args.files or [spool_path(named(settings))]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         print(f"lastseen: no spool file at {', '.join(missing)}", file=sys.stderr)
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (HTTP ingest and the pipeline)")
     add_arguments(serve)
     serve.set_defaults(run=_serve)
+    # Started by lastseen serve, with its settings on standard input; not listed in --help.
+    commands.add_parser(WORKER_COMMAND).set_defaults(run=_serve)
 
     dead = commands.add_parser("dead-letters", help="list the ids that could not be looked up")
     _dead_letter_arguments(dead, limit=1000)
@@ -448,7 +452,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = from_arguments(args)
+        if args.command == WORKER_COMMAND:
+            settings = Settings.decode(sys.stdin.buffer.read())
+        else:
+            settings = from_arguments(args)
     except LastseenError as exc:
         parser.error(str(exc))
     logs.configure(settings.log_format, settings.log_level)

@@ -24,20 +24,30 @@ import structlog
 from lastseen.errors import DatabaseError
 from lastseen.metrics import Metrics
 from lastseen.model import Claimed, HeldCallback
+from lastseen.settings import Settings
 from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.leases")
 
 
-def holder_name(instance_id: str | None, listen: tuple[str, int]) -> str:
-    """The name this instance's leases carry: ``instance_id`` if set, else the host name and
-    listen port, which a restart on the same machine keeps. An instance on a port chosen at
-    random has no successor to take anything back, so it gets a name of its own."""
-    if instance_id:
-        return instance_id
-    port = listen[1]
+def named(settings: Settings) -> Settings:
+    """``settings`` with the instance's one name in ``instance_id``, resolved once by the
+    composition root for everything that names the instance (its leases, its spool file, its
+    status page): as given, else the host name and listen port, which a restart on the same
+    machine keeps. An instance on a port chosen at random has no successor to take anything
+    back, so it gets a name of its own."""
+    if settings.instance_id:
+        return settings
+    port = settings.listen[1]
     suffix = str(port) if port else uuid.uuid4().hex[:12]
-    return f"{socket.gethostname()}:{suffix}"
+    return settings.replace(instance_id=f"{socket.gethostname()}:{suffix}")
+
+
+def instance_name(settings: Settings) -> str:
+    """The name ``named`` gave the instance."""
+    if settings.instance_id is None:
+        raise ValueError("settings without an instance name: pass them through named()")
+    return settings.instance_id
 
 
 async def take_back(db: Database, holder: str, event: str) -> None:

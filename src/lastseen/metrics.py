@@ -213,6 +213,11 @@ class Metrics:
             "Worker processes of this instance whose metrics this scrape could read",
             registry=r,
         )
+        self.worker_process_restarts = Counter(
+            "lastseen_worker_process_restarts",
+            "Worker processes of this instance started again after they exited",
+            registry=r,
+        )
         self.callbacks_claimed = Counter(
             "lastseen_callbacks_claimed", "Callbacks leased by this instance", registry=r
         )

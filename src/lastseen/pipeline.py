@@ -15,7 +15,7 @@ import structlog
 
 from lastseen.errors import DatabaseError
 from lastseen.http_client import UpstreamClient
-from lastseen.leases import HeldCallbacks, Leases, holder_name
+from lastseen.leases import HeldCallbacks, Leases, instance_name
 from lastseen.lookups import Fetch, Lookups
 from lastseen.metrics import Metrics
 from lastseen.reaper import Reaper
@@ -50,7 +50,7 @@ class Pipeline:
         self.leases = Leases(
             db,
             self.held,
-            holder_name(s.instance_id, s.listen),
+            instance_name(s),
             lease=s.lease,
             batch=s.claim_batch,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import platformdirs
 
 from lastseen.errors import ConfigError
@@ -464,6 +465,33 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def encode(self) -> bytes:
+        """These settings whole, resolved (secrets read from their files included), for
+        ``decode`` in a child process: what the parent resolved is what the child runs."""
+        return msgspec.json.encode(self, enc_hook=_encode_value)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Settings:
+        """Settings made by ``encode``; ``ConfigError`` if ``data`` is not that."""
+        try:
+            settings = msgspec.json.decode(data, type=cls, dec_hook=_decode_value)
+        except msgspec.DecodeError as exc:
+            raise ConfigError("settings", f"not the settings of a lastseen process: {exc}") from exc
+        settings.check()
+        return settings
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise NotImplementedError(type(value))
+
+
+def _decode_value(kind: type, value: Any) -> Any:
+    if kind is Path:
+        return Path(value)
+    raise NotImplementedError(kind)
 
 
 # Set by lastseen itself, or for its benchmark: accepted, not offered in --help.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lastseen.errors import SpoolFailed, SpoolFull
-from lastseen.leases import holder_name
+from lastseen.leases import instance_name
 from lastseen.settings import Settings
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def spool_path(settings: Settings) -> Path:
     instance in the data directory, so that a restart under the same name finds it."""
     if settings.spool_path is not None:
         return settings.spool_path
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", holder_name(settings.instance_id, settings.listen))
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", instance_name(settings))
     return settings.data_dir / "spool" / f"{name}.sqlite3"
 
 

@@ -47,15 +47,18 @@ class Readiness:
     details that do not make it unready (it still stores callbacks), whether the upstream is
     failing, asked of ``upstream_failing`` (None where no pipeline runs), and whether callbacks
     go to the local spool, asked of ``spool`` (None where there is none): an instance that
-    cannot reach its database but can spool is ready, degraded."""
+    cannot reach its database but can spool is ready, degraded. A worker process that keeps
+    failing to start, asked of ``worker_trouble``, makes it unready: nothing would be looked up."""
 
     def __init__(
         self,
         upstream_failing: Callable[[], Awaitable[bool]] | None = None,
         spool: Spooling | None = None,
+        worker_trouble: Callable[[], str | None] | None = None,
     ) -> None:
         self.upstream_failing = upstream_failing
         self.spool = spool
+        self.worker_trouble = worker_trouble
         self.unreachable = False  # the last check (or migration) found no database
         self.reason = "migrations not applied yet"
         self.draining = False  # shutting down: tell load balancers, while still serving
@@ -94,6 +97,9 @@ class Readiness:
         """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
         ``upstream_failing``, when the caller already knows it, spares asking again."""
         reason = await self.check(db)
+        trouble = None if self.worker_trouble is None else self.worker_trouble()
+        if reason is None and trouble is not None:
+            return {"ready": False, "reason": trouble}
         answer: dict[str, str | bool] = {"ready": True}
         spool = self.spool
         if reason is not None:

@@ -6,10 +6,13 @@ the producer's 1 s timeout, so a busy pipeline would cost callbacks. In its own 
 pipeline can saturate a core while the front door, mostly idle, is scheduled at once.
 
 ``lastseen serve`` (role ``all``) runs the ingest itself and starts ``worker_processes``
-children as ``lastseen serve --role worker`` with the same settings. A child that exits is
-logged and started again after a backoff; a child outlives no parent (it gets SIGTERM when the
-parent dies, even by kill -9, and then hands its leases back). Each child serves /metrics on a
-loopback port of its own; the parent's /metrics adds them up, so one scrape sees everything.
+children, each handed the settings this process resolved, whole, on its standard input
+(secrets read from files included: a child that read the environment again could disagree
+with its parent). A child that exits is logged and started again after a backoff; a child
+outlives no parent (it gets SIGTERM when the parent dies, even by kill -9, and then hands its
+leases back). Each child serves /metrics on a loopback port of its own, behind a token only
+the parent knows; the parent's /metrics adds them up, so one scrape sees everything. A child
+that keeps failing to start makes /ready 503.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
+import secrets
 import signal
 import socket
 import sys
@@ -26,13 +31,17 @@ import aiohttp
 import structlog
 
 from lastseen.backoff import backoff
-from lastseen.leases import holder_name, take_back
-from lastseen.settings import OPTIONS, Settings
+from lastseen.leases import take_back
+from lastseen.metrics import Metrics
+from lastseen.settings import Settings
 from lastseen.storage.database import Database
 
 log = structlog.get_logger("lastseen.worker_processes")
 
 _PR_SET_PDEATHSIG = 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The hidden subcommand a worker process runs: it reads its settings from standard input.
+WORKER_COMMAND = "worker-process"
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -50,82 +59,137 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def child_environment(
-    settings: Settings, database_url: str, port: int, holder: str
-) -> dict[str, str]:
-    """The parent's settings as LASTSEEN_* variables, with the child's own role, port, and
-    the name its leases carry."""
-    env = dict(os.environ)
-    for option in OPTIONS:
-        value = getattr(settings, option.field)
-        if value is None:
-            env.pop(option.env, None)
-            continue
-        if option.field == "listen":
-            value = f"127.0.0.1:{port}"
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[option.env] = str(value)
-    env.update(
-        LASTSEEN_ROLE="worker",
-        LASTSEEN_DATABASE_URL=database_url,
-        LASTSEEN_WORKER_PROCESSES="0",
-        LASTSEEN_PARENT_PID=str(os.getpid()),
-        LASTSEEN_PORT_SHARE=str(settings.worker_processes),
-        LASTSEEN_INSTANCE_ID=holder,
+def child_settings(
+    settings: Settings, database_url: str, port: int, holder: str, token: str
+) -> Settings:
+    """What a worker process runs: the parent's settings, resolved, with the child's role,
+    database (the embedded server's, where the parent started one), port and lease name. Its HTTP routes (only ``/metrics`` is read, by the parent) take
+    ``token`` as their admin token, a credential that no client knows; the intake secrets it
+    does not need are left out."""
+    return settings.replace(
+        database_url=database_url,
+        role="worker",
+        listen=("127.0.0.1", port),
+        worker_processes=0,
+        parent_pid=os.getpid(),
+        port_share=settings.worker_processes,
+        instance_id=holder,
+        admin_token=token,
+        admin_token_file=None,
+        webhook_secret=None,
+        webhook_secret_file=None,
+        intake_token=None,
+        intake_token_file=None,
     )
-    return env
+
+
+def child_environment() -> dict[str, str]:
+    """The parent's environment without ``LASTSEEN_*``: a child's settings come whole on its
+    standard input, and nothing in the environment may say otherwise."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LASTSEEN_")}
+
+
+# Failed starts in a row after which readiness reports the worker process as broken.
+FAILED_STARTS = 3
+# A child that ran this long had started: its next exit begins a new count.
+STARTED_AFTER = 2.0
 
 
 class WorkerProcess:
     """One child, started again whenever it exits until ``stop``. Its leases carry the name
     ``holder``, the same for every child of this slot: when one dies, what it held is handed
-    back at once, and its successor would take it back anyway."""
+    back at once, and its successor would take it back anyway. Its standard error passes
+    through this process's, and its last line is kept: it says why a child that keeps dying
+    died."""
 
-    def __init__(self, number: int, settings: Settings, db: Database, holder: str) -> None:
+    def __init__(
+        self,
+        number: int,
+        settings: Settings,
+        db: Database,
+        holder: str,
+        token: str,
+        metrics: Metrics,
+    ) -> None:
         self.number = number
         self.settings = settings
         self.db = db
         self.holder = holder
+        self.token = token
+        self.metrics = metrics
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
+        self.failed_starts = 0  # in a row
+        self.last_error: str | None = None
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/metrics"
 
+    @property
+    def trouble(self) -> str | None:
+        """Why this worker process cannot run, once it failed to start a few times in a row."""
+        if self.failed_starts < FAILED_STARTS:
+            return None
+        why = f": {self.last_error}" if self.last_error else ""
+        return f"worker process {self.number} cannot start ({self.failed_starts} tries){why}"
+
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.port = _free_port()
-        env = child_environment(self.settings, self.db.url, self.port, self.holder)
-        return await asyncio.create_subprocess_exec(
+        settings = child_settings(self.settings, self.db.url, self.port, self.holder, self.token)
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "lastseen",
-            "serve",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
+            WORKER_COMMAND,
+            env=child_environment(),
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
+        assert proc.stdin is not None
+        proc.stdin.write(settings.encode())
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        return proc
+
+    async def _pass_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        out = sys.stderr.buffer
+        while line := await proc.stderr.readline():
+            out.write(line)
+            out.flush()
+            text = _ANSI.sub("", line.decode(errors="replace")).strip()
+            if text:
+                self.last_error = text[:500]
 
     async def run(self) -> None:
         """Keeps the child running; returns after ``stop``."""
-        crashes = 0  # in a row: a child that ran a minute starts the count afresh
         while not self._stopping:
-            self.proc = await self._spawn()
-            log.info("worker process started", number=self.number, pid=self.proc.pid)
+            self.last_error = None
+            self.proc = proc = await self._spawn()
+            log.info("worker process started", number=self.number, pid=proc.pid)
             started = asyncio.get_running_loop().time()
-            code = await self.proc.wait()
+            code, _ = await asyncio.gather(proc.wait(), self._pass_stderr(proc))
             if self._stopping or code == 0:
                 # 0 is a clean stop, asked for by a signal (Ctrl-C reaches the whole process
                 # group before this process gets to stop its children): not a crash.
                 return
-            log.error("worker process exited; starting it again", number=self.number, code=code)
+            self.metrics.worker_process_restarts.inc()
+            ran_a_while = asyncio.get_running_loop().time() - started > STARTED_AFTER
+            self.failed_starts = 0 if ran_a_while else self.failed_starts + 1
+            log.error(
+                "worker process exited; starting it again",
+                number=self.number,
+                code=code,
+                last_line=self.last_error,
+                failed_starts=self.failed_starts,
+            )
             await take_back(self.db, self.holder, "handed back a dead worker's callbacks")
             # A child that ran for a while is started again at once; one that dies as it
             # starts (a bad setting, a broken install) ever more slowly.
-            ran_a_while = asyncio.get_running_loop().time() - started > 2.0
-            crashes = 1 if ran_a_while else crashes + 1
-            await asyncio.sleep(backoff(crashes, 0.2, 30.0))
+            await asyncio.sleep(0 if ran_a_while else backoff(self.failed_starts, 0.2, 30.0))
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""
@@ -145,13 +209,18 @@ class WorkerProcess:
 class WorkerProcesses:
     """The children of one ``lastseen serve``."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, instance: str, metrics: Metrics) -> None:
         self.settings = settings
-        parent = holder_name(settings.instance_id, settings.listen)
+        # The parent's own credential for its children's routes; it never leaves this host.
+        self.token = secrets.token_urlsafe(32)
         self.children = [
-            WorkerProcess(n, settings, db, f"{parent}/worker-{n}")
+            WorkerProcess(n, settings, db, f"{instance}/worker-{n}", self.token, metrics)
             for n in range(settings.worker_processes)
         ]
+
+    def trouble(self) -> str | None:
+        """Why some worker process cannot run, if one cannot."""
+        return next((t for c in self.children if (t := c.trouble) is not None), None)
 
     async def scrape(self, timeout: float = 3.0) -> list[tuple[str, str]]:
         """(name, /metrics text) of each child that answers in time."""
@@ -161,10 +230,16 @@ class WorkerProcesses:
                 async with http.get(child.metrics_url) as response:
                     if response.status == 200:
                         return f"worker-{child.number}", await response.text()
+                    log.warning(
+                        "a worker process's metrics were refused",
+                        number=child.number,
+                        status=response.status,
+                    )
             return None
 
         client_timeout = aiohttp.ClientTimeout(total=timeout)
-        async with aiohttp.ClientSession(timeout=client_timeout) as http:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with aiohttp.ClientSession(timeout=client_timeout, headers=headers) as http:
             texts = await asyncio.gather(*(one(http, c) for c in self.children))
         return [t for t in texts if t is not None]
 
