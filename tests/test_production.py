@@ -1,0 +1,250 @@
+"""The end-to-end path in the configuration operators run, beside the default one.
+
+``production``: every secret from a file (webhook secret, admin token), a producer that signs
+every request with Standard Webhooks, and two worker processes. The same scenarios run in both:
+callbacks in, every acknowledged id in ``objects``, the worker processes' figures in /metrics
+and /status, a dead letter retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime
+import itertools
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import msgspec
+import pytest
+import standardwebhooks
+from helpers.services import Spawn, StartUpstream, fast_settings
+from helpers.waiting import eventually
+
+from lastseen import worker_processes
+from lastseen.app import Service, upstream_client
+from lastseen.leases import named
+from lastseen.metrics import Metrics
+from lastseen.storage.database import Database
+from lastseen.worker_processes import WorkerProcesses
+
+SECRET = "whsec_" + base64.b64encode(b"production-secret-production-sec").decode()
+ADMIN = "admin-token-from-a-file"
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass
+class Deployment:
+    """How one configuration is started and how its clients talk to it."""
+
+    name: str
+    env: dict[str, str]
+    worker_processes: int
+    signs: bool
+
+    def producer_headers(self, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.signs:
+            msg_id = f"msg_{next(_ids)}"
+            now = time.time()
+            signature = standardwebhooks.Webhook(SECRET).sign(msg_id, _datetime(now), body.decode())
+            headers.update(
+                {
+                    "webhook-id": msg_id,
+                    "webhook-timestamp": str(int(now)),
+                    "webhook-signature": signature,
+                }
+            )
+        return headers
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        if "LASTSEEN_ADMIN_TOKEN_FILE" not in self.env:
+            return {}
+        return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def _datetime(epoch: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+
+
+def configured(name: str, tmp_path: Path, db_url: str) -> Deployment:
+    """The ``default`` or the ``production`` configuration on the test's database."""
+    env = {"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_TTL": "30"}
+    if name == "default":
+        return Deployment("default", env, 1, signs=False)
+    secret, admin = tmp_path / "webhook-secret", tmp_path / "admin-token"
+    secret.write_text(SECRET + "\n")
+    admin.write_text(ADMIN + "\n")
+    secret.chmod(0o400)
+    admin.chmod(0o400)
+    env.update(
+        LASTSEEN_WEBHOOK_SECRET_FILE=str(secret),
+        LASTSEEN_ADMIN_TOKEN_FILE=str(admin),
+        LASTSEEN_WORKER_PROCESSES="2",
+    )
+    return Deployment("production", env, 2, signs=True)
+
+
+@pytest.fixture(params=["default", "production"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> Deployment:
+    return configured(request.param, tmp_path, db_url)
+
+
+async def _post(
+    http: aiohttp.ClientSession, url: str, deployment: Deployment, ids: list[int]
+) -> int:
+    body = msgspec.json.encode({"object_ids": ids})
+    async with http.post(
+        url + "/callback", data=body, headers=deployment.producer_headers(body)
+    ) as response:
+        return response.status
+
+
+async def _metrics(http: aiohttp.ClientSession, url: str, headers: Mapping[str, str]) -> str:
+    async with http.get(url + "/metrics", headers=headers) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+def _total(text: str, name: str) -> float:
+    """The sum of every sample of ``name`` (over its labels)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+@pytest.mark.slow
+async def test_every_acknowledged_id_reaches_objects(
+    deployment: Deployment, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """60 callbacks of 20 ids, 20 at a time: every one acknowledged, every online id among
+    them in ``objects``; /metrics (with the admin token where there is one) shows the worker
+    processes' lookups and every worker process up, and /status the pipeline's figures."""
+    upstream, upstream_url = await start_upstream()
+    serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    callbacks = [list(range(i * 10, i * 10 + 20)) for i in range(60)]
+    async with aiohttp.ClientSession() as http:
+        statuses: list[int] = []
+        for start in range(0, len(callbacks), 20):
+            statuses += await asyncio.gather(
+                *(_post(http, serve.url, deployment, ids) for ids in callbacks[start : start + 20])
+            )
+        assert statuses == [202] * len(callbacks)
+        online = {i for ids in callbacks for i in ids if i % 2 == 0}
+
+        async def all_stored() -> bool:
+            rows = await sql.fetch("SELECT id FROM objects")
+            return {r["id"] for r in rows} == online
+
+        await eventually(all_stored, timeout=30)
+        text = await _metrics(http, serve.url, deployment.admin_headers)
+        assert _total(text, "lastseen_lookups_total") >= len(online)
+        assert _total(text, "lastseen_worker_processes_up") == deployment.worker_processes
+        assert _total(text, "lastseen_worker_process_restarts_total") == 0
+        async with http.get(serve.url + "/status", headers=deployment.admin_headers) as response:
+            status = await response.json()
+        assert status["totals"]["lookups"] >= len(online)
+        assert status["totals"]["received"] == len(callbacks)
+        assert status["ready"]["upstream"] == "ok"
+    assert upstream.stats["requests"] >= len({i for ids in callbacks for i in ids})
+
+
+@pytest.mark.slow
+async def test_a_dead_letter_is_retried(
+    deployment: Deployment, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
+) -> None:
+    """An id the upstream first refuses (400) becomes a dead letter; a retry through the admin
+    route (with the admin token where there is one) brings it into ``objects``."""
+    upstream, upstream_url = await start_upstream(first_faults=("invalid_400",))
+    serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, serve.url, deployment, [42]) == 202
+        await eventually(
+            lambda: sql.fetchval("SELECT count(*) = 1 FROM dead_letters WHERE object_id = 42"),
+            timeout=20,
+        )
+        callback_id = await sql.fetchval("SELECT callback_id FROM dead_letters")
+        async with http.post(
+            serve.url + "/dead-letters/retry",
+            json={"callback_id": callback_id},
+            headers=deployment.admin_headers,
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert len((await response.json())["callbacks_created"]) == 1
+        await eventually(
+            lambda: sql.fetchval("SELECT count(*) = 1 FROM objects WHERE id = 42"), timeout=20
+        )
+    assert upstream.requests_by_id[42] == 2
+
+
+@pytest.mark.slow
+async def test_production_refuses_what_it_must(
+    sql: asyncpg.Connection,
+    start_upstream: StartUpstream,
+    spawn: Spawn,
+    tmp_path: Path,
+    db_url: str,
+) -> None:
+    """In the production configuration: an unsigned POST gets 401, /metrics without the admin
+    token 401, and nothing of either is stored."""
+    _, upstream_url = await start_upstream()
+    production = configured("production", tmp_path, db_url)
+    serve = await spawn(env={**production.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(serve.url + "/callback", json={"object_ids": [1]}) as response:
+            assert response.status == 401
+        async with http.get(serve.url + "/metrics") as response:
+            assert response.status == 401
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 0
+
+
+async def test_a_worker_process_that_cannot_start_makes_ready_fail(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker process whose port is taken dies as it starts, again and again: within 10 s
+    /ready answers 503 naming the worker process and the child's last line, and the restarts
+    are counted."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(worker_processes, "_free_port", lambda: port)
+        settings = fast_settings(database_url=db_url, role="ingest", worker_processes=1)
+        db = await Database.open(db_url, size=2, timeout=5)
+        metrics = Metrics()
+        children = WorkerProcesses(named(settings), db, "test-instance", metrics)
+        async with upstream_client(settings) as client:
+            service = Service(settings, db, client, metrics, worker_processes=children)
+            await service.start()
+            try:
+                url = f"http://127.0.0.1:{service.port}/ready"
+                started = time.monotonic()
+                async with aiohttp.ClientSession() as http:
+
+                    async def unready() -> bool:
+                        async with http.get(url) as response:
+                            reason = (await response.json()).get("reason", "")
+                            return response.status == 503 and "worker process" in reason
+
+                    await eventually(unready, timeout=10)
+                    async with http.get(url) as response:
+                        answer = await response.json()
+                assert time.monotonic() - started < 10
+                assert answer["ready"] is False
+                assert answer["reason"].startswith("worker process 0 cannot start")
+                assert "address already in use" in answer["reason"].lower()
+                restarts = metrics.registry.get_sample_value(
+                    "lastseen_worker_process_restarts_total"
+                )
+                assert restarts is not None and restarts >= 3
+            finally:
+                await service.stop()
+                await db.close()
