@@ -150,6 +150,42 @@ async def test_a_signed_callback_sent_again_is_stored_once(
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
 
 
+async def test_a_signed_request_s_key_is_its_webhook_id_whatever_else_it_says(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """A captured signed request sent again with an Idempotency-Key of its own is still the
+    same message: one callback, the first one's id."""
+    service = await start_service(role="ingest", webhook_secret=SECRET)
+    body = '{"object_ids": [3]}'
+    headers = _signed(body, msg_id="msg_replayed")
+    first = await service.post(body, headers=headers)
+    again = await service.post(body, headers={**headers, "Idempotency-Key": "fresh"})
+    assert again == first
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 1
+
+
+async def test_keyed_requests_share_group_commits(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """200 signed requests, each sent twice, all at once: committed in groups (far fewer commits
+    than requests), each key stored once, a repeat answered with the first one's id; the same
+    key with other ids afterwards 422."""
+    service = await start_service(role="ingest", webhook_secret=SECRET)
+    bodies = [(f"msg_{n}", f'{{"object_ids": [{n}]}}') for n in range(200)]
+    answers = await asyncio.gather(
+        *(service.post(body, headers=_signed(body, msg_id=key)) for key, body in bodies * 2)
+    )
+    assert [status for status, _ in answers] == [202] * 400
+    assert answers[200:] == answers[:200]
+    other = '{"object_ids": [999]}'
+    status, error = await service.post(other, headers=_signed(other, msg_id="msg_0"))
+    assert (status, error["error"]) == (422, "idempotency_key_reused")
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 200
+    assert await sql.fetchval("SELECT count(*) FROM idempotency_keys") == 200
+    commits = service.sample("lastseen_commit_batch_size_count")
+    assert 0 < commits < 200
+
+
 async def test_a_callback_can_be_looked_up_by_its_id(
     start_service: StartService, sql: asyncpg.Connection
 ) -> None:

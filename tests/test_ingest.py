@@ -227,11 +227,12 @@ async def test_a_client_over_its_rate_gets_429(
     start_service: StartService, sql: asyncpg.Connection
 ) -> None:
     """With a per-client rate, a client beyond its burst gets 429 with Retry-After and nothing
-    is stored; another client (another bearer token) has a bucket of its own; the metric names
-    clients by a digest of their token, never the token."""
-    service = await start_service(role="ingest", client_rate=1.0, client_burst=2.0)
+    is stored; the metric names a client by a digest of its verified token, never the token; a
+    wrong token is refused (401) before any bucket is asked."""
+    service = await start_service(
+        role="ingest", client_rate=1.0, client_burst=2.0, intake_token="secret-token-a"
+    )
     a = {"Authorization": "Bearer secret-token-a"}
-    b = {"Authorization": "Bearer secret-token-b"}
     assert (await service.post('{"object_ids": [1]}', headers=a))[0] == 202
     assert (await service.post('{"object_ids": [2]}', headers=a))[0] == 202
     async with service.http.post(
@@ -240,14 +241,29 @@ async def test_a_client_over_its_rate_gets_429(
         assert response.status == 429
         assert response.headers["Retry-After"] == "1"
         assert (await response.json())["error"] == "rate_limited"
-    assert (await service.post('{"object_ids": [4]}', headers=b))[0] == 202
-    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 3
+    wrong = {"Authorization": "Bearer secret-token-b"}
+    assert (await service.post('{"object_ids": [4]}', headers=wrong))[0] == 401
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2
     async with service.http.get(service.url + "/metrics") as response:
         text = await response.text()
     assert "secret-token" not in text
     limited = [line for line in text.splitlines() if "lastseen_client_rate_limited_total{" in line]
     assert len(limited) == 1
     assert limited[0].startswith('lastseen_client_rate_limited_total{client="token:')
+
+
+async def test_unverified_tokens_do_not_get_buckets_of_their_own(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """With no intake token, a bearer token proves nothing: a client sending a new random
+    token with every request is limited by its address like any other."""
+    service = await start_service(role="ingest", client_rate=1.0, client_burst=2.0)
+    statuses = [
+        (await service.post('{"object_ids": [1]}', headers={"Authorization": f"Bearer r{n}"}))[0]
+        for n in range(3)
+    ]
+    assert statuses == [202, 202, 429]
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2
 
 
 def test_client_limits_refill_and_stay_bounded() -> None:

@@ -244,7 +244,8 @@ async def test_a_worker_process_that_cannot_start_makes_ready_fail(
                 restarts = metrics.registry.get_sample_value(
                     "lastseen_worker_process_restarts_total"
                 )
-                assert restarts is not None and restarts >= 3
+                assert restarts is not None
+                assert restarts >= 3
             finally:
                 await service.stop()
                 await db.close()

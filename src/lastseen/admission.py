@@ -1,5 +1,5 @@
 """Per-client rate limits on ``POST /callback`` (off by default): a token bucket per client,
-the client being its bearer token when it sends one, else its address.
+the client being its bearer token when it sends one that was verified, else its address.
 
 A producer that misbehaves (a retry loop, a replayed backlog) must not take the front door from
 the others. Buckets are kept for the most recently seen ``MAX_CLIENTS`` clients, so a flood of
@@ -18,12 +18,11 @@ MAX_CLIENTS = 10_000
 MAX_LABELS = 100
 
 
-def client_of(authorization: str | None, address: str | None) -> str:
-    """The name a client is limited and counted by: a digest of its bearer token (never the
-    token itself: it ends up in metrics), else its address."""
-    if authorization and authorization[:7].lower() == "bearer ":
-        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:12]
-        return f"token:{digest}"
+def client_of(token: str | None, address: str | None) -> str:
+    """The name a client is limited and counted by: a digest of its verified bearer token
+    (never the token itself: it ends up in metrics), else its address."""
+    if token is not None:
+        return f"token:{hashlib.sha256(token.encode()).hexdigest()[:12]}"
     return address or "unknown"
 
 

@@ -51,10 +51,25 @@ class IntakeAuth:
     def required(self) -> bool:
         return self.webhook is not None or self.intake_token is not None
 
+    def verified_token(self, headers: Mapping[str, str]) -> str | None:
+        """The request's bearer token if it is the intake token."""
+        authorization = headers.get("Authorization")
+        if self.intake_token is not None and token_matches(authorization, self.intake_token):
+            return self.intake_token
+        return None
+
+    def signed(self, headers: Mapping[str, str]) -> bool:
+        """Whether a request that passed ``refusal`` passed it by its signature."""
+        return (
+            self.webhook is not None
+            and "webhook-signature" in headers
+            and self.verified_token(headers) is None
+        )
+
     def refusal(self, headers: Mapping[str, str], body: bytes) -> str | None:
         """None if the request may store a callback, else why not (for a 401)."""
         authorization = headers.get("Authorization")
-        if self.intake_token is not None and token_matches(authorization, self.intake_token):
+        if self.verified_token(headers) is not None:
             return None
         if self.webhook is not None:
             if "webhook-signature" not in headers and bearer(authorization) is None:

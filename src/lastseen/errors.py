@@ -42,6 +42,15 @@ class Unauthorized(LastseenError):
     (never what was expected)."""
 
 
+class RateLimited(LastseenError):
+    """A client sent more than its rate; it may send again after ``wait`` seconds."""
+
+    def __init__(self, rate: float, wait: float) -> None:
+        super().__init__(f"more than {rate:g} callbacks per second")
+        self.rate = rate
+        self.wait = wait
+
+
 class IdempotencyConflict(LastseenError):
     """An idempotency key already stored with another body."""
 

@@ -70,6 +70,8 @@ class _Entry:
     ids: str  # array literal, see storage.database.id_array
     future: asyncio.Future[int | str]
     deadline: float  # loop time after which the request gets its 503
+    key: str | None = None  # idempotency key
+    digest: str | None = None  # of ``ids``, told apart from another body under the same key
 
 
 class GroupCommit:
@@ -146,49 +148,34 @@ class GroupCommit:
         ``SpoolFailed`` when it could be stored in neither place. ``NotAccepting`` is raised at
         once after ``close``, and before ``open`` where there is no spool.
         """
+        return self._enqueue(received_at, object_ids, None)
+
+    def _enqueue(
+        self, received_at: float, object_ids: Sequence[int], key: str | None
+    ) -> asyncio.Future[int | str]:
         if self._closing:
             raise NotAccepting("shutting down")
         if not self._open and self.spool is None:
             raise NotAccepting("starting: the schema is not migrated yet")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int | str] = loop.create_future()
-        entry = _Entry(received_at, id_array(object_ids), future, loop.time() + self.timeout)
+        literal = id_array(object_ids)
+        entry = _Entry(received_at, literal, future, loop.time() + self.timeout)
+        if key is not None:
+            entry.key = key
+            entry.digest = hashlib.sha256(literal.encode()).hexdigest()
         self._queue.append(entry)
         self._wake.set()
         return future
 
-    async def submit_keyed(
+    def submit_keyed(
         self, received_at: float, object_ids: Sequence[int], key: str
-    ) -> int | str:
-        """Stores one callback under an idempotency key, in its own transaction (keyed
-        requests are rare; the group commit stays as it is for the others): the id of the
-        callback first stored under ``key``, or ``IdempotencyConflict`` if that one had other
-        ids. While the database is away it goes to the spool like any other, unchecked."""
-        if self._closing:
-            raise NotAccepting("shutting down")
-        literal = id_array(object_ids)
-        if self.spool is not None and self.spooling:
-            return await self._spool_one(received_at, literal)
-        if not self._open:
-            raise NotAccepting("starting: the schema is not migrated yet")
-        digest = hashlib.sha256(literal.encode()).hexdigest()
-        try:
-            async with asyncio.timeout(self.spool_after if self.spool else self.timeout):
-                callback_id, stored, new = await self.db.insert_idempotent_callback(
-                    received_at, literal, key, digest
-                )
-        except (DatabaseUnavailable, TimeoutError) as exc:
-            if self.spool is None:
-                if isinstance(exc, TimeoutError):
-                    raise CommitTimeout(self.timeout) from None
-                raise
-            self.lose_database(str(exc) or "the commit took too long")
-            return await self._spool_one(received_at, literal)
-        if stored != digest:
-            raise IdempotencyConflict
-        if new:
-            self._committed.set()
-        return callback_id
+    ) -> asyncio.Future[int | str]:
+        """``submit`` under an idempotency key, in the same group commit: the future gives the
+        id of the callback first stored under ``key`` (this one, or an earlier one with the
+        same ids), or fails with ``IdempotencyConflict`` if the earlier one had other ids.
+        While the database is away it goes to the spool like any other, unchecked."""
+        return self._enqueue(received_at, object_ids, key)
 
     async def _spool_one(self, received_at: float, literal: str) -> str:
         (key,) = await self._append_to_spool([(received_at, literal)])
@@ -210,11 +197,20 @@ class GroupCommit:
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
         size = 0
+        keys: set[str] = set()
+        later: list[_Entry] = []  # a key sent again before its first request was committed
         while self._queue and len(batch) < self.max_batch and size < self.max_batch_bytes:
             entry = self._queue.popleft()
-            if not entry.future.done():
-                batch.append(entry)
-                size += len(entry.ids)
+            if entry.future.done():
+                continue
+            if entry.key is not None:
+                if entry.key in keys:
+                    later.append(entry)
+                    continue
+                keys.add(entry.key)
+            batch.append(entry)
+            size += len(entry.ids)
+        self._queue.extendleft(reversed(later))
         return batch
 
     async def run(self) -> None:
@@ -290,9 +286,18 @@ class GroupCommit:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.spool_after if self.spool is not None else None):
-                ids = await self.db.insert_callbacks(
-                    [e.received_at for e in batch], [e.ids for e in batch]
-                )
+                if any(e.key is not None for e in batch):
+                    answers = await self.db.insert_callbacks_keyed(
+                        [e.received_at for e in batch],
+                        [e.ids for e in batch],
+                        [e.key for e in batch],
+                        [e.digest for e in batch],
+                    )
+                else:
+                    ids = await self.db.insert_callbacks(
+                        [e.received_at for e in batch], [e.ids for e in batch]
+                    )
+                    answers = [(i, None) for i in ids]
         except (DatabaseUnavailable, TimeoutError) as exc:
             if self.spool is not None:
                 self.lose_database(str(exc) or "the commit took too long")
@@ -314,8 +319,12 @@ class GroupCommit:
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self.metrics.commit_batch.observe(len(batch))
         self._committed.set()
-        for entry, callback_id in zip(batch, ids, strict=True):
-            if not entry.future.done():
+        for entry, (callback_id, digest) in zip(batch, answers, strict=True):
+            if entry.future.done():
+                continue
+            if digest != entry.digest:
+                entry.future.set_exception(IdempotencyConflict())
+            else:
                 entry.future.set_result(callback_id)
 
     def _put_back(self, batch: list[_Entry], exc: Exception) -> None:

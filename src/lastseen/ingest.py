@@ -23,6 +23,7 @@ from lastseen.errors import (
     IdempotencyConflict,
     InvalidCallback,
     NotAccepting,
+    RateLimited,
     SpoolFailed,
     SpoolFull,
     TooManyIds,
@@ -101,23 +102,21 @@ class CallbackHandler:
         # (it removes them when it claims the callback, off the request path).
         started = time.perf_counter()
         received_at = time.time()
-        if self.limits is not None:
-            client = client_of(request.headers.get("Authorization"), request.remote)
-            wait = self.limits.admit(client)
-            if wait:
-                self.metrics.clients_limited.labels(self.limits.label(client)).inc()
-                detail = f"more than {self.limits.rate:g} callbacks per second from this client"
-                response = self._reject(
-                    429, "rate_limited", detail, {"Retry-After": retry_after(wait)}
-                )
-                self.metrics.reply_seconds.observe(time.perf_counter() - started)
-                return response
         try:
             body = await request.read()
             if self.auth is not None:
                 refusal = self.auth.refusal(request.headers, body)
                 if refusal is not None:
                     raise Unauthorized(refusal)
+            if self.limits is not None:
+                # Only a verified credential names a client: random tokens must not each get
+                # a fresh bucket.
+                token = None if self.auth is None else self.auth.verified_token(request.headers)
+                client = client_of(token, request.remote)
+                wait = self.limits.admit(client)
+                if wait:
+                    self.metrics.clients_limited.labels(self.limits.label(client)).inc()
+                    raise RateLimited(self.limits.rate, wait)
             ids = parse_callback(body)
             if len(ids) > self.max_ids:
                 # Each id costs a lookup and bookkeeping: one body must not hold a flood.
@@ -130,6 +129,10 @@ class CallbackHandler:
         except web.HTTPRequestEntityTooLarge:
             detail = f"body is larger than {self.max_body_bytes} bytes"
             response = self._reject(413, "body_too_large", detail)
+        except RateLimited as exc:
+            detail = f"more than {exc.rate:g} callbacks per second from this client"
+            headers = {"Retry-After": retry_after(exc.wait)}
+            response = self._reject(429, "rate_limited", detail, headers)
         except IdempotencyConflict as exc:
             response = self._reject(422, "idempotency_key_reused", str(exc))
         except Unauthorized as exc:
@@ -162,12 +165,14 @@ class CallbackHandler:
         return response
 
     def _idempotency_key(self, request: web.Request) -> str | None:
-        """The request's Idempotency-Key, else the webhook-id of a signed request (Standard
-        Webhooks: the same message sent again keeps its id); ``InvalidCallback`` if unusable."""
-        key = request.headers.get("Idempotency-Key")
-        kind = "key"
-        if key is None and self.auth is not None and self.auth.webhook is not None:
-            key, kind = request.headers.get("webhook-id"), "webhook"
+        """The webhook-id of a signed request (Standard Webhooks: the same message sent again
+        keeps its id; it is signed, so no other header may replace it), else the request's
+        Idempotency-Key; ``InvalidCallback`` if unusable."""
+        headers = request.headers
+        if self.auth is not None and self.auth.signed(headers):
+            key, kind = headers.get("webhook-id"), "webhook"
+        else:
+            key, kind = headers.get("Idempotency-Key"), "key"
         if key is None:
             return None
         if not 1 <= len(key) <= 255 or not key.isprintable():

@@ -63,9 +63,10 @@ def child_settings(
     settings: Settings, database_url: str, port: int, holder: str, token: str
 ) -> Settings:
     """What a worker process runs: the parent's settings, resolved, with the child's role,
-    database (the embedded server's, where the parent started one), port and lease name. Its HTTP routes (only ``/metrics`` is read, by the parent) take
-    ``token`` as their admin token, a credential that no client knows; the intake secrets it
-    does not need are left out."""
+    database (the embedded server's, where the parent started one), port and lease name. Its
+    HTTP routes (only ``/metrics`` is read, by the parent) take ``token`` as their admin
+    token, a credential that no client knows; the intake secrets it does not need are left
+    out."""
     return settings.replace(
         database_url=database_url,
         role="worker",

@@ -350,19 +350,49 @@ class Database:
         )
 
     @_edge
-    async def insert_idempotent_callback(
-        self, received_at: float, id_array: str, key: str, digest: str
-    ) -> tuple[int, str, bool]:
-        """Stores a callback under an idempotency key unless the key is taken; returns the
-        key's callback id and digest, and whether the callback was stored now."""
-        row = await self.pool.fetchrow(
-            Q["insert_idempotent_callback"], received_at, id_array, key, digest
-        )
-        if row is None:  # taken by a transaction that committed while this one ran
-            row = await self.pool.fetchrow(Q["keyed_callback"], key)
-            assert row is not None
-            return int(row["callback_id"]), str(row["digest"]), False
-        return int(row["callback_id"]), str(row["digest"]), bool(row["new"])
+    async def insert_callbacks_keyed(
+        self,
+        received_at: Sequence[float],
+        id_arrays: Sequence[str],
+        keys: Sequence[str | None],
+        digests: Sequence[str | None],
+    ) -> list[tuple[int, str | None]]:
+        """Stores a group commit's callbacks in one durable transaction, those with an
+        idempotency key (``keys``, distinct where not None) only if the key is not taken yet.
+        Returns, in input order, each callback's id and, for a keyed one, the digest stored
+        under its key: another digest than the one given means another body came first, and
+        the id is that body's callback's."""
+        plain = [n for n, key in enumerate(keys) if key is None]
+        keyed = [n for n, key in enumerate(keys) if key is not None]
+        answers: list[tuple[int, str | None]] = [(0, None)] * len(keys)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if plain:
+                rows = await conn.fetch(
+                    Q["insert_callbacks"],
+                    [received_at[n] for n in plain],
+                    [id_arrays[n] for n in plain],
+                )
+                for n, callback_id in zip(plain, sorted(r[0] for r in rows), strict=True):
+                    answers[n] = (callback_id, None)
+            if keyed:
+                wanted = [keys[n] for n in keyed]
+                rows = await conn.fetch(
+                    Q["insert_idempotent_callbacks"],
+                    [received_at[n] for n in keyed],
+                    [id_arrays[n] for n in keyed],
+                    wanted,
+                    [digests[n] for n in keyed],
+                )
+                found = {r["key"]: (int(r["callback_id"]), str(r["digest"])) for r in rows}
+                if len(found) < len(keyed):
+                    missing = [key for key in wanted if key not in found]
+                    rows = await conn.fetch(Q["keyed_callbacks"], missing)
+                    found.update(
+                        (r["key"], (int(r["callback_id"]), str(r["digest"]))) for r in rows
+                    )
+                for n in keyed:
+                    answers[n] = found[keys[n]]
+        return answers
 
     @_edge
     async def inbox_stats(self) -> tuple[int, datetime | None]:

@@ -42,30 +42,35 @@ FROM unnest($1::float8[], $2::text[], $3::text[]) AS r(received_at, ids, source)
 ON CONFLICT (source) WHERE source IS NOT NULL DO NOTHING
 RETURNING id;
 
--- name: insert_idempotent_callback
--- Stores one callback ($1 receive time in epoch seconds, $2 id array literal) under the
--- idempotency key $3 with the digest $4, unless the key is taken. Returns the key's callback id
--- and digest, and whether the callback was stored now; no row when the key was taken by a
--- transaction this statement could not see yet (ask keyed_callback then).
-WITH claimed AS (
+-- name: insert_idempotent_callbacks
+-- Stores the keyed callbacks of a group commit ($1 receive times in epoch seconds, $2 id array
+-- literals, $3 idempotency keys, all distinct, $4 the digests of the ids) whose keys are not
+-- taken yet. Returns each key's callback id and digest: the stored one's, or the earlier
+-- callback's; a key taken by a transaction that committed while this statement ran has no row
+-- (ask keyed_callbacks then, in a statement of its own that sees that commit).
+WITH input AS (
+    SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[])
+        AS r(received_at, ids, key, digest)
+), claimed AS (
     INSERT INTO idempotency_keys (key, callback_id, digest)
-    VALUES ($3, nextval(pg_get_serial_sequence('callbacks', 'id')), $4)
+    SELECT key, nextval(pg_get_serial_sequence('callbacks', 'id')), digest FROM input
     ON CONFLICT (key) DO NOTHING
-    RETURNING callback_id, digest
+    RETURNING key, callback_id, digest
 ), stored AS (
     INSERT INTO callbacks (id, received_at, object_ids, locked_until)
-    SELECT callback_id, to_timestamp($1), $2::text::bigint[], now() FROM claimed
+    SELECT claimed.callback_id, to_timestamp(input.received_at), input.ids::bigint[], now()
+    FROM claimed JOIN input USING (key)
     RETURNING id
 )
-SELECT stored.id AS callback_id, claimed.digest, true AS new
-FROM stored JOIN claimed ON claimed.callback_id = stored.id
+SELECT key, callback_id, digest FROM claimed
 UNION ALL
-SELECT callback_id, digest, false FROM idempotency_keys
-WHERE key = $3 AND NOT EXISTS (SELECT 1 FROM claimed);
+SELECT keys.key, keys.callback_id, keys.digest
+FROM idempotency_keys AS keys JOIN input USING (key)
+WHERE NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.key = keys.key);
 
--- name: keyed_callback
--- The callback id and digest stored under idempotency key $1.
-SELECT callback_id, digest FROM idempotency_keys WHERE key = $1;
+-- name: keyed_callbacks
+-- The callback id and digest stored under each of the idempotency keys $1.
+SELECT key, callback_id, digest FROM idempotency_keys WHERE key = ANY($1::text[]);
 
 -- name: notify_inbox
 -- Wakes the workers. Its own transaction, with asynchronous commit: NOTIFY holds a cluster-wide
