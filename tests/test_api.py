@@ -87,7 +87,9 @@ async def test_the_admin_token_guards_reads_and_operations_not_probes(
     auth = {"Authorization": "Bearer adm1n"}
     async with service.http.get(service.url + "/objects", headers=auth) as response:
         assert response.status == 200
-    async with service.http.post(service.url + "/dead-letters/retry", headers=auth) as response:
+    async with service.http.post(
+        service.url + "/dead-letters/retry", json={}, headers=auth
+    ) as response:
         assert response.status == 200
     for path in ("/health", "/ready", "/openapi.json"):
         assert (await service.get(path))[0] == 200, path

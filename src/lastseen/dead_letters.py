@@ -60,13 +60,22 @@ def parse_filter(values: Mapping[str, object]) -> DeadLetterFilter:
     callback = values.get("callback_id")
     try:
         return DeadLetterFilter(
-            reason=None if reason is None else str(reason),
+            reason=None if reason is None else _text(str(reason)),
             callback_id=None if callback is None else _int64(callback),
             received_before=_time(values.get("received_before")),
             received_after=_time(values.get("received_after")),
         )
     except (TypeError, ValueError) as exc:
         raise InvalidRequest("bad_filter", f"bad dead-letter filter: {exc}") from None
+
+
+def _text(value: str) -> str:
+    # PostgreSQL's text holds no NUL and only what UTF-8 encodes: refused here, as bad input,
+    # rather than by the driver, as a database error.
+    if "\x00" in value:
+        raise ValueError("reason: a NUL byte")
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return value
 
 
 def _int64(value: object) -> int:

@@ -132,8 +132,10 @@ def _errors(*codes: int) -> dict[str, Any]:
     what = {
         400: "bad input",
         401: "missing or wrong credentials",
+        403: "sent by a page of another site",
         404: "not found",
         413: "too large",
+        415: "not a JSON body (Content-Type: application/json)",
         422: "an Idempotency-Key used with another body",
         429: "over the client's rate",
         503: "the database is unavailable",
@@ -192,7 +194,7 @@ def document() -> dict[str, Any]:
                     "requestBody": {"required": True, "content": _json("CallbackBody")},
                     "responses": {
                         "202": _answer("stored", "Accepted"),
-                        **_errors(400, 401, 413, 422, 429, 503),
+                        **_errors(400, 401, 403, 413, 422, 429, 503),
                     },
                 }
             },
@@ -303,10 +305,10 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Queue the ids of matching dead letters again (or count them)",
                     "security": _ADMIN,
-                    "requestBody": {"content": _json("DeadLetterRequest")},
+                    "requestBody": {"required": True, "content": _json("DeadLetterRequest")},
                     "responses": {
                         "200": _answer("done", "RetryResult"),
-                        **_errors(400, 401, 503),
+                        **_errors(400, 401, 403, 415, 503),
                     },
                 }
             },
@@ -314,10 +316,10 @@ def document() -> dict[str, Any]:
                 "post": {
                     "summary": "Give up on matching dead letters (or count them)",
                     "security": _ADMIN,
-                    "requestBody": {"content": _json("DeadLetterRequest")},
+                    "requestBody": {"required": True, "content": _json("DeadLetterRequest")},
                     "responses": {
                         "200": _answer("done", "DiscardResult"),
-                        **_errors(400, 401, 503),
+                        **_errors(400, 401, 403, 415, 503),
                     },
                 }
             },

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from lastseen import dead_letters, openapi
 from lastseen.auth import token_matches
 from lastseen.errors import DatabaseError, InvalidRequest
+from lastseen.guards import guard
 from lastseen.ingest import parse_callback
 from lastseen.metrics import Metrics, merge
 from lastseen.model import DeadLetterFilter
@@ -198,9 +199,10 @@ class Routes:
 
     async def list_objects(self, request: web.Request) -> web.Response:
         try:
-            after = int(request.query.get("after", -(2**63)))
+            given = request.query.get("after")
+            after = None if given is None else int(given)
             limit = int(request.query.get("limit", PAGE_LIMIT))
-            if not 1 <= limit <= PAGE_LIMIT or not -(2**63) <= after < 2**63:
+            if not 1 <= limit <= PAGE_LIMIT or not -(2**63) <= (after or 0) < 2**63:
                 raise ValueError(limit)
         except ValueError:
             return error_response(400, "bad_query", f"after: an id; limit: 1 to {PAGE_LIMIT}")
@@ -360,7 +362,7 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application; ``callbacks`` is None on an instance that does not ingest,
     ``status`` and ``page`` (the status page's routes) on one that does not serve them."""
-    middlewares: list[Handler | object] = [json_errors]
+    middlewares: list[Handler | object] = [json_errors, guard]
     if admin_token is not None:
         middlewares.append(admin_only(admin_token))
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)  # type: ignore[arg-type]

@@ -425,8 +425,13 @@ class Database:
         return int(await self.pool.fetchval(Q["count_objects"]))
 
     @_edge
-    async def list_objects(self, after: int, limit: int) -> list[tuple[int, datetime]]:
-        return [(r[0], r[1]) for r in await self.pool.fetch(Q["list_objects"], after, limit)]
+    async def list_objects(self, after: int | None, limit: int) -> list[tuple[int, datetime]]:
+        """A page of online objects: the first, or those after the id ``after``."""
+        if after is None:
+            rows = await self.pool.fetch(Q["list_objects_first"], limit)
+        else:
+            rows = await self.pool.fetch(Q["list_objects"], after, limit)
+        return [(r[0], r[1]) for r in rows]
 
     @_edge
     async def get_object(self, object_id: int) -> datetime | None:

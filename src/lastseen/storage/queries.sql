@@ -314,6 +314,10 @@ SELECT count(*) AS pending, min(received_at) AS oldest FROM callbacks WHERE done
 -- How many objects are online.
 SELECT count(*) FROM objects;
 
+-- name: list_objects_first
+-- The first page of online objects ($1 of them), in id order, from the least int64.
+SELECT id, last_seen FROM objects ORDER BY id LIMIT $1;
+
 -- name: list_objects
 -- One page of online objects with ids above $1, in id order.
 SELECT id, last_seen FROM objects WHERE id > $1 ORDER BY id LIMIT $2;

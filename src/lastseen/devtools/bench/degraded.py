@@ -99,7 +99,7 @@ async def _one_outage(
         async with bench.database(direct_url) as db:
             while True:
                 now = time.time()
-                for object_id, _ in await db.list_objects(-(2**63), 10_000_000):
+                for object_id, _ in await db.list_objects(None, 10_000_000):
                     appeared.setdefault(object_id, now)
                 await asyncio.sleep(0.1)
 

@@ -280,7 +280,7 @@ async def expiry(bench: Bench) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         async with asyncio.timeout(o.ttl + 30):
             while True:
-                present = dict(await db.list_objects(-(2**63), len(ids) + 1))
+                present = dict(await db.list_objects(None, len(ids) + 1))
                 now = time.time()
                 seen.update((i, last_seen.timestamp()) for i, last_seen in present.items())
                 for object_id in seen.keys() - present.keys() - gone_at.keys():
