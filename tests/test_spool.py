@@ -17,8 +17,9 @@ from helpers.services import Spawn, StartService, StartUpstream
 from helpers.tables import objects
 from helpers.waiting import eventually
 
+from lastseen import inbox
 from lastseen.devtools.dbproxy import DatabaseProxy
-from lastseen.errors import SpoolFull
+from lastseen.errors import SpoolFailed, SpoolFull
 from lastseen.inbox import DRAIN_BATCH, drain_batch
 from lastseen.spool import Spool
 from lastseen.storage.database import Database, id_array
@@ -247,3 +248,47 @@ async def test_drain_spool_moves_a_dead_instances_spool(
     again = await run_cli("drain-spool", path, env=env)
     assert again.code == 2
     assert "no spool file" in again.stderr
+
+
+async def test_a_spool_in_use_is_refused_to_a_second_user(tmp_path: Path, db_url: str) -> None:
+    """While an instance holds its spool, a second Spool on the file and ``lastseen
+    drain-spool`` are refused with a clear error, and the file keeps what it holds; once the
+    first lets go, the drain takes it."""
+    path = tmp_path / "spool.sqlite3"
+    first = Spool(path, max_bytes=1 << 20)
+    await first.open()
+    await first.append([(time.time(), id_array([1, 2]))])
+    second = Spool(path, max_bytes=1 << 20)
+    with pytest.raises(SpoolFailed, match="in use by another process"):
+        await second.open()
+    with pytest.raises(SpoolFailed, match="not locked"):
+        await second.append([(time.time(), id_array([3]))])
+    await second.close()
+    refused = await run_cli("drain-spool", path, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert refused.code == 2
+    assert "in use by another process" in refused.stderr
+    assert first.depth == 1
+    await first.close()
+    drained = await run_cli("drain-spool", path, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert drained.code == 0, drained.stderr
+    assert "1 callbacks moved" in drained.stderr
+
+
+async def test_a_dying_drainer_stops_the_service(
+    start_service: StartService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit's side tasks run under the service's supervisor: a drainer that dies
+    of an error nobody expected (a bug) fails the service, instead of leaving a spool that
+    never drains while the instance answers 202."""
+    service = await start_service(
+        role="ingest", spool_max_bytes=1 << 20, spool_path=tmp_path / "spool.sqlite3"
+    )
+
+    async def broken(spool: Spool, db: Database) -> int:
+        raise RuntimeError("a bug in the drain")
+
+    monkeypatch.setattr(inbox, "drain_batch", broken)
+    assert service.service.commit is not None
+    await service.service.commit._append_to_spool([(time.time(), id_array([1]))])
+    await asyncio.wait_for(service.service.supervisor.failed.wait(), 5)
+    assert "group-commit-drain" in str(service.service.supervisor.failure)

@@ -135,6 +135,7 @@ class Service:
         )
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
         self._stopped = False
+        self._group_commit_tasks: list[str] = []
         self.port: int | None = None
 
     async def _upstream_failing(self) -> bool:
@@ -193,8 +194,15 @@ class Service:
                 )
         if self.commit is not None and self.spool is not None:
             # With a spool, callbacks are taken from the start, whatever the database does.
-            self.supervisor.start("group-commit", self.commit.run(), finite=True)
+            self._start_group_commit(self.commit)
         self.supervisor.start("migrate", self._migrate_then_work(), finite=True)
+
+    def _start_group_commit(self, commit: GroupCommit) -> None:
+        self.supervisor.start("group-commit", commit.run(), finite=True)
+        side = commit.side_tasks()
+        self._group_commit_tasks = list(side)
+        for name, coro in side.items():
+            self.supervisor.start(name, coro)
 
     async def _migrate_then_work(self) -> None:
         failures = 0
@@ -220,7 +228,7 @@ class Service:
         if self.commit is not None:
             self.commit.open()
             if self.spool is None:
-                self.supervisor.start("group-commit", self.commit.run(), finite=True)
+                self._start_group_commit(self.commit)
         if self.pipeline is not None:
             self.pipeline.start()
             if self.settings.gc_threshold > 0:
@@ -257,8 +265,8 @@ class Service:
             self.commit.close()
         await self._runner.cleanup()
         await self.supervisor.wait("group-commit", grace)
+        await self.supervisor.cancel("group-commit", *self._group_commit_tasks)
         if self.spool is not None:
-            await self.supervisor.cancel("group-commit")
             await self.spool.close()
         if self.worker_processes is not None:
             await self.worker_processes.stop()

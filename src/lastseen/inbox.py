@@ -25,7 +25,8 @@ import collections
 import dataclasses
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import structlog
 
@@ -214,20 +215,22 @@ class GroupCommit:
         return batch
 
     async def run(self) -> None:
-        """The committers; runs until cancelled, or until ``close`` has drained the queue."""
-        helpers = [
-            asyncio.create_task(self._expire(), name="group-commit-expiry"),
-            asyncio.create_task(self._notifier(), name="group-commit-notify"),
-        ]
+        """The committers; runs until cancelled, or until ``close`` has drained the queue.
+        The tasks of ``side_tasks`` must run beside it."""
+        await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
+
+    def side_tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The tasks the committers need beside them, by name, each to run until cancelled
+        (after ``run`` returns): for the caller to supervise, so that one that dies stops
+        the process instead of leaving, say, a spool that never drains."""
+        tasks = {
+            "group-commit-expiry": self._expire(),
+            "group-commit-notify": self._notifier(),
+        }
         if self.spool is not None:
-            helpers.append(asyncio.create_task(self._probe(), name="group-commit-probe"))
-            helpers.append(asyncio.create_task(self._drainer(), name="group-commit-drain"))
-        try:
-            await asyncio.gather(*(self._committer() for _ in range(self.concurrency)))
-        finally:
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            tasks["group-commit-probe"] = self._probe()
+            tasks["group-commit-drain"] = self._drainer()
+        return tasks
 
     async def _notifier(self) -> None:
         # At most one notification in flight; commits meanwhile are covered by the next one.

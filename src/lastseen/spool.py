@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import fcntl
 import os
 import re
 import sqlite3
@@ -75,20 +76,34 @@ class Spool:
         self.max_bytes = max_bytes
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._conn: sqlite3.Connection | None = None
+        self._lock: int | None = None  # the lock file's descriptor, held while open
         self._name = ""
         self.depth = 0
         self.size = 0
         self.oldest: float | None = None
 
     async def open(self) -> None:
-        """Reads what a predecessor left in the file, if there is one; ``SpoolFailed`` if the
-        file could not be made when it is needed (its directory is not writable)."""
+        """Takes the spool's lock and reads what a predecessor left in the file, if there is
+        one; ``SpoolFailed`` if the file could not be made when it is needed (its directory is
+        not writable) or another process holds it (an instance, or ``drain-spool``)."""
         await self._call(self._check)
 
     def _check(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(self.path.parent, os.W_OK):
             raise SpoolFailed(f"cannot write in {self.path.parent}")
+        # The lock has a file of its own: the spool file goes when it is empty, and a lock on
+        # it would go with it while another process waits to take one.
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise SpoolFailed(
+                f"{self.path} is in use by another process (a running instance, or "
+                "lastseen drain-spool)"
+            ) from None
+        self._lock = lock
         if self.path.exists():
             self._open()
 
@@ -130,6 +145,8 @@ class Spool:
         return [self._key(name, seq) for seq in range(first, last + 1)]
 
     def _append(self, callbacks: Sequence[tuple[float, str]]) -> tuple[str, int]:
+        if self._lock is None:
+            raise SpoolFailed(f"{self.path} is not locked by this process")
         if self._conn is None:
             self._open()
         conn = self._connection()
@@ -197,4 +214,7 @@ class Spool:
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
             self._conn = None
+        if self._lock is not None:
+            os.close(self._lock)  # and with it the lock
+            self._lock = None
         self._executor.shutdown(wait=True)
