@@ -68,6 +68,55 @@ async def test_a_csv_without_the_column_is_refused(db_url: str, tmp_path: Path) 
     assert "no 'object_ids' column" in done.stderr
 
 
+async def test_receive_times_that_cannot_be_are_rejected_and_the_import_goes_on(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A receive time in 2100, infinite, not a number, or not a time at all is a rejected
+    record (bad_received_at), named on standard error without --rejects; the records around
+    them are stored, in the same chunk."""
+    now = time.time()
+    lines = [
+        {"object_ids": [1], "received_at": now - 5},
+        {"object_ids": [2], "received_at": "2100-01-01T00:00:00Z"},
+        {"object_ids": [3], "received_at": 1e400},
+        {"object_ids": [4], "received_at": "nan"},
+        {"object_ids": [5], "received_at": "inf"},
+        {"object_ids": [6], "received_at": "yesterday"},
+        {"object_ids": [7], "received_at": now + 10},  # a clock a little ahead
+    ]
+    source = tmp_path / "replay.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in lines).replace("Infinity", "1e400"))
+    done = await run_cli("import", source, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert done.code == 1, done.stderr
+    assert await _stored(sql) == [[1], [7]]
+    for line in range(2, 7):
+        assert f"{source}:{line}: skipped, bad_received_at" in done.stderr
+    csv_source = tmp_path / "times.csv"
+    csv_source.write_text("object_ids,received_at\n500,yesterday\n501,\n")
+    done = await run_cli("import", csv_source, env={"LASTSEEN_DATABASE_URL": db_url})
+    assert f"{csv_source}:2: skipped, bad_received_at" in done.stderr
+    assert await _stored(sql) == [[1], [7], [501]]
+
+
+async def test_a_csv_of_one_id_column_reads_one_id_per_row(
+    db_url: str, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A CSV whose only column is ``id`` (or ``object_id``) is one id per row, as with
+    --column; any other header names the file and suggests --column."""
+    source = tmp_path / "ids.csv"
+    source.write_text("id\n1\n2\n3\n")
+    env = {"LASTSEEN_DATABASE_URL": db_url}
+    done = await run_cli("import", source, env=env)
+    assert done.code == 0, done.stderr
+    assert sorted(i for ids in await _stored(sql) for i in ids) == [1, 2, 3]
+    other = tmp_path / "other.csv"
+    other.write_text("thing\n1\n")
+    refused = await run_cli("import", other, env=env)
+    assert refused.code == 2
+    assert str(other) in refused.stderr
+    assert "--column" in refused.stderr
+
+
 async def test_a_second_import_stores_nothing(
     db_url: str, sql: asyncpg.Connection, tmp_path: Path
 ) -> None:

@@ -9,7 +9,9 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import math
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,19 +88,42 @@ def _source(raw: IO[bytes], size: int | None, name: str) -> Source:
     return Source(buffered, raw, size, name)
 
 
+# A receive time later than now by more than this is refused: a clock a little ahead is
+# allowed, a time in 2100 would make an object that never expires and that no later
+# "offline" could remove (results are monotonic in the receive time).
+FUTURE_ALLOWANCE = 60.0
+# PostgreSQL's earliest timestamptz (4713 BC), in epoch seconds.
+_EARLIEST = -210_866_803_200.0
+
+
 def _epoch(value: datetime | float | str | None) -> float | None:
+    """A receive time as epoch seconds (None: the time of the import), or ``InvalidCallback``
+    (``bad_received_at``) for one that is not a time, not finite, in the future beyond
+    ``FUTURE_ALLOWANCE`` or before PostgreSQL's range."""
     if value is None or value == "":
         return None
-    if isinstance(value, float | int):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
+    try:
+        if isinstance(value, str):
+            text = value
+            try:
+                value = float(text)
+            except ValueError:
+                value = datetime.fromisoformat(text)
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            value = value.timestamp()
+    except (ValueError, OverflowError) as exc:
+        raise InvalidCallback("bad_received_at", f"received_at: not a time ({exc})") from None
+    epoch = float(value)
+    if not math.isfinite(epoch):
+        raise InvalidCallback("bad_received_at", "received_at: not a finite time")
+    if epoch > time.time() + FUTURE_ALLOWANCE:
+        detail = f"received_at: more than {FUTURE_ALLOWANCE:g} s in the future"
+        raise InvalidCallback("bad_received_at", detail)
+    if epoch < _EARLIEST:
+        raise InvalidCallback("bad_received_at", "received_at: before PostgreSQL's range")
+    return epoch
 
 
 def _jsonl(lines: Iterator[tuple[int, bytes]], max_ids: int) -> Iterator[Record | Reject]:
@@ -125,6 +150,7 @@ def _ids(cell: str) -> list[int]:
 
 def _csv(
     lines: Iterator[tuple[int, bytes]],
+    name: str,
     column: str | None,
     ids_per_callback: int,
     max_ids: int,
@@ -144,8 +170,14 @@ def _csv(
         if header is None:
             header = [name.strip() for name in row]
             wanted = column or "object_ids"
+            if column is None and len(header) == 1 and header[0] in ("id", "object_id"):
+                column = header[0]  # one id per row, as --column would say
+                wanted = column
             if wanted not in header:
-                raise ImportSourceError(f"no {wanted!r} column in the header: {', '.join(header)}")
+                raise ImportSourceError(
+                    f"{name}: no {wanted!r} column in the header ({', '.join(header)}); "
+                    "name the column of ids with --column"
+                )
             index = header.index(wanted)
             times = header.index("received_at") if "received_at" in header else None
             continue
@@ -183,6 +215,7 @@ def _csv(
 def read_records(
     stream: IO[bytes],
     *,
+    name: str = "the file",
     fmt: str,
     column: str | None,
     ids_per_callback: int,
@@ -192,7 +225,7 @@ def read_records(
     lines = enumerate(stream, start=1)
     if fmt == "jsonl":
         return _jsonl(lines, max_ids)
-    return _csv(lines, column, ids_per_callback, max_ids)
+    return _csv(lines, name, column, ids_per_callback, max_ids)
 
 
 def guess_format(path: str) -> str:

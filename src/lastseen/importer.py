@@ -35,6 +35,8 @@ from lastseen.import_sources import Record, Reject, Source, guess_format, open_s
 from lastseen.settings import Settings
 from lastseen.storage.database import Database, id_array
 
+SHOWN_REJECTS = 10  # the first skipped records are named on standard error
+
 
 @dataclasses.dataclass
 class Summary:
@@ -184,6 +186,7 @@ async def run(
                           "a second import would store it again", file=sys.stderr)  # fmt: skip
                 records = read_records(
                     opened.stream,
+                    name=path,
                     fmt=guess_format(path) if fmt == "auto" else fmt,
                     column=column,
                     ids_per_callback=ids_per_callback,
@@ -194,6 +197,13 @@ async def run(
                     if rejected_to is not None:
                         print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}",
                               file=rejected_to)  # fmt: skip
+                    shown = sum(summary.rejected.values())
+                    if shown <= SHOWN_REJECTS:
+                        print(f"lastseen import: {path}:{reject.line}: skipped, {reject.reason}",
+                              file=sys.stderr)  # fmt: skip
+                    if shown == SHOWN_REJECTS + 1 and rejected_to is None:
+                        print("lastseen import: more records skipped; --rejects FILE lists "
+                              "them all", file=sys.stderr)  # fmt: skip
 
                 with progress.file(path, opened, summary) as update:
                     try:
