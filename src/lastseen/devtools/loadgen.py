@@ -16,7 +16,10 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+
+import standardwebhooks
 
 
 @dataclasses.dataclass
@@ -76,12 +79,38 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
-def build_requests(host: str, port: int, path: str, bodies: Sequence[bytes]) -> list[bytes]:
+def build_requests(
+    host: str,
+    port: int,
+    path: str,
+    bodies: Sequence[bytes],
+    headers: Sequence[Mapping[str, str]] | None = None,
+) -> list[bytes]:
+    """Raw HTTP/1.1 requests, one per body, with ``headers[n]`` added to request n."""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        "Content-Length: {}\r\n\r\n"
+        "{}Content-Length: {}\r\n\r\n"
     )
-    return [head.format(len(body)).encode() + body for body in bodies]
+    extra = [""] * len(bodies)
+    if headers is not None:
+        extra = ["".join(f"{k}: {v}\r\n" for k, v in h.items()) for h in headers]
+    return [
+        head.format(x, len(body)).encode() + body for x, body in zip(extra, bodies, strict=True)
+    ]
+
+
+def signed_headers(secret: str, bodies: Sequence[bytes], prefix: str) -> list[dict[str, str]]:
+    """Standard Webhooks headers for each body, each message with an id of its own."""
+    webhook = standardwebhooks.Webhook(secret)
+    now = datetime.now(UTC)
+    return [
+        {
+            "webhook-id": f"{prefix}-{n}",
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": webhook.sign(f"{prefix}-{n}", now, body.decode()),
+        }
+        for n, body in enumerate(bodies)
+    ]
 
 
 async def _connection(
@@ -127,9 +156,11 @@ async def run_load(
     *,
     connections: int,
     seconds: float,
+    prepared: Sequence[bytes] | None = None,
 ) -> LoadResult:
-    """Keeps ``connections`` requests in flight against ``path`` for ``seconds``."""
-    requests = itertools.cycle(build_requests(host, port, path, bodies))
+    """Keeps ``connections`` requests in flight against ``path`` for ``seconds``: ``bodies``
+    in turn, or the ``prepared`` requests (from ``build_requests``)."""
+    requests = itertools.cycle(prepared or build_requests(host, port, path, bodies))
     result = LoadResult(path, connections, seconds, 0, Counter(), 0, [])
     started = time.perf_counter()
     deadline = started + seconds

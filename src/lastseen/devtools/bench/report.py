@@ -49,6 +49,12 @@ def render(results: dict[str, Any]) -> str:
             f" (goal < 20 with 64 connections); {s['acknowledged']} acknowledged,"
             f" {s['stored_rows']} rows stored"
         )
+        if "signed_ratio" in s:
+            console.print(
+                f"signed/unsigned = {s['signed_per_s_median']:.0f}/{s['durable_per_s_median']:.0f}"
+                f" = {s['signed_ratio']:.2f} (goal >= 0.8): every request signed, its webhook-id "
+                "checked and recorded in the group commit"
+            )
     if "pipeline" in scenarios:
         s = scenarios["pipeline"]
         for name, run in s["distributions"].items():

@@ -13,6 +13,7 @@ The failure scenarios are in failures.py, the scale scenario in scale.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import statistics
 import time
@@ -29,21 +30,43 @@ from lastseen.devtools.bench.inflight import inflight
 from lastseen.devtools.bench.processes import rss_growth, rss_mib, workers
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
-from lastseen.devtools.loadgen import callback_bodies, percentile, run_load
+from lastseen.devtools.loadgen import (
+    build_requests,
+    callback_bodies,
+    percentile,
+    run_load,
+    signed_headers,
+)
 from lastseen.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench
+
+_BENCH_TOKEN = "bench-intake-token"
+_BENCH_SECRET = "whsec_" + base64.b64encode(b"lastseen-bench-webhook-secret-32").decode()
 
 
 async def ingest(bench: Bench) -> dict[str, Any]:
     """Durable callbacks per second vs a do-nothing handler, same server, alternating rounds."""
     o = bench.options
     url = await bench.fresh_database("bench_ingest")
-    serve = await bench.serve(url, "--role", "ingest", noop_route="true")
+    # A producer with the intake token takes the group commit's plain path; one that signs
+    # every request sends a webhook-id with each, checked and recorded as an idempotency key.
+    serve = await bench.serve(
+        url,
+        "--role",
+        "ingest",
+        noop_route="true",
+        intake_token=_BENCH_TOKEN,
+        webhook_secret=_BENCH_SECRET,
+    )
     parts = urlsplit(serve.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     bodies = callback_bodies(500, o.ids_per_callback, o.seed)
+    token = [{"Authorization": f"Bearer {_BENCH_TOKEN}"}] * len(bodies)
+    # Enough signed requests that none repeats within a round (a repeat would be answered
+    # from its key, not stored).
+    signed_bodies = callback_bodies(max(500, int(o.seconds * 8000)), o.ids_per_callback, o.seed)
     await run_load(host, port, "/noop", bodies, connections=o.connections, seconds=1.0)  # warm up
     rounds: list[dict[str, Any]] = []
     watched: list[int] = []
@@ -51,14 +74,27 @@ async def ingest(bench: Bench) -> dict[str, Any]:
     if o.watch_status:
         watcher = asyncio.create_task(_watch_status(serve.url, watched), name="status-watcher")
     for round_no in range(o.rounds):
-        for path in ("/noop", "/callback"):
+        for label in ("/noop", "/callback", "/callback signed"):
+            path = label.split()[0]
+            if label == "/callback signed":
+                headers = signed_headers(_BENCH_SECRET, signed_bodies, f"r{round_no}")
+                prepared = build_requests(host, port, path, signed_bodies, headers)
+            else:
+                prepared = build_requests(host, port, path, bodies, token)
             meter = bench.cpu(serve=serve.pid)
             async with bench.database(url) as db:
                 wal_before = await db.wal_position()
             meter.start()
             result = await run_load(
-                host, port, path, bodies, connections=o.connections, seconds=o.seconds
+                host,
+                port,
+                path,
+                bodies,
+                connections=o.connections,
+                seconds=o.seconds,
+                prepared=prepared,
             )
+            result.path = label
             entry = result.summary() | {"round": round_no, "cpu_percent": meter.stop()}
             async with bench.database(url) as db:
                 wal = await db.wal_position() - wal_before
@@ -70,7 +106,7 @@ async def ingest(bench: Bench) -> dict[str, Any]:
             rounds.append(entry)
             p99 = result.percentile(99) * 1000
             bench.progress(
-                f"ingest {path} round {round_no + 1}: {entry['ok_per_s']}/s p99 {p99:.1f} ms"
+                f"ingest {label} round {round_no + 1}: {entry['ok_per_s']}/s p99 {p99:.1f} ms"
             )
     if watcher is not None:
         watcher.cancel()
@@ -81,8 +117,11 @@ async def ingest(bench: Bench) -> dict[str, Any]:
     await serve.terminate()
     noop = [r["ok_per_s"] for r in rounds if r["path"] == "/noop"]
     durable = [r["ok_per_s"] for r in rounds if r["path"] == "/callback"]
+    signed = [r["ok_per_s"] for r in rounds if r["path"] == "/callback signed"]
     durable_p99 = [r["latency_ms"]["p99"] for r in rounds if r["path"] == "/callback"]
-    acknowledged = sum(r["statuses"].get("202", 0) for r in rounds if r["path"] == "/callback")
+    acknowledged = sum(
+        r["statuses"].get("202", 0) for r in rounds if r["path"].startswith("/callback")
+    )
     return {
         "connections": o.connections,
         "seconds_per_round": o.seconds,
@@ -91,6 +130,8 @@ async def ingest(bench: Bench) -> dict[str, Any]:
         "noop_per_s_median": statistics.median(noop),
         "durable_per_s_median": statistics.median(durable),
         "ratio": round(statistics.median(durable) / statistics.median(noop), 3),
+        "signed_per_s_median": statistics.median(signed),
+        "signed_ratio": round(statistics.median(signed) / statistics.median(durable), 3),
         "durable_p99_ms_median": statistics.median(durable_p99),
         "acknowledged": acknowledged,
         "stored_rows": stored,
