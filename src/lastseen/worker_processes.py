@@ -122,7 +122,8 @@ class WorkerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self.failed_starts = 0  # in a row
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # the last line of the last child that exited
+        self._last_line: str | None = None  # of the child running now
 
     @property
     def metrics_url(self) -> str:
@@ -163,12 +164,12 @@ class WorkerProcess:
             out.flush()
             text = _ANSI.sub("", line.decode(errors="replace")).strip()
             if text:
-                self.last_error = text[:500]
+                self._last_line = text[:500]
 
     async def run(self) -> None:
         """Keeps the child running; returns after ``stop``."""
         while not self._stopping:
-            self.last_error = None
+            self._last_line = None
             self.proc = proc = await self._spawn()
             log.info("worker process started", number=self.number, pid=proc.pid)
             started = asyncio.get_running_loop().time()
@@ -177,6 +178,7 @@ class WorkerProcess:
                 # 0 is a clean stop, asked for by a signal (Ctrl-C reaches the whole process
                 # group before this process gets to stop its children): not a crash.
                 return
+            self.last_error = self._last_line
             self.metrics.worker_process_restarts.inc()
             ran_a_while = asyncio.get_running_loop().time() - started > STARTED_AFTER
             self.failed_starts = 0 if ran_a_while else self.failed_starts + 1
