@@ -45,9 +45,11 @@ RETURNING id;
 -- name: insert_idempotent_callbacks
 -- Stores the keyed callbacks of a group commit ($1 receive times in epoch seconds, $2 id array
 -- literals, $3 idempotency keys, all distinct, $4 the digests of the ids) whose keys are not
--- taken yet. Returns each key's callback id and digest: the stored one's, or the earlier
--- callback's; a key taken by a transaction that committed while this statement ran has no row
--- (ask keyed_callbacks then, in a statement of its own that sees that commit).
+-- taken yet. Returns the key, callback id and digest of each one stored now; a key already
+-- taken has no row (ask keyed_callbacks then, in a statement of its own, which also sees a
+-- transaction that committed while this one ran). Not a join with idempotency_keys here: with one,
+-- PostgreSQL's CPU per signed request grew with the table (125, 191, 307 us over three bench
+-- rounds; 86 to 96 us without it, docs/benchmarks.md).
 WITH input AS (
     SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[])
         AS r(received_at, ids, key, digest)
@@ -62,11 +64,7 @@ WITH input AS (
     FROM claimed JOIN input USING (key)
     RETURNING id
 )
-SELECT key, callback_id, digest FROM claimed
-UNION ALL
-SELECT keys.key, keys.callback_id, keys.digest
-FROM idempotency_keys AS keys JOIN input USING (key)
-WHERE NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.key = keys.key);
+SELECT key, callback_id, digest FROM claimed;
 
 -- name: keyed_callbacks
 -- The callback id and digest stored under each of the idempotency keys $1.
