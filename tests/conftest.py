@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -126,16 +127,17 @@ async def sql(db_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 @pytest.fixture
 async def start_upstream() -> AsyncIterator[StartUpstream]:
-    """Starts simulated upstreams: ``await start_upstream(latency_min=..., ...)``."""
+    """Starts simulated upstreams: ``await start_upstream(latency_min=..., ...)`` (``tls=`` an
+    SSL context for HTTPS)."""
     upstreams: list[Upstream] = []
 
-    async def start(**config: Any) -> tuple[Upstream, str]:
+    async def start(tls: ssl.SSLContext | None = None, **config: Any) -> tuple[Upstream, str]:
         config.setdefault("latency_min", 0.01)
         config.setdefault("latency_max", 0.05)
         config.setdefault("seed", 1)
         upstream = Upstream(UpstreamConfig(**config))
         upstreams.append(upstream)
-        return upstream, await upstream.serve("127.0.0.1", 0)
+        return upstream, await upstream.serve("127.0.0.1", 0, tls=tls)
 
     yield start
     for upstream in upstreams:

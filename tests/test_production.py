@@ -1,9 +1,10 @@
 """The end-to-end path in the configuration operators run, beside the default one.
 
-``production``: every secret from a file (webhook secret, admin token), a producer that signs
-every request with Standard Webhooks, and two worker processes. The same scenarios run in both:
-callbacks in, every acknowledged id in ``objects``, the worker processes' figures in /metrics
-and /status, a dead letter retried.
+``production``: every secret from a file (webhook secret, admin token, the upstream's API key),
+a producer that signs every request with Standard Webhooks, two worker processes, and an HTTPS
+upstream whose certificate a CA of the test's own signs, asking for an API key. The same
+scenarios run in both: callbacks in, every acknowledged id in ``objects``, the worker
+processes' figures in /metrics and /status, a dead letter retried.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import base64
 import dataclasses
 import datetime
 import itertools
+import shutil
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -35,6 +40,7 @@ from lastseen.worker_processes import WorkerProcesses
 
 SECRET = "whsec_" + base64.b64encode(b"production-secret-production-sec").decode()
 ADMIN = "admin-token-from-a-file"
+API_KEY = "upstream-api-key-from-a-file"
 _ids = itertools.count(1)
 
 
@@ -46,6 +52,7 @@ class Deployment:
     env: dict[str, str]
     worker_processes: int
     signs: bool
+    upstream: dict[str, Any] = dataclasses.field(default_factory=dict)  # for start_upstream
 
     def producer_headers(self, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -78,17 +85,53 @@ def configured(name: str, tmp_path: Path, db_url: str) -> Deployment:
     env = {"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_TTL": "30"}
     if name == "default":
         return Deployment("default", env, 1, signs=False)
-    secret, admin = tmp_path / "webhook-secret", tmp_path / "admin-token"
+    secret, admin, api_key = (tmp_path / n for n in ("webhook-secret", "admin-token", "api-key"))
     secret.write_text(SECRET + "\n")
     admin.write_text(ADMIN + "\n")
-    secret.chmod(0o400)
-    admin.chmod(0o400)
+    api_key.write_text(f"Authorization: Bearer {API_KEY}\n")
+    for path in (secret, admin, api_key):
+        path.chmod(0o400)
+    ca, server = certificates(tmp_path)
     env.update(
         LASTSEEN_WEBHOOK_SECRET_FILE=str(secret),
         LASTSEEN_ADMIN_TOKEN_FILE=str(admin),
+        LASTSEEN_UPSTREAM_HEADER_FILE=str(api_key),
+        LASTSEEN_UPSTREAM_CA_FILE=str(ca),
         LASTSEEN_WORKER_PROCESSES="2",
     )
-    return Deployment("production", env, 2, signs=True)
+    upstream = {"tls": server, "require_header": ("authorization", f"Bearer {API_KEY}")}
+    return Deployment("production", env, 2, signs=True, upstream=upstream)
+
+
+def certificates(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA of the test's own (its PEM file) and a server context whose certificate for
+    127.0.0.1 it signs, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test CA with")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=lastseen test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1",
+    )  # fmt: skip
+    (directory / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "server.pem", directory / "server.key")
+    return directory / "ca.pem", context
 
 
 @pytest.fixture(params=["default", "production"])
@@ -128,7 +171,7 @@ async def test_every_acknowledged_id_reaches_objects(
     """60 callbacks of 20 ids, 20 at a time: every one acknowledged, every online id among
     them in ``objects``; /metrics (with the admin token where there is one) shows the worker
     processes' lookups and every worker process up, and /status the pipeline's figures."""
-    upstream, upstream_url = await start_upstream()
+    upstream, upstream_url = await start_upstream(**deployment.upstream)
     serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": upstream_url})
     callbacks = [list(range(i * 10, i * 10 + 20)) for i in range(60)]
     async with aiohttp.ClientSession() as http:
@@ -163,7 +206,9 @@ async def test_a_dead_letter_is_retried(
 ) -> None:
     """An id the upstream first refuses (400) becomes a dead letter; a retry through the admin
     route (with the admin token where there is one) brings it into ``objects``."""
-    upstream, upstream_url = await start_upstream(first_faults=("invalid_400",))
+    upstream, upstream_url = await start_upstream(
+        first_faults=("invalid_400",), **deployment.upstream
+    )
     serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": upstream_url})
     async with aiohttp.ClientSession() as http:
         assert await _post(http, serve.url, deployment, [42]) == 202
@@ -195,8 +240,8 @@ async def test_production_refuses_what_it_must(
 ) -> None:
     """In the production configuration: an unsigned POST gets 401, /metrics without the admin
     token 401, and nothing of either is stored."""
-    _, upstream_url = await start_upstream()
     production = configured("production", tmp_path, db_url)
+    _, upstream_url = await start_upstream(**production.upstream)
     serve = await spawn(env={**production.env, "LASTSEEN_OBJECTS_URL": upstream_url})
     async with aiohttp.ClientSession() as http:
         async with http.post(serve.url + "/callback", json={"object_ids": [1]}) as response:

@@ -294,7 +294,13 @@ def _resolved(host: str) -> str:
 async def upstream_client(settings: Settings) -> AsyncIterator[UpstreamClient]:
     """The one upstream client of a process, closed on exit. Lookups cap its concurrency."""
     client = UpstreamClient(
-        settings.objects_url, timeout=settings.lookup_timeout, max_idle=settings.max_lookups
+        settings.objects_url,
+        timeout=settings.lookup_timeout,
+        max_idle=settings.max_lookups,
+        ca_file=settings.upstream_ca_file,
+        client_cert=settings.upstream_client_cert,
+        client_key=settings.upstream_client_key,
+        header=settings.upstream_header,
     )
     try:
         yield client

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 # An answer about one object is a few dozen bytes; anything this large is not one. The cap
@@ -292,21 +293,34 @@ class UpstreamClient:
         max_idle: int = 20_000,
         max_response: int = MAX_RESPONSE,
         max_connecting: int = MAX_CONNECTING,
+        ca_file: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        header: str | None = None,
     ) -> None:
+        """``ca_file``: the CAs that sign an HTTPS upstream's certificate (else the system's);
+        ``client_cert`` (and ``client_key``): a certificate to present; ``header``: one
+        ``Name: value`` line sent with every request (an API key: kept only in the request
+        bytes, never logged)."""
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http(s) URL, got {base_url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if parts.scheme == "https" else None
-        )
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl.create_default_context(cafile=ca_file)
+            if client_cert is not None:
+                self.ssl.load_cert_chain(client_cert, client_key)
         self.prefix = parts.path.rstrip("/")
         default_port = (parts.scheme == "https" and self.port == 443) or self.port == 80
         authority = self.host if default_port else f"{self.host}:{self.port}"
         if ":" in self.host and not default_port:
             authority = f"[{self.host}]:{self.port}"
-        self._head = f"Host: {authority}\r\nUser-Agent: lastseen\r\nAccept: */*\r\n\r\n".encode()
+        extra = "" if header is None else header + "\r\n"
+        self._head = (
+            f"Host: {authority}\r\nUser-Agent: lastseen\r\nAccept: */*\r\n{extra}\r\n".encode()
+        )
         self.timeout = timeout
         self.max_idle = max_idle
         self.max_response = max_response

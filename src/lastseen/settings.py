@@ -60,6 +60,16 @@ def _secret(value: str) -> str:
     return value.strip()
 
 
+def _header(value: str) -> str:
+    # The error must not echo the value: it may carry a secret.
+    name, colon, rest = value.partition(":")
+    if not colon or not name.strip() or not rest.strip() or any(c in value for c in "\r\n"):
+        raise ValueError("expected one header as 'Name: value'")
+    if not name.strip().replace("-", "").isalnum():
+        raise ValueError("the header's name must be letters, digits and '-'")
+    return f"{name.strip()}: {rest.strip()}"
+
+
 _seconds = positive(float)
 _positive_int = positive(int)
 
@@ -76,6 +86,34 @@ OPTIONS: tuple[Option, ...] = (
         "listen", host_port, "127.0.0.1:9090", "host:port the HTTP server listens on", "service"
     ),
     Option("objects_url", http_url, "http://127.0.0.1:9010", "base URL of the upstream", "service"),
+    Option(
+        "upstream_ca_file",
+        Path,
+        None,
+        "PEM file of the CA(s) that sign the upstream's HTTPS certificate (default: the system's)",
+        "lookups",
+    ),
+    Option(
+        "upstream_header",
+        _header,
+        None,
+        "a header sent with every lookup, e.g. 'Authorization: Bearer ...' (never logged)",
+        "lookups",
+    ),
+    Option(
+        "upstream_header_file", Path, None, "a file holding LASTSEEN_UPSTREAM_HEADER", "lookups"
+    ),
+    Option(
+        "upstream_client_cert",
+        Path,
+        None,
+        "PEM file of a client certificate (and its key, unless LASTSEEN_UPSTREAM_CLIENT_KEY) for "
+        "an upstream that asks for one",
+        "lookups",
+    ),
+    Option(
+        "upstream_client_key", Path, None, "PEM file of the client certificate's key", "lookups"
+    ),
     Option("ttl", _seconds, "30", "seconds an object stays after it was last seen", "service"),
     Option(
         "data_dir",
@@ -358,6 +396,11 @@ class Settings:
     database_url: str | None
     listen: tuple[str, int]
     objects_url: str
+    upstream_ca_file: Path | None
+    upstream_header: str | None = dataclasses.field(repr=False)
+    upstream_header_file: Path | None
+    upstream_client_cert: Path | None
+    upstream_client_key: Path | None
     ttl: float
     data_dir: Path
     role: str
@@ -430,15 +473,16 @@ class Settings:
                 raise ConfigError(name, "unknown setting")
             if value is not None:
                 values[name] = value
-        for secret in ("webhook_secret", "intake_token", "admin_token"):
+        for secret in ("webhook_secret", "intake_token", "admin_token", "upstream_header"):
             path = values.get(f"{secret}_file")
             if path is None:
                 continue
             env_name = f"LASTSEEN_{secret.upper()}_FILE"
             if values.get(secret) is not None:
                 raise ConfigError(env_name, f"give LASTSEEN_{secret.upper()} or this, not both")
+            parse = _header if secret == "upstream_header" else _secret
             try:
-                values[secret] = _secret(Path(path).read_text())
+                values[secret] = parse(Path(path).read_text().strip())
             except (OSError, ValueError) as exc:
                 raise ConfigError(env_name, f"cannot read a secret from {path}: {exc}") from exc
         settings = cls(**values)

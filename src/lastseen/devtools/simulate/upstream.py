@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class UpstreamConfig:
     hang_seconds: float = 3600.0
     seed: int | None = None
     record: bool = False
+    # A header every request must carry, (lower-case name, value), like an objects service
+    # that asks for an API key: 401 without it.
+    require_header: tuple[str, str] | None = None
     # Count requests per id in ``requests_by_id``. Off, that table holds only what
     # ``first_faults`` needs, so a long run over a large id universe does not grow it.
     track_ids: bool = True
@@ -114,9 +118,12 @@ class Upstream:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
 
-    async def serve(self, host: str, port: int, *, reuse_port: bool = False) -> str:
+    async def serve(
+        self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None
+    ) -> str:
         """Listens on ``host:port`` (0: a free port); returns the base URL. With
-        ``reuse_port``, other processes may listen on the same port."""
+        ``reuse_port``, other processes may listen on the same port; with ``tls``, it speaks
+        HTTPS."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self),
@@ -125,9 +132,10 @@ class Upstream:
             backlog=4096,
             reuse_address=True,
             reuse_port=reuse_port or None,
+            ssl=tls,
         )
         bound = self._server.sockets[0].getsockname()
-        return f"http://{host}:{bound[1]}"
+        return f"{'https' if tls else 'http'}://{host}:{bound[1]}"
 
     async def close(self) -> None:
         if self._server is not None:
@@ -185,8 +193,8 @@ class Upstream:
         return 200, body, fault
 
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            503: b"Service Unavailable"}  # fmt: skip
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+            405: b"Method Not Allowed", 503: b"Service Unavailable"}  # fmt: skip
 
 
 class _Connection(asyncio.Protocol):
@@ -231,21 +239,30 @@ class _Connection(asyncio.Protocol):
         headers = {}
         for line in head[1:]:
             name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip().lower()
-        connection = headers.get(b"connection", b"")
+            headers[name.strip().lower()] = value.strip()
+        connection = headers.get(b"connection", b"").lower()
+        required = self.upstream.config.require_header
+        allowed = required is None or headers.get(required[0].encode()) == required[1].encode()
         close = connection == b"close" or (version != b"HTTP/1.1" and connection != b"keep-alive")
         self.busy = True
         self.upstream.in_flight += 1
         self.upstream.stats["requests"] += 1
         # Like the reference, every request waits first, bad ones included.
         self.timer = asyncio.get_running_loop().call_later(
-            self.upstream.delay(), self._answer, method, target.decode(errors="replace"), close
+            self.upstream.delay(),
+            self._answer,
+            method,
+            target.decode(errors="replace"),
+            close,
+            allowed,
         )
 
-    def _answer(self, method: bytes, target: str, close: bool) -> None:
+    def _answer(self, method: bytes, target: str, close: bool, allowed: bool = True) -> None:
         self.timer = None
         self.upstream.in_flight -= 1
-        if method != b"GET":
+        if not allowed:
+            self._send(401, b"unauthorized", close)
+        elif method != b"GET":
             self._send(405, b"method not allowed", close)
         elif not target.startswith("/objects/") or "/" in target[9:]:
             self._send(404, b"not found", close)
