@@ -294,3 +294,35 @@ async def test_a_worker_process_that_cannot_start_makes_ready_fail(
             finally:
                 await service.stop()
                 await db.close()
+
+
+@pytest.mark.slow
+async def test_a_burst_of_signed_posts_is_stored_in_postgresql(
+    sql: asyncpg.Connection,
+    start_upstream: StartUpstream,
+    spawn: Spawn,
+    tmp_path: Path,
+    db_url: str,
+) -> None:
+    """2,000 signed POSTs at once against a healthy database, in the production configuration:
+    every one acknowledged with its callback id (none spooled), all stored in PostgreSQL."""
+    production = configured("production", tmp_path, db_url)
+    _, upstream_url = await start_upstream(**production.upstream)
+    serve = await spawn(env={**production.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def post(n: int) -> tuple[int, Any]:
+            body = msgspec.json.encode({"object_ids": [n, n + 1]})
+            async with http.post(
+                serve.url + "/callback", data=body, headers=production.producer_headers(body)
+            ) as response:
+                return response.status, await response.json()
+
+        answers = await asyncio.gather(*(post(n) for n in range(2000)))
+        assert [status for status, _ in answers] == [202] * 2000
+        assert all(isinstance(answer["callback_id"], int) for _, answer in answers)
+        text = await _metrics(http, serve.url, production.admin_headers)
+    assert _total(text, "lastseen_callbacks_spooled_total") == 0
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2000
+    assert await sql.fetchval("SELECT count(*) FROM idempotency_keys") == 2000
