@@ -256,7 +256,7 @@ async def test_a_worker_process_that_cannot_start_makes_ready_fail(
 ) -> None:
     """A worker process whose port is taken dies as it starts, again and again: within 10 s
     /ready answers 503 naming the worker process and the child's last line, and the restarts
-    are counted."""
+    are counted; once the port is free, a child starts and /ready answers 200 again."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -291,6 +291,15 @@ async def test_a_worker_process_that_cannot_start_makes_ready_fail(
                 )
                 assert restarts is not None
                 assert restarts >= 3
+                # The port is free again: the next child starts, and /ready is 200 again.
+                taken.close()
+                async with aiohttp.ClientSession() as http:
+
+                    async def ready() -> bool:
+                        async with http.get(url) as response:
+                            return response.status == 200
+
+                    await eventually(ready, timeout=30)
             finally:
                 await service.stop()
                 await db.close()

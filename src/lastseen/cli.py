@@ -454,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == WORKER_COMMAND:
             settings = Settings.decode(sys.stdin.buffer.read())
+            logs.tolerate_lost_stderr()
         else:
             settings = from_arguments(args)
     except LastseenError as exc:

@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 
+def resolved_log_format(log_format: str) -> str:
+    """``json`` or ``console``: ``auto`` is console on a terminal."""
+    if log_format != "auto":
+        return log_format
+    return "console" if sys.stderr.isatty() else "json"
+
+
+class _Unbroken(io.TextIOBase):
+    """Standard error that outlives its reader: a worker process whose parent died still
+    logs its shutdown (and hands its leases back) instead of dying of a broken pipe."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+
+def tolerate_lost_stderr() -> None:
+    """Makes writes to standard error ignore a reader that went away (see ``_Unbroken``)."""
+    sys.stderr = _Unbroken(sys.stderr)
+
+
 def configure(log_format: str = "auto", level: str = "info") -> None:
     """Sets up structlog (and the standard library's logging, for libraries) once per process."""
-    pretty = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
+    pretty = resolved_log_format(log_format) == "console"
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if pretty else structlog.processors.JSONRenderer()
     )

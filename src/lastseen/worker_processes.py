@@ -32,6 +32,7 @@ import structlog
 
 from lastseen.backoff import backoff
 from lastseen.leases import take_back
+from lastseen.logs import resolved_log_format
 from lastseen.metrics import Metrics
 from lastseen.settings import Settings
 from lastseen.storage.database import Database
@@ -77,6 +78,8 @@ def child_settings(
         instance_id=holder,
         admin_token=token,
         admin_token_file=None,
+        # Its standard error is a pipe to this process: "auto" would always mean JSON there.
+        log_format=resolved_log_format(settings.log_format),
         webhook_secret=None,
         webhook_secret_file=None,
         intake_token=None,
@@ -157,31 +160,42 @@ class WorkerProcess:
         return proc
 
     async def _pass_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        # In chunks, not lines: one line longer than a StreamReader's limit (a traceback in
+        # one JSON line) would raise, and with it stop this process.
         assert proc.stderr is not None
         out = sys.stderr.buffer
-        while line := await proc.stderr.readline():
-            out.write(line)
-            out.flush()
-            text = _ANSI.sub("", line.decode(errors="replace")).strip()
-            if text:
-                self._last_line = text[:500]
+        tail = b""
+        while chunk := await proc.stderr.read(1 << 16):
+            with contextlib.suppress(OSError):
+                out.write(chunk)
+                out.flush()
+            tail = (tail + chunk)[-4096:]
+            lines = [line for line in tail.split(b"\n") if line.strip()]
+            if lines:
+                self._last_line = _ANSI.sub("", lines[-1].decode(errors="replace")).strip()[:500]
 
     async def run(self) -> None:
         """Keeps the child running; returns after ``stop``."""
         while not self._stopping:
             self._last_line = None
             self.proc = proc = await self._spawn()
+            if self._stopping:  # stop() came while it was starting, and found no process
+                proc.terminate()
             log.info("worker process started", number=self.number, pid=proc.pid)
-            started = asyncio.get_running_loop().time()
-            code, _ = await asyncio.gather(proc.wait(), self._pass_stderr(proc))
+            exited = asyncio.ensure_future(asyncio.gather(proc.wait(), self._pass_stderr(proc)))
+            done, _ = await asyncio.wait({exited}, timeout=STARTED_AFTER)
+            ran_a_while = not done
+            if ran_a_while:
+                self.failed_starts = 0  # it started: readiness no longer holds its past against it
+            code, _ = await exited
             if self._stopping or code == 0:
                 # 0 is a clean stop, asked for by a signal (Ctrl-C reaches the whole process
                 # group before this process gets to stop its children): not a crash.
                 return
             self.last_error = self._last_line
             self.metrics.worker_process_restarts.inc()
-            ran_a_while = asyncio.get_running_loop().time() - started > STARTED_AFTER
-            self.failed_starts = 0 if ran_a_while else self.failed_starts + 1
+            if not ran_a_while:
+                self.failed_starts += 1
             log.error(
                 "worker process exited; starting it again",
                 number=self.number,
@@ -192,7 +206,7 @@ class WorkerProcess:
             await take_back(self.db, self.holder, "handed back a dead worker's callbacks")
             # A child that ran for a while is started again at once; one that dies as it
             # starts (a bad setting, a broken install) ever more slowly.
-            await asyncio.sleep(0 if ran_a_while else backoff(self.failed_starts, 0.2, 30.0))
+            await asyncio.sleep(0.2 if ran_a_while else backoff(self.failed_starts, 0.2, 30.0))
 
     async def stop(self, grace: float) -> None:
         """SIGTERM, up to ``grace`` seconds plus a margin to finish, then SIGKILL."""

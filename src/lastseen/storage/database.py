@@ -390,6 +390,9 @@ class Database:
                     found.update(
                         (r["key"], (int(r["callback_id"]), str(r["digest"]))) for r in rows
                     )
+                if len(found) < len(keyed):
+                    # Pruned between the two statements: the whole batch again.
+                    raise RetryableConflict("insert_callbacks_keyed", "an idempotency key went")
                 for n in keyed:
                     answers[n] = found[keys[n]]
         return answers

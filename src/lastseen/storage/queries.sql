@@ -55,7 +55,10 @@ WITH input AS (
         AS r(received_at, ids, key, digest)
 ), claimed AS (
     INSERT INTO idempotency_keys (key, callback_id, digest)
+    -- In key order: two batches that share keys then lock them in the same order, and one
+    -- waits for the other instead of deadlocking.
     SELECT key, nextval(pg_get_serial_sequence('callbacks', 'id')), digest FROM input
+    ORDER BY key
     ON CONFLICT (key) DO NOTHING
     RETURNING key, callback_id, digest
 ), stored AS (
