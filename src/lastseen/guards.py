@@ -2,8 +2,8 @@
 PostgreSQL cannot hold.
 
 - A state-changing request (anything but GET, HEAD, OPTIONS) that a browser marks as coming
-  from another site (``Sec-Fetch-Site: cross-site`` or ``same-site``, or an ``Origin`` that is
-  not this server's) is refused with 403, with or without an admin token: with none (the
+  from another site (``Sec-Fetch-Site: cross-site`` or ``same-site``; without that header, an
+  ``Origin`` that is not this server's) is refused with 403, with or without an admin token: with none (the
   loopback default), any page the operator visits could otherwise discard dead letters with a
   no-cors POST. Producers and the CLI send neither header; the status page sends
   ``same-origin``.
