@@ -3,9 +3,9 @@ PostgreSQL cannot hold.
 
 - A state-changing request (anything but GET, HEAD, OPTIONS) that a browser marks as coming
   from another site (``Sec-Fetch-Site: cross-site`` or ``same-site``; without that header, an
-  ``Origin`` that is not this server's) is refused with 403, with or without an admin token: with none (the
-  loopback default), any page the operator visits could otherwise discard dead letters with a
-  no-cors POST. Producers and the CLI send neither header; the status page sends
+  ``Origin`` that is not this server's) is refused with 403, with or without an admin token:
+  with none (the loopback default), any page the operator visits could otherwise discard dead
+  letters with a no-cors POST. Producers and the CLI send neither header; the status page sends
   ``same-origin``.
 - The admin POST routes take only ``application/json``, which a no-cors request cannot send.
 - A query parameter holding a NUL byte or text that is not UTF-8 is a 400, never a driver error.
