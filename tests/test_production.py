@@ -33,6 +33,7 @@ from helpers.waiting import eventually
 
 from lastseen import worker_processes
 from lastseen.app import Service, upstream_client
+from lastseen.devtools.launch import ServeProcess
 from lastseen.leases import named
 from lastseen.metrics import Metrics
 from lastseen.storage.database import Database
@@ -139,6 +140,17 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> D
     return configured(request.param, tmp_path, db_url)
 
 
+@pytest.fixture
+async def production(
+    start_upstream: StartUpstream, spawn: Spawn, tmp_path: Path, db_url: str
+) -> tuple[Deployment, ServeProcess]:
+    """``lastseen serve`` in the production configuration, with its upstream."""
+    deployment = configured("production", tmp_path, db_url)
+    _, upstream_url = await start_upstream(**deployment.upstream)
+    serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    return deployment, serve
+
+
 async def _post(
     http: aiohttp.ClientSession, url: str, deployment: Deployment, ids: list[int]
 ) -> int:
@@ -232,17 +244,11 @@ async def test_a_dead_letter_is_retried(
 
 @pytest.mark.slow
 async def test_production_refuses_what_it_must(
-    sql: asyncpg.Connection,
-    start_upstream: StartUpstream,
-    spawn: Spawn,
-    tmp_path: Path,
-    db_url: str,
+    sql: asyncpg.Connection, production: tuple[Deployment, ServeProcess]
 ) -> None:
     """In the production configuration: an unsigned POST gets 401, /metrics without the admin
     token 401, and nothing of either is stored."""
-    production = configured("production", tmp_path, db_url)
-    _, upstream_url = await start_upstream(**production.upstream)
-    serve = await spawn(env={**production.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    _, serve = production
     async with aiohttp.ClientSession() as http:
         async with http.post(serve.url + "/callback", json={"object_ids": [1]}) as response:
             assert response.status == 401
@@ -307,31 +313,25 @@ async def test_a_worker_process_that_cannot_start_makes_ready_fail(
 
 @pytest.mark.slow
 async def test_a_burst_of_signed_posts_is_stored_in_postgresql(
-    sql: asyncpg.Connection,
-    start_upstream: StartUpstream,
-    spawn: Spawn,
-    tmp_path: Path,
-    db_url: str,
+    sql: asyncpg.Connection, production: tuple[Deployment, ServeProcess]
 ) -> None:
     """2,000 signed POSTs at once against a healthy database, in the production configuration:
     every one acknowledged with its callback id (none spooled), all stored in PostgreSQL."""
-    production = configured("production", tmp_path, db_url)
-    _, upstream_url = await start_upstream(**production.upstream)
-    serve = await spawn(env={**production.env, "LASTSEEN_OBJECTS_URL": upstream_url})
+    deployment, serve = production
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def post(n: int) -> tuple[int, Any]:
             body = msgspec.json.encode({"object_ids": [n, n + 1]})
             async with http.post(
-                serve.url + "/callback", data=body, headers=production.producer_headers(body)
+                serve.url + "/callback", data=body, headers=deployment.producer_headers(body)
             ) as response:
                 return response.status, await response.json()
 
         answers = await asyncio.gather(*(post(n) for n in range(2000)))
         assert [status for status, _ in answers] == [202] * 2000
         assert all(isinstance(answer["callback_id"], int) for _, answer in answers)
-        text = await _metrics(http, serve.url, production.admin_headers)
+        text = await _metrics(http, serve.url, deployment.admin_headers)
     assert _total(text, "lastseen_callbacks_spooled_total") == 0
     assert await sql.fetchval("SELECT count(*) FROM callbacks") == 2000
     assert await sql.fetchval("SELECT count(*) FROM idempotency_keys") == 2000
