@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Literal
 
 import standardwebhooks
 import standardwebhooks.webhooks
 
-from lastseen.errors import ConfigError
+from lastseen.errors import ConfigError, Unauthorized
+
+# What let a request in: the intake token, or a Standard Webhooks signature.
+Credential = Literal["token", "signature"]
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -51,32 +55,20 @@ class IntakeAuth:
     def required(self) -> bool:
         return self.webhook is not None or self.intake_token is not None
 
-    def verified_token(self, headers: Mapping[str, str]) -> str | None:
-        """The request's bearer token if it is the intake token."""
+    def check(self, headers: Mapping[str, str], body: bytes) -> Credential:
+        """Which credential lets the request store a callback; ``Unauthorized`` (for a 401)
+        saying why none does."""
         authorization = headers.get("Authorization")
         if self.intake_token is not None and token_matches(authorization, self.intake_token):
-            return self.intake_token
-        return None
-
-    def signed(self, headers: Mapping[str, str]) -> bool:
-        """Whether a request that passed ``refusal`` passed it by its signature."""
-        return (
-            self.webhook is not None
-            and "webhook-signature" in headers
-            and self.verified_token(headers) is None
-        )
-
-    def refusal(self, headers: Mapping[str, str], body: bytes) -> str | None:
-        """None if the request may store a callback, else why not (for a 401)."""
-        authorization = headers.get("Authorization")
-        if self.verified_token(headers) is not None:
-            return None
+            return "token"
         if self.webhook is not None:
             if "webhook-signature" not in headers and bearer(authorization) is None:
-                return "missing webhook-id, webhook-timestamp and webhook-signature headers"
+                raise Unauthorized(
+                    "missing webhook-id, webhook-timestamp and webhook-signature headers"
+                )
             try:
                 self.webhook.verify(body, {k.lower(): v for k, v in headers.items()})
             except standardwebhooks.webhooks.WebhookVerificationError as exc:
-                return f"bad webhook signature: {exc}"
-            return None
-        return "missing or wrong bearer token"
+                raise Unauthorized(f"bad webhook signature: {exc}") from None
+            return "signature"
+        raise Unauthorized("missing or wrong bearer token")

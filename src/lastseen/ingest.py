@@ -104,14 +104,11 @@ class CallbackHandler:
         received_at = time.time()
         try:
             body = await request.read()
-            if self.auth is not None:
-                refusal = self.auth.refusal(request.headers, body)
-                if refusal is not None:
-                    raise Unauthorized(refusal)
+            credential = None if self.auth is None else self.auth.check(request.headers, body)
             if self.limits is not None:
                 # Only a verified credential names a client: random tokens must not each get
                 # a fresh bucket.
-                token = None if self.auth is None else self.auth.verified_token(request.headers)
+                token = self.auth.intake_token if self.auth and credential == "token" else None
                 client = client_of(token, request.remote)
                 wait = self.limits.admit(client)
                 if wait:
@@ -121,7 +118,7 @@ class CallbackHandler:
             if len(ids) > self.max_ids:
                 # Each id costs a lookup and bookkeeping: one body must not hold a flood.
                 raise TooManyIds(len(ids), self.max_ids)
-            key = self._idempotency_key(request)
+            key = self._idempotency_key(request, signed=credential == "signature")
             if key is not None and self.submit_keyed is not None:
                 callback_id = await self.submit_keyed(received_at, ids, key)
             else:
@@ -164,12 +161,12 @@ class CallbackHandler:
         self.metrics.reply_seconds.observe(time.perf_counter() - started)
         return response
 
-    def _idempotency_key(self, request: web.Request) -> str | None:
+    def _idempotency_key(self, request: web.Request, *, signed: bool) -> str | None:
         """The webhook-id of a signed request (Standard Webhooks: the same message sent again
         keeps its id; it is signed, so no other header may replace it), else the request's
         Idempotency-Key; ``InvalidCallback`` if unusable."""
         headers = request.headers
-        if self.auth is not None and self.auth.signed(headers):
+        if signed:
             key, kind = headers.get("webhook-id"), "webhook"
         else:
             key, kind = headers.get("Idempotency-Key"), "key"
