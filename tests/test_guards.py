@@ -1,4 +1,5 @@
-"""Requests a browser was tricked into sending, text PostgreSQL cannot hold, every int64 id."""
+"""Requests a browser was tricked into sending, text PostgreSQL cannot hold, every int64 id,
+numbers and times as the OpenAPI document writes them."""
 
 from __future__ import annotations
 
@@ -91,4 +92,45 @@ async def test_a_nul_byte_in_a_body_s_filter_is_a_400(start_service: StartServic
         service.url + "/dead-letters/retry", json={"reason": "a\x00b"}
     ) as response:
         assert response.status == 400
-        assert (await response.json())["error"] == "bad_filter"
+        assert (await response.json())["error"] == "bad_request"
+
+
+async def test_numbers_are_taken_as_the_document_writes_them(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """Ids and limits written as floats with no fraction (``7.0``, ``1e3``: integers to JSON
+    Schema) are those integers; ``7.5`` is refused. Integers in a query or a path are plain
+    decimals: ``7_000``, `` 7`` and other scripts' digits are 400."""
+    service = await start_service(role="ingest")
+    assert (await service.post('{"object_ids": [7.0, 1e3, -2]}'))[0] == 202
+    assert await sql.fetchval("SELECT object_ids FROM callbacks") == [7, 1000, -2]
+    status, answer = await service.post('{"object_ids": [7.5]}')
+    assert (status, answer["error"]) == (400, "invalid_id")
+    async with service.http.post(
+        service.url + "/dead-letters/retry", json={"limit": 5.0, "callback_id": 1.0}
+    ) as response:
+        assert response.status == 200, await response.text()
+    for path in ("/objects?after=7_000", "/objects?limit=%207", "/objects/%EF%BC%97"):
+        status, answer = await service.get(path)
+        assert status == 400, path
+        assert answer["error"] in ("bad_query", "bad_id"), path
+
+
+async def test_times_and_cursors_are_taken_as_the_document_writes_them(
+    start_service: StartService,
+) -> None:
+    """A time filter is an ISO 8601 date-time or epoch seconds: an empty one, ``1e5`` and a
+    date-time that falls off the calendar in UTC are 400 (never a 500); a cursor of the
+    documented form whose ids pass 64 bits is still a position."""
+    service = await start_service(role="ingest")
+    good = ("received_after=1700000000.5", "received_before=2026-12-02T10:00:00%2B01:00")
+    for query in good:
+        assert (await service.get("/dead-letters?" + query))[0] == 200, query
+    bad = ("received_after=", "received_after=1e5", "received_after=0001-01-01T00:00:00%2B05:00")
+    for query in bad:
+        status, answer = await service.get("/dead-letters?" + query)
+        assert (status, answer["error"]) == (400, "bad_filter"), query
+    status, _ = await service.get("/dead-letters?after=1/9999999999999999999/-9999999999999999999")
+    assert status == 200
+    status, answer = await service.get("/dead-letters?after=2026-12-02/1/2")
+    assert (status, answer["error"]) == (400, "bad_cursor")

@@ -8,31 +8,54 @@ older than the TTL): they are skipped and counted, unless asked for.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Annotated
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 import msgspec
 
 from lastseen.errors import InvalidRequest
 from lastseen.model import DeadLetter, DeadLetterFilter
+from lastseen.parsers import INT64_MAX, INT64_MIN, integer, integral_floats
 from lastseen.storage.database import Database
 
 FILTER_FIELDS = ("reason", "callback_id", "received_before", "received_after")
 PAGE_LIMIT = 1000
 
-Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+
+# What the filters accept, declared in the OpenAPI document and enforced here alike, so that
+# whatever the document allows the server takes: a text PostgreSQL can hold (no NUL), and a
+# time as an ISO 8601 date-time or as epoch seconds (at most 11 digits: year 5138, within
+# what datetime and PostgreSQL hold).
+TEXT_PATTERN = "^[^\\x00]*$"
+EPOCH_PATTERN = "^[0-9]{1,11}(\\.[0-9]{1,6})?$"
+LATEST_EPOCH = 99_999_999_999.999999
+TIME_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "anyOf": [{"format": "date-time"}, {"pattern": EPOCH_PATTERN}],
+}
+# A page's end: when the last dead letter was recorded (epoch microseconds), its callback and
+# its object. Every string of this form is a position, even one no page ends at.
+CURSOR_PATTERN = "^[0-9]{1,16}/-?[0-9]{1,19}/-?[0-9]{1,19}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+Text = Annotated[str, msgspec.Meta(pattern=TEXT_PATTERN)]
+Time = Annotated[str, msgspec.Meta(extra_json_schema={"anyOf": TIME_SCHEMA["anyOf"]})]
+Epoch = Annotated[float, msgspec.Meta(ge=0, le=LATEST_EPOCH)]
 
 
 class DeadLetterRequest(msgspec.Struct, forbid_unknown_fields=True):
     """The body of ``POST /dead-letters/retry`` and ``/discard``: which dead letters (times
     in ISO 8601 or epoch seconds), how many at most, and whether only to count them."""
 
-    reason: str | None = None
+    reason: Text | None = None
     callback_id: Int64 | None = None
-    received_before: str | float | None = None
-    received_after: str | float | None = None
+    received_before: Time | Epoch | None = None
+    received_after: Time | Epoch | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=PAGE_LIMIT)] = PAGE_LIMIT
     dry_run: bool = False
     include_stale: bool = False
@@ -48,6 +71,8 @@ def decode_request(body: bytes) -> DeadLetterRequest:
     try:
         return _request.decode(body)
     except msgspec.ValidationError as exc:
+        if "got `float`" in str(exc) and (integral := integral_floats(body)) is not None:
+            return decode_request(integral)
         raise InvalidRequest("bad_request", str(exc)) from None
     except msgspec.DecodeError:
         raise InvalidRequest("malformed_json", "the body is not valid JSON") from None
@@ -79,8 +104,8 @@ def _text(value: str) -> str:
 
 
 def _int64(value: object) -> int:
-    number = int(str(value))
-    if not -(2**63) <= number < 2**63:
+    number = value if isinstance(value, int) else integer(str(value))
+    if not INT64_MIN <= number <= INT64_MAX:
         raise ValueError("callback_id must fit 64 bits")
     return number
 
@@ -88,12 +113,16 @@ def _int64(value: object) -> int:
 def _time(value: object) -> datetime | None:
     if value is None:
         return None
+    if isinstance(value, float | int):
+        return datetime.fromtimestamp(value, UTC)
     text = str(value)
-    try:
+    if re.fullmatch(EPOCH_PATTERN, text):
         return datetime.fromtimestamp(float(text), UTC)
-    except (ValueError, OverflowError, OSError):
-        parsed = datetime.fromisoformat(text)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    parsed = datetime.fromisoformat(text)
+    try:
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
 
 
 def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
@@ -110,21 +139,24 @@ def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
 
 def cursor(letter: DeadLetter, created_at: datetime) -> str:
     """Where a page of dead letters ended, for ``after`` (opaque to callers)."""
-    return f"{created_at.isoformat()}/{letter.callback_id}/{letter.object_id}"
+    micros = (created_at - _EPOCH) // _MICROSECOND
+    return f"{micros}/{letter.callback_id}/{letter.object_id}"
 
 
 def parse_cursor(value: str | None) -> tuple[datetime, int, int] | None:
-    """The position a ``cursor`` names; None for the first page."""
+    """The position a ``cursor`` names; None for the first page. Ids past 64 bits stand for
+    the nearest that is not: the position is the same."""
     if value is None or value == "":
         return None
-    try:
-        created, callback_id, object_id = value.rsplit("/", 2)
-        at, callback, letter = datetime.fromisoformat(created), int(callback_id), int(object_id)
-    except ValueError:
-        raise InvalidRequest("bad_cursor", "after: a next_after from a page") from None
-    if at.tzinfo is None or not all(-(2**63) <= n < 2**63 for n in (callback, letter)):
+    if not re.fullmatch(CURSOR_PATTERN, value):
         raise InvalidRequest("bad_cursor", "after: a next_after from a page")
-    return at, callback, letter
+    micros, callback_id, object_id = (int(part) for part in value.split("/"))
+    at = _EPOCH + micros * _MICROSECOND
+    return at, _clamp(callback_id), _clamp(object_id)
+
+
+def _clamp(number: int) -> int:
+    return max(INT64_MIN, min(INT64_MAX, number))
 
 
 async def retry(

@@ -30,6 +30,7 @@ from lastseen.errors import (
     Unauthorized,
 )
 from lastseen.metrics import Metrics
+from lastseen.parsers import integral_floats
 from lastseen.replies import error_response, json_response
 
 log = structlog.get_logger("lastseen.ingest")
@@ -58,6 +59,8 @@ def decode_callback(body: bytes, decoder: msgspec.json.Decoder[Body]) -> Body:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
+        if "got `float`" in message and (integral := integral_floats(body)) is not None:
+            return decode_callback(integral, decoder)
         if "at `$.object_ids[" in message:
             reason = "id_out_of_range" if "=" in message else "invalid_id"
         elif "at `$.object_ids`" in message:

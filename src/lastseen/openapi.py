@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from lastseen import __version__
-from lastseen.dead_letters import DeadLetterRequest
+from lastseen.dead_letters import CURSOR_PATTERN, TEXT_PATTERN, TIME_SCHEMA, DeadLetterRequest
 from lastseen.ingest import CallbackBody
 from lastseen.status import Status
 
@@ -152,10 +152,10 @@ def document() -> dict[str, Any]:
         "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
     }
     filters = [
-        {"name": "reason", "in": "query", "schema": {"type": "string"}},
+        {"name": "reason", "in": "query", "schema": {"type": "string", "pattern": TEXT_PATTERN}},
         {"name": "callback_id", "in": "query", "schema": _INT64},
-        {"name": "received_before", "in": "query", "schema": {"type": "string"}},
-        {"name": "received_after", "in": "query", "schema": {"type": "string"}},
+        {"name": "received_before", "in": "query", "schema": TIME_SCHEMA},
+        {"name": "received_after", "in": "query", "schema": TIME_SCHEMA},
         limit,
     ]
     return {
@@ -293,7 +293,11 @@ def document() -> dict[str, Any]:
                     "security": _ADMIN,
                     "parameters": [
                         *filters,
-                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "schema": {"type": "string", "pattern": f"{CURSOR_PATTERN}|^$"},
+                        },
                     ],
                     "responses": {
                         "200": _answer("dead letters", "DeadLettersPage"),

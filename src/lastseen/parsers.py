@@ -1,4 +1,5 @@
-"""Parsers of setting and flag values, shared by the settings and the simulator's flags.
+"""Parsers of setting and flag values, shared by the settings and the simulator's flags, and
+of the numbers in requests.
 
 Each takes the text of a flag or an environment variable and returns the value or raises
 ``ValueError`` saying what was expected. Numbers must be finite: a ``nan`` interval would
@@ -8,9 +9,44 @@ compare false with everything and an ``inf`` one would never end.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
+
+import msgspec
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INTEGER = re.compile("-?[0-9]+")
+
+
+def integer(value: str) -> int:
+    """A decimal integer as the OpenAPI document's integers are written: Python's ``int()``
+    also takes ``" 7"``, ``"7_000"``, ``"+7"`` and other scripts' digits."""
+    if not _INTEGER.fullmatch(value):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def integral_floats(body: bytes) -> bytes | None:
+    """The JSON ``body`` with numbers written as floats with no fraction (``7.0``, ``1e3``:
+    integers to JSON Schema, and what some producers' encoders write) as integers; None if it
+    has none. For a body a strict decoder refused, so the common path decodes once."""
+    found = False
+
+    def fixed(value: Any) -> Any:
+        nonlocal found
+        if isinstance(value, float) and value.is_integer():
+            found = True
+            return int(value)
+        if isinstance(value, list):
+            return [fixed(item) for item in value]
+        if isinstance(value, dict):
+            return {key: fixed(item) for key, item in value.items()}
+        return value
+
+    rewritten = fixed(msgspec.json.decode(body))
+    return msgspec.json.encode(rewritten) if found else None
 
 
 def host_port(value: str, default_host: str = "0.0.0.0") -> tuple[str, int]:

@@ -23,6 +23,7 @@ from lastseen.guards import guard
 from lastseen.ingest import parse_callback
 from lastseen.metrics import Metrics, merge
 from lastseen.model import DeadLetterFilter
+from lastseen.parsers import INT64_MAX, INT64_MIN, integer
 from lastseen.replies import error_response, json_response
 from lastseen.status import database_figures
 from lastseen.storage.database import Database
@@ -200,9 +201,9 @@ class Routes:
     async def list_objects(self, request: web.Request) -> web.Response:
         try:
             given = request.query.get("after")
-            after = None if given is None else int(given)
-            limit = int(request.query.get("limit", PAGE_LIMIT))
-            if not 1 <= limit <= PAGE_LIMIT or not -(2**63) <= (after or 0) < 2**63:
+            after = None if given is None else integer(given)
+            limit = integer(request.query.get("limit", str(PAGE_LIMIT)))
+            if not 1 <= limit <= PAGE_LIMIT or not INT64_MIN <= (after or 0) <= INT64_MAX:
                 raise ValueError(limit)
         except ValueError:
             return error_response(400, "bad_query", f"after: an id; limit: 1 to {PAGE_LIMIT}")
@@ -216,10 +217,10 @@ class Routes:
 
     async def get_object(self, request: web.Request) -> web.Response:
         try:
-            object_id = int(request.match_info["object_id"])
+            object_id = integer(request.match_info["object_id"])
         except ValueError:
             return error_response(400, "bad_id", "the id must be an integer")
-        if not -(2**63) <= object_id < 2**63:
+        if not INT64_MIN <= object_id <= INT64_MAX:
             return error_response(400, "bad_id", "the id must fit 64 bits")
         last_seen = await self.db.get_object(object_id)
         if last_seen is None:
@@ -300,10 +301,10 @@ async def _dead_letter_request(
 
 def _int64(text: str, name: str) -> int:
     try:
-        value = int(text)
+        value = integer(text)
     except ValueError:
         raise InvalidRequest("bad_id", f"{name} must be an integer") from None
-    if not -(2**63) <= value < 2**63:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise InvalidRequest("bad_id", f"{name} must fit 64 bits")
     return value
 
@@ -312,7 +313,7 @@ def _limit(value: object) -> int:
     if value is None:
         return PAGE_LIMIT
     try:
-        limit = int(str(value))
+        limit = integer(str(value))
     except ValueError:
         limit = 0
     if not 1 <= limit <= PAGE_LIMIT:
