@@ -342,12 +342,15 @@ async def collect_when_grown(
     every: float, growth: int, collect: Callable[[], int] = gc.collect
 ) -> None:
     """A full garbage collection (``collect``) whenever the RSS has grown by ``growth`` bytes
-    since the last one (looked at every ``every`` seconds), until cancelled."""
+    from its lowest since the last one (looked at every ``every`` seconds), until cancelled."""
     process = psutil.Process()
     baseline = process.memory_info().rss
     while True:
         await asyncio.sleep(every)
-        if process.memory_info().rss - baseline < growth:
+        rss = process.memory_info().rss
+        # Memory the allocator hands back lowers the mark: growth counts from there.
+        baseline = min(baseline, rss)
+        if rss - baseline < growth:
             continue
         started = time.perf_counter()
         found = collect()
