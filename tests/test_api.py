@@ -19,9 +19,12 @@ import standardwebhooks
 from aiohttp import web
 from helpers.cli import run_cli
 from helpers.services import StartService, fast_settings
+from hypothesis import given
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
-from lastseen.errors import ConfigError
+from lastseen.auth import WebhookVerifier
+from lastseen.errors import ConfigError, Unauthorized
 from lastseen.openapi import document
 from lastseen.settings import Settings
 from lastseen.ui import Page
@@ -38,6 +41,61 @@ def _signed(body: str, *, at: datetime | None = None, msg_id: str = "msg_1") -> 
         "webhook-timestamp": str(int(at.timestamp())),
         "webhook-signature": signature,
     }
+
+
+@given(
+    body=st.text(max_size=300),
+    msg_id=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40),
+    offset=st.floats(-299, 299),
+)
+def test_the_webhook_check_takes_what_the_standardwebhooks_package_signs(
+    body: str, msg_id: str, offset: float
+) -> None:
+    """Our check (the package's ``verify`` costs twice as much) against the package's own
+    signatures: each passes, alone or beside another key's (a rotation), with a timestamp
+    anywhere within the tolerance; with another body or id it does not."""
+    now = 1_800_000_000.0
+    verifier = WebhookVerifier(SECRET, clock=lambda: now)
+    at = datetime.fromtimestamp(now + offset, UTC)
+    signature = standardwebhooks.Webhook(SECRET).sign(msg_id, at, body)
+    other = standardwebhooks.Webhook("whsec_" + base64.b64encode(b"x" * 32).decode())
+    headers = {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": f"{other.sign(msg_id, at, body)} {signature}",
+    }
+    verifier.verify(body.encode(), headers)
+    with pytest.raises(Unauthorized):
+        verifier.verify(body.encode() + b" ", headers)
+    with pytest.raises(Unauthorized):
+        verifier.verify(body.encode(), {**headers, "webhook-id": msg_id + "x"})
+
+
+def test_the_webhook_check_says_why_it_refuses() -> None:
+    """A timestamp past the tolerance either way, one that is not a number, a v2 signature
+    only, a header that is not UTF-8, a missing header: each refused with its reason; a
+    secret that is not base64 is a configuration error."""
+    now = 1_800_000_000.0
+    verifier = WebhookVerifier(SECRET, clock=lambda: now)
+    body = '{"object_ids": [1]}'
+
+    def refusal(**changes: str) -> str:
+        headers = _signed(body, at=datetime.fromtimestamp(now, UTC)) | changes
+        with pytest.raises(Unauthorized) as refused:
+            verifier.verify(body.encode(), {k: v for k, v in headers.items() if v})
+        return str(refused.value)
+
+    assert "too old" in refusal(**{"webhook-timestamp": str(int(now) - 301)})
+    assert "too new" in refusal(**{"webhook-timestamp": str(int(now) + 301)})
+    for stamp in ("soon", "nan", "inf"):
+        assert "not a number" in refusal(**{"webhook-timestamp": stamp})
+    signed = _signed(body, at=datetime.fromtimestamp(now, UTC))["webhook-signature"]
+    assert "no signature" in refusal(**{"webhook-signature": "v2," + signed[3:]})
+    assert "no signature" in refusal(**{"webhook-signature": "v1,\udcff"})
+    assert "no signature" in refusal(**{"webhook-id": "msg_\udcff"})
+    assert "missing" in refusal(**{"webhook-id": ""})
+    with pytest.raises(ConfigError):
+        WebhookVerifier("whsec_")
 
 
 async def test_a_signed_callback_is_taken_and_a_bad_one_refused(

@@ -8,6 +8,7 @@ failure, run the transaction again) or ``DatabaseError`` (anything else).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -365,36 +366,24 @@ class Database:
         plain = [n for n, key in enumerate(keys) if key is None]
         keyed = [n for n, key in enumerate(keys) if key is not None]
         answers: list[tuple[int, str | None]] = [(0, None)] * len(keys)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if plain:
-                rows = await conn.fetch(
-                    Q["insert_callbacks"],
-                    [received_at[n] for n in plain],
-                    [id_arrays[n] for n in plain],
-                )
-                for n, callback_id in zip(plain, sorted(r[0] for r in rows), strict=True):
-                    answers[n] = (callback_id, None)
-            if keyed:
-                wanted = [keys[n] for n in keyed]
-                rows = await conn.fetch(
-                    Q["insert_idempotent_callbacks"],
-                    [received_at[n] for n in keyed],
-                    [id_arrays[n] for n in keyed],
-                    wanted,
-                    [digests[n] for n in keyed],
-                )
-                found = {r["key"]: (int(r["callback_id"]), str(r["digest"])) for r in rows}
-                if len(found) < len(keyed):
-                    missing = [key for key in wanted if key not in found]
-                    rows = await conn.fetch(Q["keyed_callbacks"], missing)
-                    found.update(
-                        (r["key"], (int(r["callback_id"]), str(r["digest"]))) for r in rows
+        async with self.pool.acquire() as conn:
+            # A batch of one kind is one statement, atomic as it is: no BEGIN and COMMIT round
+            # trips (a producer that signs everything sends only keyed callbacks).
+            both = conn.transaction() if plain and keyed else contextlib.nullcontext()
+            async with both:
+                if plain:
+                    rows = await conn.fetch(
+                        Q["insert_callbacks"],
+                        [received_at[n] for n in plain],
+                        [id_arrays[n] for n in plain],
                     )
-                if len(found) < len(keyed):
-                    # Pruned between the two statements: the whole batch again.
-                    raise RetryableConflict("insert_callbacks_keyed", "an idempotency key went")
-                for n in keyed:
-                    answers[n] = found[keys[n]]
+                    for n, callback_id in zip(plain, sorted(r[0] for r in rows), strict=True):
+                        answers[n] = (callback_id, None)
+                if keyed:
+                    rows = [(received_at[n], id_arrays[n], keys[n], digests[n]) for n in keyed]
+                    found = await _claim_keys(conn, rows)
+                    for n in keyed:
+                        answers[n] = found[keys[n]]
         return answers
 
     @_edge
@@ -479,6 +468,27 @@ class Database:
         """One callback's receipt, completion, id counts and claims (None once pruned)."""
         row: asyncpg.Record | None = await self.pool.fetchrow(Q["callback_status"], callback_id)
         return row
+
+
+async def _claim_keys(
+    conn: asyncpg.Connection, rows: list[tuple[float, str, str | None, str | None]]
+) -> dict[str | None, tuple[int, str | None]]:
+    """Stores the keyed callbacks ``(received_at, ids, key, digest)`` whose keys are free;
+    the callback id and digest under every key, stored now or before."""
+    received_at, id_arrays, keys, digests = (list(column) for column in zip(*rows, strict=True))
+    stored = await conn.fetch(
+        Q["insert_idempotent_callbacks"], received_at, id_arrays, keys, digests
+    )
+    digest_of = dict(zip(keys, digests, strict=True))
+    found = {r[0]: (r[1], digest_of[r[0]]) for r in stored}
+    if len(found) < len(rows):
+        missing = [key for key in keys if key not in found]
+        earlier = await conn.fetch(Q["keyed_callbacks"], missing)
+        found.update((r["key"], (int(r["callback_id"]), str(r["digest"]))) for r in earlier)
+    if len(found) < len(rows):
+        # Pruned between the two statements: the whole batch again.
+        raise RetryableConflict("insert_callbacks_keyed", "an idempotency key went")
+    return found
 
 
 def _filter(which: DeadLetterFilter) -> tuple[object, ...]:

@@ -45,7 +45,7 @@ RETURNING id;
 -- name: insert_idempotent_callbacks
 -- Stores the keyed callbacks of a group commit ($1 receive times in epoch seconds, $2 id array
 -- literals, $3 idempotency keys, all distinct, $4 the digests of the ids) whose keys are not
--- taken yet. Returns the key, callback id and digest of each one stored now; a key already
+-- taken yet. Returns the key and callback id of each one stored now; a key already
 -- taken has no row (ask keyed_callbacks then, in a statement of its own, which also sees a
 -- transaction that committed while this one ran). Not a join with idempotency_keys here: with one,
 -- PostgreSQL's CPU per signed request grew with the table (125, 191, 307 us over three bench
@@ -57,17 +57,17 @@ WITH input AS (
     INSERT INTO idempotency_keys (key, callback_id, digest)
     -- In key order: two batches that share keys then lock them in the same order, and one
     -- waits for the other instead of deadlocking.
-    SELECT key, nextval(pg_get_serial_sequence('callbacks', 'id')), digest FROM input
+    SELECT key, nextval('callbacks_id_seq'), digest FROM input
     ORDER BY key
     ON CONFLICT (key) DO NOTHING
-    RETURNING key, callback_id, digest
+    RETURNING key, callback_id
 ), stored AS (
     INSERT INTO callbacks (id, received_at, object_ids, locked_until)
     SELECT claimed.callback_id, to_timestamp(input.received_at), input.ids::bigint[], now()
     FROM claimed JOIN input USING (key)
     RETURNING id
 )
-SELECT key, callback_id, digest FROM claimed;
+SELECT key, callback_id FROM claimed;
 
 -- name: keyed_callbacks
 -- The callback id and digest stored under each of the idempotency keys $1.
