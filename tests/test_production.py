@@ -19,7 +19,6 @@ import random
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from helpers.waiting import eventually
 
 from lastseen import worker_processes
 from lastseen.app import Service, upstream_client
+from lastseen.devtools import certs
 from lastseen.devtools.launch import ServeProcess
 from lastseen.leases import named
 from lastseen.metrics import Metrics
@@ -113,33 +113,11 @@ def configured(name: str, tmp_path: Path, db_url: str) -> Deployment:
 
 def certificates(directory: Path) -> tuple[Path, ssl.SSLContext]:
     """A CA of the test's own (its PEM file) and a server context whose certificate for
-    127.0.0.1 it signs, made with the openssl command."""
-    if shutil.which("openssl") is None:
+    127.0.0.1 it signs."""
+    if not certs.available():
         pytest.skip("no openssl command to make a test CA with")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=lastseen test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    (directory / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    )
-    openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
-    )  # fmt: skip
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(directory / "server.pem", directory / "server.key")
-    return directory / "ca.pem", context
+    made = certs.make(directory)
+    return made.ca, made.server_context()
 
 
 @pytest.fixture(params=["default", "production"])

@@ -97,6 +97,28 @@ def render(results: dict[str, Any]) -> str:
                     f"  {step['callbacks_per_s']:g} callbacks/s: cpu µs per lookup "
                     + " ".join(f"{k}={v:.0f}" for k, v in per.items())
                 )
+    if "tls" in scenarios:
+        s = scenarios["tls"]
+        if "skipped" in s:
+            console.print(f"tls: skipped, {s['skipped']}")
+        else:
+            for step in s["steps"]:
+                console.print(
+                    f"tls round {step['round'] + 1} {step['scheme']}: "
+                    f"{step['lookups_per_s']:.0f} lookups/s, cpu µs per lookup "
+                    + " ".join(f"{k}={v:.0f}" for k, v in step["cpu_us_per_lookup"].items())
+                )
+            for scheme, cpu in s["client_cpu_us_per_get"].items():
+                console.print(
+                    f"tls: lookup client alone, {scheme}: cpu µs per GET "
+                    f"{cpu['new_connection']:.0f} on a new connection, "
+                    f"{cpu['pooled_connection']:.0f} on a pooled one"
+                )
+            console.print(
+                f"tls: worker cpu µs per lookup, https/http = "
+                f"{s['worker_cpu_us_per_lookup_https']:.0f}/{s['worker_cpu_us_per_lookup_http']:.0f}"
+                f" = {s['https_over_http']} ({s['callbacks_per_s']:g} callbacks/s of unique ids)"
+            )
     if "expiry" in scenarios:
         s = scenarios["expiry"]
         late = s["after_ttl_ms"]

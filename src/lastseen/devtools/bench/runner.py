@@ -31,6 +31,7 @@ import psutil
 
 from lastseen.devtools.bench.report import plot, render
 from lastseen.devtools.bench.scenarios import SCENARIOS
+from lastseen.devtools.certs import Certificates
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
 from lastseen.limits import ephemeral_ports, raise_open_file_limit
 from lastseen.promtext import Reading
@@ -55,6 +56,8 @@ class BenchOptions:
     watch_status: bool = False  # read /status every 2 s, as an open status page does
     # pipeline
     rates: Sequence[float] = (10, 20, 40, 60, 80, 100, 120)
+    tls_rate: float = 20.0  # tls: callbacks/s of unique ids, well within what this box keeps up
+    tls_client_gets: int = 1000  # tls: GETs at once, when the lookup client is timed alone
     step_seconds: float = 20.0
     latency_min: float = 0.3
     latency_max: float = 4.3
@@ -98,6 +101,8 @@ class BenchOptions:
             connections=4,
             rounds=1,
             rates=(5.0,),
+            tls_rate=5.0,
+            tls_client_gets=20,
             step_seconds=2.0,
             upstream_processes=2,  # the path a 10,000 lookups/s run needs, exercised
             latency_min=0.01,
@@ -235,11 +240,19 @@ class Bench:
         return await process.start(wait_for_upstream=upstream)
 
     async def upstream(
-        self, latency_min: float, latency_max: float, *, listen: str = "127.0.0.1:0", n: int = 0
+        self,
+        latency_min: float,
+        latency_max: float,
+        *,
+        listen: str = "127.0.0.1:0",
+        n: int = 0,
+        tls: Certificates | None = None,
     ) -> SimulateProcess:
         """The simulated upstream (even ids online) on a free port, or as the ``n``-th of
-        several processes sharing ``listen``'s port."""
+        several processes sharing ``listen``'s port; over HTTPS with ``tls``."""
         shared = ["--upstream-reuse-port"] if self.options.upstream_processes > 1 else []
+        if tls is not None:
+            shared += ["--upstream-cert", str(tls.cert), "--upstream-key", str(tls.key)]
         return await self.simulate(
             "--mode", "upstream", "--upstream-listen", listen, *shared,
             "--latency-min", str(latency_min), "--latency-max", str(latency_max),

@@ -18,11 +18,13 @@ import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from lastseen.devtools import certs
 from lastseen.devtools.bench.box import box
 from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
@@ -37,6 +39,7 @@ from lastseen.devtools.loadgen import (
     run_load,
     signed_headers,
 )
+from lastseen.http_client import UpstreamClient
 from lastseen.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
@@ -194,6 +197,83 @@ async def pipeline(bench: Bench) -> dict[str, Any]:
         "distributions": runs,
         "goal": ">= 10,000 lookups/s sustained with unique ids, lag over upstream p99 < 100 ms",
     }
+
+
+async def tls(bench: Bench) -> dict[str, Any]:
+    """CPU per lookup with the upstream behind HTTPS (a CA of the run's own, given to the
+    service as LASTSEEN_UPSTREAM_CA_FILE) beside plain HTTP, alternating, unique ids."""
+    o = bench.options
+    if not certs.available():
+        return {"skipped": "no openssl command to make a CA with"}
+    made = certs.make(o.out_dir / "tls")
+    max_ids, universe = DISTRIBUTIONS["unique"]
+    steps: list[dict[str, Any]] = []
+    for round_no in range(o.rounds):
+        for scheme in ("http", "https"):
+            url = await bench.fresh_database(f"bench_tls_{scheme}")
+            upstream = await bench.upstream(
+                o.latency_min, o.latency_max, tls=made if scheme == "https" else None
+            )
+            extra = {"upstream_ca_file": str(made.ca)} if scheme == "https" else {}
+            serve = await bench.serve(url, objects_url=upstream.upstream_url, **extra)
+            step = await _pipeline_step(bench, serve, [upstream], o.tls_rate, max_ids, universe)
+            await serve.terminate()
+            await upstream.terminate()
+            per = step["cpu_us_per_lookup"]
+            workers_us = sum(v for k, v in per.items() if k.startswith("worker"))
+            steps.append(
+                {
+                    "round": round_no,
+                    "scheme": scheme,
+                    "lookups_per_s": step["lookups_per_s"],
+                    "keeping_up": step["keeping_up"],
+                    "worker_cpu_us_per_lookup": round(workers_us, 1),
+                    "upstream_cpu_us_per_lookup": per.get("upstream"),
+                    "cpu_us_per_lookup": per,
+                }
+            )
+            bench.progress(
+                f"tls {scheme} round {round_no + 1}: {step['lookups_per_s']} lookups/s, "
+                f"worker cpu {workers_us:.1f} us per lookup"
+            )
+
+    def median(scheme: str) -> float:
+        return float(
+            statistics.median(s["worker_cpu_us_per_lookup"] for s in steps if s["scheme"] == scheme)
+        )
+
+    plain, secure = median("http"), median("https")
+    # What a lookup costs the client on a new connection (with its handshake) and on a pooled
+    # one, from this process: an upstream that answers at once, 1,000 GETs at a time.
+    client: dict[str, dict[str, float]] = {}
+    for scheme in ("http", "https"):
+        upstream = await bench.upstream(0.0, 0.0, tls=made if scheme == "https" else None)
+        client[scheme] = await _client_cpu(upstream.upstream_url, made.ca, o.tls_client_gets)
+        await upstream.terminate()
+    return {
+        "callbacks_per_s": o.tls_rate,
+        "client_cpu_us_per_get": client,
+        "steps": steps,
+        "worker_cpu_us_per_lookup_http": plain,
+        "worker_cpu_us_per_lookup_https": secure,
+        "https_over_http": round(secure / plain, 2) if plain else None,
+    }
+
+
+async def _client_cpu(url: str, ca: Path, gets: int) -> dict[str, float]:
+    """CPU µs per GET of the lookup client: on new connections, then on pooled ones."""
+    client = UpstreamClient(url, timeout=30, ca_file=ca)
+    try:
+        began = time.process_time()
+        await asyncio.gather(*(client.get(f"/objects/{i}") for i in range(gets)))
+        new = (time.process_time() - began) / gets * 1e6
+        began = time.process_time()
+        for _ in range(10):
+            await asyncio.gather(*(client.get(f"/objects/{i}") for i in range(gets)))
+        pooled = (time.process_time() - began) / (10 * gets) * 1e6
+    finally:
+        await client.close()
+    return {"new_connection": round(new, 1), "pooled_connection": round(pooled, 1)}
 
 
 async def _pipeline_step(
@@ -388,6 +468,7 @@ Scenario = Callable[["Bench"], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest,
     "pipeline": pipeline,
+    "tls": tls,
     "expiry": expiry,
     "soak": soak,
     "crash": crash,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lastseen.devtools.simulate.producer import ProducerConfig
 from lastseen.devtools.simulate.upstream import UpstreamConfig, parse_online_rule
+from lastseen.errors import ConfigError
 from lastseen.parsers import at_least, http_url, loopback_host_port, share
 
 MODES = ("both", "upstream", "producer")
@@ -33,6 +34,7 @@ class SimulatorConfig:
     mode: str = "both"
     upstream_listen: tuple[str, int] = ("127.0.0.1", 9010)
     upstream_reuse_port: bool = False
+    upstream_tls: tuple[Path, Path] | None = None  # certificate and key: HTTPS
     upstream: UpstreamConfig = dataclasses.field(default_factory=UpstreamConfig)
     online_rule: str = "even"
     producer: ProducerConfig = dataclasses.field(default_factory=ProducerConfig)
@@ -81,12 +83,21 @@ class SimulatorConfig:
             mode=getattr(args, "mode", "both"),
             upstream_listen=args.upstream_listen,
             upstream_reuse_port=getattr(args, "upstream_reuse_port", False),
+            upstream_tls=_tls(
+                getattr(args, "upstream_cert", None), getattr(args, "upstream_key", None)
+            ),
             upstream=upstream,
             online_rule=args.online,
             producer=producer,
             truth_dir=args.truth_dir,
             duration=args.duration,
         )
+
+
+def _tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    if (cert is None) != (key is None):
+        raise ConfigError("--upstream-cert", "goes with --upstream-key")
+    return None if cert is None or key is None else (cert, key)
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -> None:
@@ -131,6 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
             help="share the port with other upstream processes (SO_REUSEPORT), which the "
             "kernel spreads connections over: one process may hold only so many sockets",
         )
+        up.add_argument(
+            "--upstream-cert",
+            type=Path,
+            metavar="PEM",
+            help="speak HTTPS with this certificate (and --upstream-key) [plain HTTP]",
+        )
+        up.add_argument("--upstream-key", type=Path, metavar="PEM", help="its private key")
     up.add_argument(
         "--latency-min",
         type=_seconds,

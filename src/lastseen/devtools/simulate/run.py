@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import ssl
 
 import structlog
 
@@ -47,7 +48,11 @@ class Simulator:
         self.upstream = Upstream(self.config.upstream, writer.write if writer else None)
         host, port = self.config.upstream_listen
         reuse_port = self.config.upstream_reuse_port
-        self.upstream_url = await self.upstream.serve(host, port, reuse_port=reuse_port)
+        tls = None
+        if self.config.upstream_tls is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(*self.config.upstream_tls)
+        self.upstream_url = await self.upstream.serve(host, port, reuse_port=reuse_port, tls=tls)
         log.info("upstream listening", url=self.upstream_url, online=self.config.online_rule)
         return self.upstream_url
 
