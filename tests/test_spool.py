@@ -167,6 +167,62 @@ async def test_the_endpoint_answers_while_the_database_is_away(
     assert service.sample("lastseen_spool_callbacks") == 0
 
 
+async def test_the_endpoint_answers_while_the_database_refuses_writes(
+    sql: asyncpg.Connection,
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL read-only for 2 s under load (SQLSTATE 25006, as a standby after a failover
+    answers), its connections kept: every POST gets a 202 (none a 500), the callbacks go to
+    the spool and /ready says so; the probe's write keeps the spool until the server takes
+    writes again, and then every acknowledged id reaches `objects`."""
+    _, upstream_url = await start_upstream()
+    service = await start_service(
+        objects_url=upstream_url,
+        ttl=30.0,
+        commit_timeout=0.8,
+        spool_max_bytes=1 << 20,
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+
+    async def read_only(on: bool) -> None:
+        await sql.execute("SET default_transaction_read_only = off")
+        value = "on" if on else "off"
+        await sql.execute(f"ALTER SYSTEM SET default_transaction_read_only = {value}")
+        await sql.execute("SELECT pg_reload_conf()")
+
+    replies: list[tuple[int, dict[str, object], list[int]]] = []
+    stop = asyncio.Event()
+    producer = asyncio.create_task(_produce(service.url, stop, replies))
+    try:
+        await eventually(lambda: len(replies) >= 10)
+        await read_only(True)
+        await eventually(lambda: service.sample("lastseen_callbacks_spooled_total") >= 10)
+        status, ready = await service.get("/ready")
+        assert (status, ready["ready"]) == (200, True)
+        assert str(ready["degraded"]).startswith("spooling")
+        await asyncio.sleep(1.5)
+        assert service.sample("lastseen_spooling") == 1  # the probe's write was refused
+        await read_only(False)
+        await eventually(lambda: service.sample("lastseen_spooling") == 0, timeout=10)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await producer
+        await sql.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await sql.execute("SELECT pg_reload_conf()")
+    assert [status for status, _, _ in replies] == [202] * len(replies)
+    assert service.sample("lastseen_callbacks_rejected_total", reason="database_error") == 0
+    wanted = {i for _, _, ids in replies for i in ids}
+
+    async def all_there() -> bool:
+        return wanted <= set(await objects(sql))
+
+    await eventually(all_there, timeout=15)
+    assert service.sample("lastseen_spool_callbacks") == 0
+
+
 async def test_a_full_spool_answers_503_not_202(
     db_proxy: DatabaseProxy, start_service: StartService, tmp_path: Path
 ) -> None:

@@ -373,7 +373,9 @@ class GroupCommit:
             await asyncio.sleep(self.probe_interval)
             try:
                 async with asyncio.timeout(self.spool_after):
-                    await self.db.ping()
+                    # A write where the schema is in place: a read-only server answers a
+                    # SELECT 1, and would take the spool back only to refuse every batch.
+                    await (self.db.probe_write() if self._open else self.db.ping())
             except (DatabaseError, TimeoutError):
                 continue
             log.info("the database answers again; draining the spool")

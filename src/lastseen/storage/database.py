@@ -30,16 +30,20 @@ log = structlog.get_logger("lastseen.storage.database")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+# The database cannot take this now, whatever the statement: wait for it (spool, outage state).
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     # A connection lost in the middle of an operation can leave asyncpg's protocol in a state
     # it reports this way ("cannot switch to state 15; another operation is in progress").
     asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresConnectionError,  # 08: the connection failed
+    asyncpg.OperatorInterventionError,  # 57: shut down, in recovery, cannot connect now
     asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a standby, or a server set read-only
+    asyncpg.InsufficientResourcesError,  # 53: disk full, out of memory, too many connections
+    asyncpg.InvalidAuthorizationSpecificationError,  # 28: a login refused (a rotated password)
+    asyncpg.PostgresSystemError,  # 58: the server's own I/O failed
 )
 _RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
@@ -226,6 +230,11 @@ class Database:
     @_edge
     async def ping(self) -> None:
         await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout)
+
+    @_edge
+    async def probe_write(self) -> None:
+        """Returns if the database takes the inbox's writes; else the error that says why."""
+        await self.pool.execute(Q["probe_write"], timeout=self.statement_timeout)
 
     @_edge
     async def insert_callbacks(

@@ -398,6 +398,11 @@ SELECT count(*) FROM gone;
 -- Is the database there?
 SELECT 1;
 
+-- name: probe_write
+-- Does the database take the inbox's writes? An insert of no rows: a read-only server (a
+-- standby after a failover, default_transaction_read_only) refuses even that.
+INSERT INTO callbacks (received_at, object_ids, locked_until) SELECT now(), '{}', now() WHERE false;
+
 -- name: server_version
 -- The PostgreSQL server's version, for reports.
 SHOW server_version;
