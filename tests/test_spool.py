@@ -223,6 +223,59 @@ async def test_the_endpoint_answers_while_the_database_refuses_writes(
     assert service.sample("lastseen_spool_callbacks") == 0
 
 
+async def test_ready_answers_at_once_while_the_database_drops_packets(
+    db_proxy: DatabaseProxy,
+    sql: asyncpg.Connection,
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    tmp_path: Path,
+) -> None:
+    """A partition that passes no bytes for 3 s, connections kept open, under load: every
+    POST gets a 202 (a commit stuck on the partition is given up on, not waited for, and its
+    batch spooled); /ready answers every time within a kubelet's 1 s, from state kept in the
+    background (200, degraded, once the ping is overdue); once the partition heals every
+    acknowledged id reaches `objects`."""
+    _, upstream_url = await start_upstream()
+    service = await start_service(
+        database_url=db_proxy.url(),
+        objects_url=upstream_url,
+        ttl=30.0,
+        commit_timeout=0.8,
+        spool_max_bytes=1 << 20,
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+    replies: list[tuple[int, dict[str, object], list[int]]] = []
+    stop = asyncio.Event()
+    producer = asyncio.create_task(_produce(service.url, stop, replies))
+    answers: list[tuple[float, int, dict[str, object]]] = []
+    try:
+        await eventually(lambda: len(replies) >= 10)
+        db_proxy.partition()
+        ends = time.monotonic() + 3.0
+        while time.monotonic() < ends:
+            started = time.monotonic()
+            status, ready = await service.get("/ready")
+            answers.append((time.monotonic() - started, status, ready))
+            await asyncio.sleep(0.1)
+        db_proxy.heal()
+        await eventually(lambda: service.sample("lastseen_spooling") == 0, timeout=15)
+    finally:
+        db_proxy.heal()
+        stop.set()
+        await producer
+    assert [status for status, _, _ in replies] == [202] * len(replies)
+    slowest = max(seconds for seconds, _, _ in answers)
+    assert slowest < 1.0, answers
+    assert all(status == 200 for _, status, _ in answers), answers
+    assert any(str(ready.get("degraded", "")).startswith("spooling") for _, _, ready in answers)
+    wanted = {i for _, _, ids in replies for i in ids}
+
+    async def all_there() -> bool:
+        return wanted <= set(await objects(sql))
+
+    await eventually(all_there, timeout=15)
+
+
 async def test_a_full_spool_answers_503_not_202(
     db_proxy: DatabaseProxy, start_service: StartService, tmp_path: Path
 ) -> None:

@@ -195,6 +195,7 @@ class Service:
         if self.commit is not None and self.spool is not None:
             # With a spool, callbacks are taken from the start, whatever the database does.
             self._start_group_commit(self.commit)
+        self.supervisor.start("readiness", self.readiness.watch(self.db))
         self.supervisor.start("migrate", self._migrate_then_work(), finite=True)
 
     def _start_group_commit(self, commit: GroupCommit) -> None:

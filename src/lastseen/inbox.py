@@ -110,6 +110,9 @@ class GroupCommit:
         # A commit slower than this is taken for an unreachable database, leaving the other
         # half of the timeout for the spool's write.
         self.spool_after = timeout / 2
+        # Commits given up on after ``spool_after``: their cancellation may wait on a server
+        # that no longer answers (a partition), so they end on their own, held here meanwhile.
+        self._abandoned: set[asyncio.Task[list[tuple[int, str | None]]]] = set()
         self.probe_interval = probe_interval
         self.spooling = False  # the database is taken for unreachable: callbacks are spooled
         self._drain = asyncio.Event()  # the spool may have something the inbox can take now
@@ -288,19 +291,7 @@ class GroupCommit:
             return
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.spool_after if self.spool is not None else None):
-                if any(e.key is not None for e in batch):
-                    answers = await self.db.insert_callbacks_keyed(
-                        [e.received_at for e in batch],
-                        [e.ids for e in batch],
-                        [e.key for e in batch],
-                        [e.digest for e in batch],
-                    )
-                else:
-                    ids = await self.db.insert_callbacks(
-                        [e.received_at for e in batch], [e.ids for e in batch]
-                    )
-                    answers = [(i, None) for i in ids]
+            answers = await self._insert_within(batch, self.spool_after if self.spool else None)
         except (DatabaseUnavailable, TimeoutError) as exc:
             if self.spool is not None:
                 self.lose_database(str(exc) or "the commit took too long")
@@ -329,6 +320,43 @@ class GroupCommit:
                 entry.future.set_exception(IdempotencyConflict())
             else:
                 entry.future.set_result(callback_id)
+
+    async def _insert(self, batch: list[_Entry]) -> list[tuple[int, str | None]]:
+        if any(e.key is not None for e in batch):
+            return await self.db.insert_callbacks_keyed(
+                [e.received_at for e in batch],
+                [e.ids for e in batch],
+                [e.key for e in batch],
+                [e.digest for e in batch],
+            )
+        ids = await self.db.insert_callbacks([e.received_at for e in batch], [e.ids for e in batch])
+        return [(i, None) for i in ids]
+
+    async def _insert_within(
+        self, batch: list[_Entry], seconds: float | None
+    ) -> list[tuple[int, str | None]]:
+        """``_insert``, or ``TimeoutError`` after ``seconds`` without waiting for its
+        cancellation: a statement cancelled on a connection that passes no bytes waits for
+        its cancel request, and the batch's requests would time out meanwhile. An abandoned
+        insert may still commit: its callbacks are then stored twice (the spool's copy), the
+        same ids with the same receive time, which changes nothing in ``objects``."""
+        insert = asyncio.create_task(self._insert(batch), name="group-commit-insert")
+        try:
+            done, _ = await asyncio.wait({insert}, timeout=seconds)
+        except asyncio.CancelledError:
+            insert.cancel()
+            raise
+        if done:
+            return insert.result()
+        insert.cancel()
+        self._abandoned.add(insert)
+        insert.add_done_callback(self._forget)
+        raise TimeoutError
+
+    def _forget(self, insert: asyncio.Task[list[tuple[int, str | None]]]) -> None:
+        self._abandoned.discard(insert)
+        if not insert.cancelled() and insert.exception() is not None:
+            log.info("an abandoned commit ended", error=str(insert.exception()))
 
     def _put_back(self, batch: list[_Entry], exc: Exception) -> None:
         # In order, for the next try; requests whose timeout passes meanwhile get their 503

@@ -6,6 +6,7 @@ The body is parsed whatever its Content-Type says; producers are not all careful
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, TypeVar
@@ -34,6 +35,12 @@ from lastseen.parsers import integral_floats
 from lastseen.replies import error_response, json_response
 
 log = structlog.get_logger("lastseen.ingest")
+
+# An idempotency key or a webhook-id: 1 to 255 printable ASCII characters, as the IETF draft's
+# sf-string, not starting or ending with a space (HTTP strips those from a header's value).
+# The OpenAPI document declares the same pattern.
+IDEMPOTENCY_KEY_PATTERN = "^[\\x21-\\x7e]([\\x20-\\x7e]{0,253}[\\x21-\\x7e])?$"
+_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 ObjectId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
@@ -175,8 +182,8 @@ class CallbackHandler:
             key, kind = headers.get("Idempotency-Key"), "key"
         if key is None:
             return None
-        if not 1 <= len(key) <= 255 or not key.isprintable():
-            detail = "Idempotency-Key: 1 to 255 printable characters"
+        if not _KEY.fullmatch(key):
+            detail = "Idempotency-Key: 1 to 255 printable ASCII characters"
             raise InvalidCallback("bad_idempotency_key", detail)
         return f"{kind}:{key}"  # a key and a webhook-id with the same text are not the same
 

@@ -14,7 +14,7 @@ import msgspec
 
 from lastseen import __version__
 from lastseen.dead_letters import CURSOR_PATTERN, TEXT_PATTERN, TIME_SCHEMA, DeadLetterRequest
-from lastseen.ingest import CallbackBody
+from lastseen.ingest import IDEMPOTENCY_KEY_PATTERN, CallbackBody
 from lastseen.status import Status
 
 
@@ -188,7 +188,7 @@ def document() -> dict[str, Any]:
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
                         }
                     ],
                     "requestBody": {"required": True, "content": _json("CallbackBody")},

@@ -204,7 +204,7 @@ class StatusBoard:
         # would otherwise scrape from them a second time.
         reading = await self._reading()
         upstream_failing = reading.total("lastseen_upstream_outage") > 0
-        ready = await self.readiness.answer(self.db, upstream_failing)
+        ready = self.readiness.answer(upstream_failing)
         figures = await database_figures(self.db) if self.readiness.migrated else None
         if figures is not None:
             self._database = figures

@@ -7,6 +7,7 @@ Every error, from any route, is a JSON body ``{"error": ..., "detail": ...}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
@@ -32,6 +33,11 @@ log = structlog.get_logger("lastseen.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PAGE_LIMIT = 1000
+# How often /ready's state is brought up to date, and how long a ping may take before the
+# database counts as unreachable.
+READY_CHECK_EVERY = 0.25
+READY_CHECK_TIMEOUT = 1.0
+UPSTREAM_CHECK_EVERY = 2.0
 
 
 class Spooling(Protocol):
@@ -50,7 +56,11 @@ class Readiness:
     failing, asked of ``upstream_failing`` (None where no pipeline runs), and whether callbacks
     go to the local spool, asked of ``spool`` (None where there is none): an instance that
     cannot reach its database but can spool is ready, degraded. A worker process that keeps
-    failing to start, asked of ``worker_trouble``, makes it unready: nothing would be looked up."""
+    failing to start, asked of ``worker_trouble``, makes it unready: nothing would be looked up.
+
+    ``watch`` keeps the database's and the upstream's state current in the background, and
+    ``answer`` reads it: ``GET /ready`` never waits on the database (a kubelet gives a probe
+    1 s, and a server behind a partition that drops packets would hold a ping far longer)."""
 
     def __init__(
         self,
@@ -62,9 +72,12 @@ class Readiness:
         self.spool = spool
         self.worker_trouble = worker_trouble
         self.unreachable = False  # the last check (or migration) found no database
+        self.upstream_is_failing = False  # as ``watch`` last found it
         self.reason = "migrations not applied yet"
         self.draining = False  # shutting down: tell load balancers, while still serving
         self._migrated = asyncio.Event()
+        self._pinging_since: float | None = None  # loop time a ping in progress started
+        self._timeout = READY_CHECK_TIMEOUT
 
     @property
     def migrated(self) -> bool:
@@ -77,48 +90,75 @@ class Readiness:
     async def wait_migrated(self) -> None:
         await self._migrated.wait()
 
-    async def check(self, db: Database, timeout: float = 1.0) -> str | None:
+    async def watch(
+        self, db: Database, every: float = READY_CHECK_EVERY, timeout: float = READY_CHECK_TIMEOUT
+    ) -> None:
+        """Pings the database (once migrated) every ``every`` seconds, and asks whether the
+        upstream is failing every ``UPSTREAM_CHECK_EVERY`` (in worker processes, that is a
+        scrape of their metrics), until cancelled; a ping that takes longer than ``timeout``
+        counts as unreachable while it lasts."""
+        self._timeout = timeout
+        loop = asyncio.get_running_loop()
+        asked_upstream = -UPSTREAM_CHECK_EVERY
+        while True:
+            if self.migrated:
+                self._pinging_since = loop.time()
+                try:
+                    await asyncio.wait_for(db.ping(), timeout)
+                    reachable, error = True, ""
+                except (DatabaseError, TimeoutError) as exc:
+                    reachable, error = False, str(exc) or "timeout"
+                self._pinging_since = None
+                if not reachable and not self.unreachable:
+                    # The driver's text (hosts, ports, errno) is for the logs, not for callers.
+                    log.warning("readiness check failed", error=error)
+                self.unreachable = not reachable
+            due = loop.time() - asked_upstream >= UPSTREAM_CHECK_EVERY
+            if self.upstream_failing is not None and due:
+                asked_upstream = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    asked = self.upstream_failing()
+                    self.upstream_is_failing = await asyncio.wait_for(asked, timeout)
+            await asyncio.sleep(every)
+
+    def _database_unreachable(self) -> bool:
+        if self._pinging_since is not None:
+            overdue = asyncio.get_running_loop().time() - self._pinging_since > self._timeout
+            if overdue:
+                return True
+        return self.unreachable
+
+    def check(self) -> str | None:
         """None when ready, otherwise why not."""
         if self.draining:
             return "shutting down"
         if not self.migrated:
             return self.reason
-        try:
-            await asyncio.wait_for(db.ping(), timeout)
-        except (DatabaseError, TimeoutError) as exc:
-            # The driver's text (hosts, ports, errno) is for the logs, not for callers.
-            log.warning("readiness check failed", error=str(exc) or "timeout")
-            self.unreachable = True
-            return "database unreachable"
-        self.unreachable = False
-        return None
+        return "database unreachable" if self._database_unreachable() else None
 
-    async def answer(
-        self, db: Database, upstream_failing: bool | None = None
-    ) -> dict[str, str | bool]:
+    def answer(self, upstream_failing: bool | None = None) -> dict[str, str | bool]:
         """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
-        ``upstream_failing``, when the caller already knows it, spares asking again."""
-        reason = await self.check(db)
+        ``upstream_failing``, when the caller knows it more recently, replaces what ``watch``
+        found."""
+        reason = self.check()
         trouble = None if self.worker_trouble is None else self.worker_trouble()
         if reason is None and trouble is not None:
             return {"ready": False, "reason": trouble}
         answer: dict[str, str | bool] = {"ready": True}
         spool = self.spool
-        if reason is not None:
-            spools = spool is not None and self.unreachable and not self.draining
-            if not spools:
-                return {"ready": False, "reason": reason}
-            assert spool is not None
+        unreachable = self.unreachable or self._database_unreachable()
+        if reason is not None and (spool is None or not unreachable or self.draining):
+            return {"ready": False, "reason": reason}
+        # The spool takes callbacks once a commit found the database gone, which may be
+        # before the next ping does.
+        if spool is not None and (reason is not None or spool.spooling):
             if not spool.accepting:
-                reason = f"{reason}, and the spool cannot take more"
-                return {"ready": False, "reason": reason}
-            answer["degraded"] = f"spooling: {reason}; callbacks are stored on local disk"
-        elif spool is not None and spool.spooling:
-            answer["degraded"] = "spooling: callbacks are stored on local disk"
+                full = f"{reason or 'spooling'}, and the spool cannot take more"
+                return {"ready": False, "reason": full}
+            why = f" {reason};" if reason else ""
+            answer["degraded"] = f"spooling:{why} callbacks are stored on local disk"
         if self.upstream_failing is not None:
-            failing = upstream_failing
-            if failing is None:
-                failing = await self.upstream_failing()
+            failing = self.upstream_is_failing if upstream_failing is None else upstream_failing
             answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
         return answer
 
@@ -171,7 +211,7 @@ class Routes:
         return json_response({"status": "alive"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        answer = await self.readiness.answer(self.db)
+        answer = self.readiness.answer()
         return json_response(answer, status=200 if answer["ready"] else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:

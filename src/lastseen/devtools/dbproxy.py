@@ -1,6 +1,8 @@
 """A TCP proxy in front of PostgreSQL, to take the database away and bring it back: ``stop``
 cuts every connection and refuses new ones, as a stopped or failed-over server does; ``start``
-lets them through again. For the tests and the benchmark's outage scenario."""
+lets them through again. ``partition`` keeps every connection open and passes no bytes either
+way (new connections are taken and hang), as a network that drops packets does; ``heal``
+delivers what waited, as TCP's retransmissions would. For the tests and the benchmark."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ class DatabaseProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._stops = 0  # how many times stop was called: a connection from before is cut
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def url(self, database: str | None = None) -> str:
         """The URL of the same server and user through this proxy (the same database, or
@@ -62,16 +66,23 @@ class DatabaseProxy:
         await asyncio.wait(tasks)
         self._pipes.difference_update(tasks)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+    def partition(self) -> None:
+        """Passes no more bytes, on open connections and new ones, until ``heal``."""
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self._flowing.set()
 
     async def stop(self) -> None:
         """Refuses new connections and cuts the open ones."""
