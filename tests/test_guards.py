@@ -134,3 +134,21 @@ async def test_times_and_cursors_are_taken_as_the_document_writes_them(
     assert status == 200
     status, answer = await service.get("/dead-letters?after=2026-12-02/1/2")
     assert (status, answer["error"]) == (400, "bad_cursor")
+
+
+async def test_an_empty_body_is_not_taken_for_every_dead_letter(
+    start_service: StartService, sql: asyncpg.Connection
+) -> None:
+    """A discard with an empty (or blank) body is 400, and the dead letter stays: ``{}`` is
+    how to ask for all of them, as the document says (the body is required)."""
+    await _dead_letter(sql)
+    service = await start_service(role="ingest")
+    for body in (b"", b"\r\n"):
+        async with service.http.post(
+            service.url + "/dead-letters/discard",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "malformed_json"
+    assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 1

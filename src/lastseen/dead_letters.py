@@ -65,9 +65,10 @@ _request = msgspec.json.Decoder(DeadLetterRequest)
 
 
 def decode_request(body: bytes) -> DeadLetterRequest:
-    """The request of a dead-letter operation (an empty body asks for the defaults)."""
+    """The request of a dead-letter operation: a JSON object (``{}`` asks for the defaults:
+    every dead letter, so an empty body is not taken for it)."""
     if not body.strip():
-        return DeadLetterRequest()
+        raise InvalidRequest("malformed_json", "the body must be a JSON object ({} for all)")
     try:
         return _request.decode(body)
     except msgspec.ValidationError as exc:
