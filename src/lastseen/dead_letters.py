@@ -123,7 +123,10 @@ def _time(value: object) -> datetime | None:
     try:
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except OverflowError:
-        raise ValueError(f"{text!r} is out of range") from None
+        # A valid date-time whose UTC falls off the calendar (0001-01-01T00:00+05:00): the
+        # calendar's edge filters the same.
+        edge = datetime.min if parsed.year == 1 else datetime.max
+        return edge.replace(tzinfo=UTC)
 
 
 def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
