@@ -8,6 +8,7 @@ import json
 import signal
 import time
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -17,6 +18,7 @@ from helpers.tables import objects, received_at
 from helpers.waiting import all_done, eventually
 
 from lastseen.devtools.simulate import hostile
+from lastseen.promtext import Reading
 
 
 @pytest.mark.parametrize(
@@ -265,9 +267,81 @@ async def test_a_killed_workers_callback_is_finished_by_another(
     assert sorted(await objects(sql)) == [6]
 
 
-async def first_post(url: str, body: str) -> int:
-    import aiohttp
+@pytest.mark.slow
+async def test_a_paused_worker_loses_nothing_and_undoes_nothing(
+    db_url: str, start_service: StartService, sql: asyncpg.Connection, spawn: Spawn
+) -> None:
+    """A worker stopped (SIGSTOP: a VM pause, a long GC) past its lease with a lookup in
+    flight: another instance finishes the callback, then sees the object go offline in a
+    later callback; once the first worker continues (SIGCONT) and its old answer (online)
+    arrives, nothing it writes late brings the object back, each callback is done, and the
+    paused worker goes on working."""
+    first_answer = asyncio.Event()
+    online = {6: True}
+    requests: list[int] = []
 
+    async def answer(request: web.Request) -> web.Response:
+        object_id = int(request.match_info["id"])
+        requests.append(object_id)
+        if len(requests) == 1:
+            await first_answer.wait()  # the paused worker's lookup: answered after SIGCONT
+            return web.json_response({"id": object_id, "online": True})
+        return web.json_response({"id": object_id, "online": online.get(object_id, False)})
+
+    app = web.Application()
+    app.router.add_get("/objects/{id}", answer)
+    runner, url = await serve_app(app)
+    paused = await spawn(
+        env={
+            "LASTSEEN_DATABASE_URL": db_url,
+            "LASTSEEN_OBJECTS_URL": url,
+            "LASTSEEN_WORKER_PROCESSES": "0",  # the pipeline in the process paused
+            "LASTSEEN_LEASE": "1",
+            "LASTSEEN_POLL_INTERVAL": "0.1",
+            "LASTSEEN_LOOKUP_TIMEOUT": "60",
+            "LASTSEEN_TTL": "60",
+        }
+    )
+    try:
+        assert await first_post(paused.url, '{"object_ids": [6]}') == 202
+        await eventually(lambda: len(requests) == 1)
+        paused.signal(signal.SIGSTOP)
+        other = await start_service(objects_url=url, ttl=60, lease=1.0)
+        await all_done(sql, 1)
+        assert sorted(await objects(sql)) == [6]
+        online[6] = False
+        status, _ = await other.post('{"object_ids": [6]}')
+        assert status == 202
+        await all_done(sql, 2)
+        assert await objects(sql) == {}
+        paused.signal(signal.SIGCONT)
+        first_answer.set()
+
+        async def looked_up() -> bool:  # the old answer reached the paused worker
+            async with aiohttp.ClientSession() as http, http.get(paused.url + "/metrics") as r:
+                reading = Reading.of_text(await r.text())
+            return reading.total("lastseen_lookups_total") >= 1
+
+        await eventually(looked_up)
+        await asyncio.sleep(1.0)  # its results written, its lost lease noticed
+        assert await objects(sql) == {}
+        rows = await sql.fetch("SELECT claims, done_at FROM callbacks ORDER BY id")
+        assert [r["claims"] for r in rows] == [2, 1]
+        assert all(r["done_at"] is not None for r in rows)
+        # Still a working instance: with the other one stopped, a callback sent to it is
+        # looked up and done.
+        await other.service.stop()
+        online[8] = True
+        assert await first_post(paused.url, '{"object_ids": [8]}') == 202
+        await all_done(sql, 3)
+        assert sorted(await objects(sql)) == [8]
+    finally:
+        paused.signal(signal.SIGCONT)  # a stopped process would ignore its SIGTERM at teardown
+        first_answer.set()
+        await runner.cleanup()
+
+
+async def first_post(url: str, body: str) -> int:
     async with aiohttp.ClientSession() as http, http.post(url + "/callback", data=body) as r:
         return r.status
 
@@ -278,8 +352,6 @@ async def test_kill_9_at_any_moment_loses_no_callback(
 ) -> None:
     """Callbacks keep coming while the service is killed with kill -9 and restarted, three
     times; in the end every acknowledged callback is done and the table is right."""
-    import aiohttp
-
     _, url = await start_upstream(latency_min=0.01, latency_max=0.2)
     env = {
         "LASTSEEN_DATABASE_URL": db_url,
