@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -274,6 +276,63 @@ async def test_ready_answers_at_once_while_the_database_drops_packets(
         return wanted <= set(await objects(sql))
 
     await eventually(all_there, timeout=15)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system of its own (tmpfs), for a disk that fills; skipped where this
+    process may not mount one (only root may)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_spool_whose_disk_is_full_answers_503_never_202(
+    db_proxy: DatabaseProxy, sql: asyncpg.Connection, start_service: StartService, small_disk: Path
+) -> None:
+    """The database away and the spool's disk filling (its size bound far above what the disk
+    holds): each POST is a 202 while the disk takes it and a 503 with Retry-After once it
+    does not, never the other way round; /ready says 503 and why; once the database is back
+    every callback acknowledged from the spool is in the inbox, each once."""
+    service = await start_service(
+        database_url=db_proxy.url(),
+        role="ingest",
+        commit_timeout=0.5,
+        spool_max_bytes=1 << 30,
+        spool_path=small_disk / "spool.sqlite3",
+    )
+    await db_proxy.stop()
+    answers: list[tuple[int, dict[str, object], str | None]] = []
+    ids = list(range(0, 400, 2))
+    for _ in range(400):
+        async with service.http.post(service.url + "/callback", json={"object_ids": ids}) as r:
+            answers.append((r.status, await r.json(), r.headers.get("Retry-After")))
+        if answers[-1][0] == 503 and len(answers) > 3 and answers[-3][0] == 503:
+            break
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) == {202, 503}, statuses
+    first_refusal = statuses.index(503)
+    assert statuses[first_refusal:] == [503] * (len(statuses) - first_refusal), statuses
+    assert all(retry == "1" for status, _, retry in answers if status == 503)
+    status, ready = await service.get("/ready")
+    assert status == 503
+    assert "the spool cannot take more" in str(ready["reason"])
+    spooled = sorted(str(body["spooled"]) for status, body, _ in answers if status == 202)
+    await db_proxy.start()
+
+    async def drained() -> bool:
+        rows = await sql.fetch("SELECT source FROM callbacks WHERE source LIKE 'spool:%'")
+        return sorted(r["source"] for r in rows) == spooled
+
+    await eventually(drained, timeout=15)
 
 
 async def test_a_full_spool_answers_503_not_202(
