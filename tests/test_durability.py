@@ -17,6 +17,8 @@ from helpers.waiting import eventually
 
 from lastseen.app import collect_when_grown
 from lastseen.devtools.dbproxy import DatabaseProxy
+from lastseen.storage.database import Database
+from lastseen.web import Readiness
 
 
 async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:
@@ -383,3 +385,19 @@ async def test_a_full_collection_follows_memory_growth() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_readiness_measures_the_clock_skew_against_postgresql(db: Database) -> None:
+    """An instance whose clock runs 2 s ahead of PostgreSQL's reports a skew of about +2 s
+    (the figure the clock-skew alert reads); the database's own clock is the reference."""
+    skews: list[float] = []
+    readiness = Readiness(clock=lambda: time.time() + 2.0, skew=skews.append)
+    readiness.set_migrated()
+    watching = asyncio.create_task(readiness.watch(db, every=0.01))
+    try:
+        await eventually(lambda: len(skews) >= 3)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    assert all(abs(skew - 2.0) < 0.25 for skew in skews), skews

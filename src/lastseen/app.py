@@ -109,6 +109,7 @@ class Service:
             self._upstream_failing if runs_lookups else None,
             self.commit if self.spool is not None else None,
             worker_processes.trouble if worker_processes is not None else None,
+            skew=m.clock_skew.set,
         )
         scrape = worker_processes.scrape if worker_processes else None
         # The status page belongs to the instance, so to its first process, not to each

@@ -208,6 +208,12 @@ class Metrics:
             "Age of the oldest callback not done yet",
             registry=r,
         )
+        self.clock_skew = Gauge(
+            "lastseen_clock_skew_seconds",
+            "This instance's clock minus PostgreSQL's (receive times come from one, TTL cutoffs "
+            "from the other instances')",
+            registry=r,
+        )
         self.worker_processes_up = Gauge(
             "lastseen_worker_processes_up",
             "Worker processes of this instance whose metrics this scrape could read",

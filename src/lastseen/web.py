@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
@@ -67,10 +68,16 @@ class Readiness:
         upstream_failing: Callable[[], Awaitable[bool]] | None = None,
         spool: Spooling | None = None,
         worker_trouble: Callable[[], str | None] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        skew: Callable[[float], None] | None = None,
     ) -> None:
+        """``skew`` is told, after each ping, this instance's ``clock`` minus the database's."""
         self.upstream_failing = upstream_failing
         self.spool = spool
         self.worker_trouble = worker_trouble
+        self.clock = clock
+        self.skew = skew
         self.unreachable = False  # the last check (or migration) found no database
         self.upstream_is_failing = False  # as ``watch`` last found it
         self.reason = "migrations not applied yet"
@@ -103,12 +110,16 @@ class Readiness:
         while True:
             if self.migrated:
                 self._pinging_since = loop.time()
+                sent = self.clock()
                 try:
-                    await asyncio.wait_for(db.ping(), timeout)
+                    database_time = await asyncio.wait_for(db.ping(), timeout)
                     reachable, error = True, ""
                 except (DatabaseError, TimeoutError) as exc:
                     reachable, error = False, str(exc) or "timeout"
                 self._pinging_since = None
+                if reachable and self.skew is not None:
+                    # The database read its clock about halfway through the round trip.
+                    self.skew((sent + self.clock()) / 2 - database_time)
                 if not reachable and not self.unreachable:
                     # The driver's text (hosts, ports, errno) is for the logs, not for callers.
                     log.warning("readiness check failed", error=error)

@@ -228,8 +228,9 @@ class Database:
         return applied_now
 
     @_edge
-    async def ping(self) -> None:
-        await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout)
+    async def ping(self) -> float:
+        """The database's clock (epoch seconds), if it answers."""
+        return float(await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout))
 
     @_edge
     async def probe_write(self) -> None:

@@ -395,8 +395,8 @@ WITH gone AS (
 SELECT count(*) FROM gone;
 
 -- name: ping
--- Is the database there?
-SELECT 1;
+-- Is the database there? Its clock, in epoch seconds (to measure this instance's skew).
+SELECT extract(epoch FROM clock_timestamp())::float8;
 
 -- name: probe_write
 -- Does the database take the inbox's writes? An insert of no rows: a read-only server (a
