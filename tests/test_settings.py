@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
+from helpers.cli import run_cli
 from helpers.services import Spawn
 
 from lastseen.cli import build_parser
@@ -107,3 +109,21 @@ async def test_every_process_runs_on_uvloop_unless_told_otherwise(
     assert by_default.events("listening")[0]["event_loop"] == "uvloop"
     told = await spawn(env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_EVENT_LOOP": "asyncio"})
     assert told.events("listening")[0]["event_loop"] == "asyncio"
+
+
+async def test_a_busy_port_is_one_line_naming_the_address_and_the_flag(db_url: str) -> None:
+    """``lastseen serve`` on a port another process holds: exit 2 and one line that names the
+    address, the cause and ``--listen``; no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = await run_cli(
+            "serve", "--listen", f"127.0.0.1:{port}", "--role", "ingest",
+            env={"LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_LOG_FORMAT": "json"},
+        )  # fmt: skip
+    assert done.code == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    line = f"lastseen: LASTSEEN_LISTEN: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert line in done.stderr, done.stderr
+    assert "--listen" in done.stderr.splitlines()[-1]

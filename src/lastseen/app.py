@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
+import os
 import re
 import signal
 import socket
@@ -25,7 +26,7 @@ from aiohttp import web
 from lastseen.admission import ClientLimits
 from lastseen.auth import IntakeAuth
 from lastseen.backoff import backoff
-from lastseen.errors import DatabaseError, SpoolFailed
+from lastseen.errors import ConfigError, DatabaseError, SpoolFailed
 from lastseen.http_client import UpstreamClient
 from lastseen.inbox import GroupCommit
 from lastseen.ingest import CallbackHandler
@@ -171,7 +172,16 @@ class Service:
         await self._runner.setup()
         # A deep accept queue: a burst of producers connecting at once must not see SYN drops.
         site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=4096)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            if self.spool is not None:
+                await self.spool.close()
+            why = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+            raise ConfigError(
+                "LASTSEEN_LISTEN", f"cannot listen on {host}:{port}: {why} (--listen picks another)"
+            ) from None
         self.port = self._runner.addresses[0][1]
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
         log.info(
