@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 from helpers.cli import run_cli
-from helpers.services import Spawn, StartService, StartUpstream
+from helpers.services import Running, Spawn, StartService, StartUpstream
 from helpers.tables import objects
 from helpers.waiting import eventually
 
@@ -116,6 +116,29 @@ async def _produce(
             await asyncio.sleep(0.05)
 
 
+async def _spooling(
+    start_service: StartService,
+    start_upstream: StartUpstream,
+    tmp_path: Path,
+    database_url: str | None = None,
+) -> Running:
+    """A service with a spool and an upstream, production's commit timeout, a 30 s TTL."""
+    _, upstream_url = await start_upstream()
+    where = {} if database_url is None else {"database_url": database_url}
+    return await start_service(
+        **where,
+        objects_url=upstream_url,
+        ttl=30.0,
+        commit_timeout=0.8,
+        spool_max_bytes=1 << 20,
+        spool_path=tmp_path / "spool.sqlite3",
+    )
+
+
+async def _all_in_objects(sql: asyncpg.Connection, wanted: set[int]) -> bool:
+    return wanted <= set(await objects(sql))
+
+
 async def test_the_endpoint_answers_while_the_database_is_away(
     db_proxy: DatabaseProxy,
     sql: asyncpg.Connection,
@@ -126,15 +149,7 @@ async def test_the_endpoint_answers_while_the_database_is_away(
     """PostgreSQL taken away for 2 s under load: every POST gets a 202, /ready stays 200 and
     says it is degraded, and once the database is back every acknowledged id reaches
     `objects` (well within the TTL), each spooled callback stored once."""
-    _, upstream_url = await start_upstream()
-    service = await start_service(
-        database_url=db_proxy.url(),
-        objects_url=upstream_url,
-        ttl=30.0,
-        commit_timeout=0.8,
-        spool_max_bytes=1 << 20,
-        spool_path=tmp_path / "spool.sqlite3",
-    )
+    service = await _spooling(start_service, start_upstream, tmp_path, db_proxy.url())
     replies: list[tuple[int, dict[str, object], list[int]]] = []
     stop = asyncio.Event()
     producer = asyncio.create_task(_produce(service.url, stop, replies))
@@ -159,10 +174,7 @@ async def test_the_endpoint_answers_while_the_database_is_away(
     assert len(spooled) >= 10
     wanted = {i for _, _, ids in replies for i in ids}
 
-    async def all_there() -> bool:
-        return wanted <= set(await objects(sql))
-
-    await eventually(all_there, timeout=15)
+    await eventually(lambda: _all_in_objects(sql, wanted), timeout=15)
     assert time.monotonic() - recovered < 15
     keys = await sql.fetch("SELECT source FROM callbacks WHERE source LIKE 'spool:%'")
     assert sorted(r["source"] for r in keys) == sorted(spooled)
@@ -179,14 +191,7 @@ async def test_the_endpoint_answers_while_the_database_refuses_writes(
     answers), its connections kept: every POST gets a 202 (none a 500), the callbacks go to
     the spool and /ready says so; the probe's write keeps the spool until the server takes
     writes again, and then every acknowledged id reaches `objects`."""
-    _, upstream_url = await start_upstream()
-    service = await start_service(
-        objects_url=upstream_url,
-        ttl=30.0,
-        commit_timeout=0.8,
-        spool_max_bytes=1 << 20,
-        spool_path=tmp_path / "spool.sqlite3",
-    )
+    service = await _spooling(start_service, start_upstream, tmp_path)
 
     async def read_only(on: bool) -> None:
         await sql.execute("SET default_transaction_read_only = off")
@@ -218,10 +223,7 @@ async def test_the_endpoint_answers_while_the_database_refuses_writes(
     assert service.sample("lastseen_callbacks_rejected_total", reason="database_error") == 0
     wanted = {i for _, _, ids in replies for i in ids}
 
-    async def all_there() -> bool:
-        return wanted <= set(await objects(sql))
-
-    await eventually(all_there, timeout=15)
+    await eventually(lambda: _all_in_objects(sql, wanted), timeout=15)
     assert service.sample("lastseen_spool_callbacks") == 0
 
 
@@ -237,15 +239,7 @@ async def test_ready_answers_at_once_while_the_database_drops_packets(
     batch spooled); /ready answers every time within a kubelet's 1 s, from state kept in the
     background (200, degraded, once the ping is overdue); once the partition heals every
     acknowledged id reaches `objects`."""
-    _, upstream_url = await start_upstream()
-    service = await start_service(
-        database_url=db_proxy.url(),
-        objects_url=upstream_url,
-        ttl=30.0,
-        commit_timeout=0.8,
-        spool_max_bytes=1 << 20,
-        spool_path=tmp_path / "spool.sqlite3",
-    )
+    service = await _spooling(start_service, start_upstream, tmp_path, db_proxy.url())
     replies: list[tuple[int, dict[str, object], list[int]]] = []
     stop = asyncio.Event()
     producer = asyncio.create_task(_produce(service.url, stop, replies))
@@ -272,10 +266,7 @@ async def test_ready_answers_at_once_while_the_database_drops_packets(
     assert any(str(ready.get("degraded", "")).startswith("spooling") for _, _, ready in answers)
     wanted = {i for _, _, ids in replies for i in ids}
 
-    async def all_there() -> bool:
-        return wanted <= set(await objects(sql))
-
-    await eventually(all_there, timeout=15)
+    await eventually(lambda: _all_in_objects(sql, wanted), timeout=15)
 
 
 @pytest.fixture

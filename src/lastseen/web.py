@@ -157,7 +157,7 @@ class Readiness:
             return {"ready": False, "reason": trouble}
         answer: dict[str, str | bool] = {"ready": True}
         spool = self.spool
-        unreachable = self.unreachable or self._database_unreachable()
+        unreachable = self._database_unreachable()
         if reason is not None and (spool is None or not unreachable or self.draining):
             return {"ready": False, "reason": reason}
         # The spool takes callbacks once a commit found the database gone, which may be
