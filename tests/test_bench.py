@@ -15,7 +15,8 @@ import pytest
 from lastseen.devtools.bench import SCENARIOS
 from lastseen.devtools.launch import LASTSEEN
 
-# Run apart, each group well within a test's 120 s: all at once came to its limit.
+# Run apart: all at once came to the 120 s a test has. On a loaded machine a group can take
+# twice its 45 to 55 s, so these tests have 240 s (the figures are not timed here).
 FAILURES = ("crash", "upstream-outage", "hostile-upstream", "database-outage", "overload", "reaper")
 APART = ("tls", *FAILURES)
 
@@ -25,7 +26,7 @@ def _smoke(out: Path, scenarios: list[str]) -> dict[str, Any]:
         [*LASTSEEN, "bench", "--scenario", ",".join(scenarios), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=230,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results: dict[str, Any] = json.loads((out / "results.json").read_text())
@@ -34,6 +35,7 @@ def _smoke(out: Path, scenarios: list[str]) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_every_scenario_runs_and_writes_its_report(tmp_path: Path) -> None:
     """`lastseen bench --smoke` of every scenario (but those run apart) exits 0 and writes the
     JSON, the table and the PNG, with every scenario's figures and the machine it ran on."""
@@ -66,6 +68,7 @@ def test_every_scenario_runs_and_writes_its_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_the_tls_scenario_measures_both_schemes(tmp_path: Path) -> None:
     """`lastseen bench --scenario tls --smoke`: CPU per lookup over HTTP and over HTTPS, and
     the lookup client's per GET on new and pooled connections (or why it was skipped)."""
@@ -81,6 +84,7 @@ def test_the_tls_scenario_measures_both_schemes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_the_failure_scenarios_run(tmp_path: Path) -> None:
     """`lastseen bench --smoke` of the failure scenarios exits 0 with each one's figures."""
     out = tmp_path / "bench"
