@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/lastseen demo $(DEMO_ARGS)
 
 lint: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy

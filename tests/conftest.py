@@ -20,13 +20,14 @@ import asyncpg
 import pytest
 from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
 
-from lastseen import logs
-from lastseen.app import Service, upstream_client
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.simulate.upstream import Upstream, UpstreamConfig
+from lastseen.runtime.service import Service
 from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
+from lastseen.telemetry import logs
+from lastseen.upstream.connect import upstream_client
 
 logs.configure("console", "warning")
 

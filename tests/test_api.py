@@ -23,12 +23,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
-from lastseen.auth import WebhookVerifier
-from lastseen.errors import ConfigError, Unauthorized
-from lastseen.openapi import document
-from lastseen.settings import Settings
-from lastseen.ui import Page
-from lastseen.web import Readiness, Routes, build_app
+from lastseen.api.app import build_app
+from lastseen.api.openapi import document
+from lastseen.api.readiness import Readiness
+from lastseen.api.routes import Routes
+from lastseen.api.ui import Page
+from lastseen.config.settings import Settings
+from lastseen.core.errors import ConfigError, Unauthorized
+from lastseen.intake.auth import WebhookVerifier
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 

@@ -18,7 +18,7 @@ import yaml
 from helpers.services import StartService
 from prometheus_client.parser import text_string_to_metric_families
 
-from lastseen.settings import OPTIONS
+from lastseen.config.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

@@ -15,10 +15,10 @@ import pytest
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
 
-from lastseen.app import collect_when_grown
+from lastseen.api.readiness import Readiness
 from lastseen.devtools.dbproxy import DatabaseProxy
+from lastseen.runtime.service import collect_when_grown
 from lastseen.storage.database import Database
-from lastseen.web import Readiness
 
 
 async def _post(http: aiohttp.ClientSession, url: str, ids: list[int]) -> int | None:

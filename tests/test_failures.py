@@ -18,7 +18,7 @@ from helpers.tables import objects, received_at
 from helpers.waiting import all_done, eventually
 
 from lastseen.devtools.simulate import hostile
-from lastseen.promtext import Reading
+from lastseen.telemetry.promtext import Reading
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from lastseen.http_client import (
+from lastseen.upstream.client import (
     MAX_RESPONSE,
     Answer,
     HttpError,

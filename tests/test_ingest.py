@@ -11,12 +11,12 @@ from helpers.services import StartService
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lastseen.admission import ClientLimits
-from lastseen.errors import InvalidCallback
-from lastseen.inbox import GroupCommit
-from lastseen.ingest import parse_callback
-from lastseen.metrics import Metrics
+from lastseen.core.errors import InvalidCallback
+from lastseen.intake.admission import ClientLimits
+from lastseen.intake.group_commit import GroupCommit
+from lastseen.intake.ingest import parse_callback
 from lastseen.storage.database import Database
+from lastseen.telemetry.metrics import Metrics
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lastseen.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
-from lastseen.settings import Settings
-from lastseen.worker_processes import child_settings
+from lastseen.config.settings import Settings
+from lastseen.runtime.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
+from lastseen.runtime.processes import child_settings
 
 SET = 15_000  # LASTSEEN_MAX_LOOKUPS in these tests
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lastseen.metrics import FAST, Counter, Histogram
+from lastseen.telemetry.metrics import FAST, Counter, Histogram
 
 values = st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), max_size=50)
 

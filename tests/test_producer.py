@@ -13,7 +13,7 @@ from aiohttp import web
 from helpers.services import serve_app
 from helpers.waiting import eventually
 
-from lastseen.cli import build_parser
+from lastseen.cli.main import build_parser
 from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.producer import Producer, ProducerConfig, draw_ids

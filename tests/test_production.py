@@ -33,14 +33,15 @@ import standardwebhooks
 from helpers.services import Spawn, StartUpstream, fast_settings
 from helpers.waiting import eventually
 
-from lastseen import worker_processes
-from lastseen.app import Service, upstream_client
+from lastseen.config.instance import named
 from lastseen.devtools import certs
 from lastseen.devtools.launch import ServeProcess
-from lastseen.leases import named
-from lastseen.metrics import Metrics
+from lastseen.runtime import processes as worker_processes
+from lastseen.runtime.processes import WorkerProcesses
+from lastseen.runtime.service import Service
 from lastseen.storage.database import Database
-from lastseen.worker_processes import WorkerProcesses
+from lastseen.telemetry.metrics import Metrics
+from lastseen.upstream.connect import upstream_client
 
 SECRET = "whsec_" + base64.b64encode(b"production-secret-production-sec").decode()
 ADMIN = "admin-token-from-a-file"

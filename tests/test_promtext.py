@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from lastseen.devtools.loadgen import percentile
-from lastseen.promtext import Reading, quantile, since
+from lastseen.telemetry.promtext import Reading, quantile, since
 
 
 def test_quantiles_come_from_bucket_counts() -> None:

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lastseen.errors import DatabaseUnavailable
-from lastseen.metrics import Metrics
-from lastseen.model import DeadLetter
-from lastseen.reaper import Reaper
+from lastseen.core.errors import DatabaseUnavailable
+from lastseen.core.model import DeadLetter
+from lastseen.pipeline.reaper import Reaper
 from lastseen.storage.database import Database, Q, ResultBatch, id_array, translate
+from lastseen.telemetry.metrics import Metrics
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)

@@ -9,10 +9,10 @@ import pytest
 from helpers.cli import run_cli
 from helpers.services import Spawn
 
-from lastseen.cli import build_parser
+from lastseen.cli.main import build_parser
+from lastseen.config.settings import INTERNAL, OPTIONS, Settings, from_arguments
+from lastseen.core.errors import ConfigError
 from lastseen.devtools.launch import LASTSEEN
-from lastseen.errors import ConfigError
-from lastseen.settings import INTERNAL, OPTIONS, Settings, from_arguments
 
 
 def test_defaults_are_the_documented_ones() -> None:

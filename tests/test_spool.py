@@ -19,11 +19,11 @@ from helpers.services import Running, Spawn, StartService, StartUpstream
 from helpers.tables import objects
 from helpers.waiting import eventually
 
-from lastseen import inbox
+from lastseen.core.errors import SpoolFailed, SpoolFull
 from lastseen.devtools.dbproxy import DatabaseProxy
-from lastseen.errors import SpoolFailed, SpoolFull
-from lastseen.inbox import DRAIN_BATCH, drain_batch
-from lastseen.spool import Spool
+from lastseen.intake import group_commit as inbox
+from lastseen.intake.group_commit import DRAIN_BATCH, drain_batch
+from lastseen.intake.spool import Spool
 from lastseen.storage.database import Database, id_array
 
 

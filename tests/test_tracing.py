@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from lastseen.tracing import start_tracing
+from lastseen.telemetry.tracing import start_tracing
 
 
 async def test_a_callback_its_commit_and_its_lookups_are_spans(

@@ -1,3 +1,3 @@
-from lastseen.cli import main
+from lastseen.cli.main import main
 
 main()

@@ -10,10 +10,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lastseen.app import Service
+from lastseen.config.settings import Settings
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.simulate.upstream import Upstream
-from lastseen.settings import Settings
+from lastseen.runtime.service import Service
 
 StartUpstream = Callable[..., Awaitable[tuple[Upstream, str]]]
 StartService = Callable[..., Coroutine[Any, Any, "Running"]]

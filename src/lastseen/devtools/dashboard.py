@@ -21,12 +21,12 @@ from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 
-from lastseen.errors import DatabaseError
-from lastseen.promtext import Reading, quantile, since
+from lastseen.core.errors import DatabaseError
+from lastseen.telemetry.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
-    from lastseen.app import Service
     from lastseen.devtools.simulate.run import Simulator
+    from lastseen.runtime.service import Service
 
 LATENCIES = {
     "lookup": "lastseen_lookup_seconds",

@@ -31,14 +31,16 @@ import structlog
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from lastseen.app import Service, database, upstream_client
+from lastseen.config.settings import Settings
+from lastseen.core.errors import DatabaseError, LastseenError
 from lastseen.devtools import dashboard
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.run import Simulator
 from lastseen.devtools.verify import Report, verify
-from lastseen.errors import DatabaseError, LastseenError
-from lastseen.settings import Settings
+from lastseen.runtime.service import Service
+from lastseen.storage.connect import database
 from lastseen.storage.database import Database
+from lastseen.upstream.connect import upstream_client
 
 log = structlog.get_logger("lastseen.devtools.demo")
 

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import asyncpg
 
+from lastseen.config.settings import Settings
+from lastseen.core.errors import LastseenError
 from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.upstream import parse_online_rule
-from lastseen.errors import LastseenError
-from lastseen.settings import Settings
 from lastseen.storage.database import Database, Q, translate
 
 PROBLEMS = {
@@ -351,7 +351,7 @@ async def run(
     max_examples: int,
 ) -> int:
     """``lastseen verify``: prints the report; 0 when it passes, 1 on any discrepancy."""
-    from lastseen.app import database
+    from lastseen.storage.connect import database
 
     async with database(settings) as db:
         report = await verify(

@@ -22,8 +22,8 @@ import asyncpg
 import msgspec
 import structlog
 
-from lastseen.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
-from lastseen.model import Claimed, DeadLetter, DeadLetterFilter
+from lastseen.core.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
+from lastseen.core.model import Claimed, DeadLetter, DeadLetterFilter
 
 log = structlog.get_logger("lastseen.storage.database")
 

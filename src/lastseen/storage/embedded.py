@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import structlog
 
-from lastseen.errors import EmbeddedPostgresError
+from lastseen.core.errors import EmbeddedPostgresError
 
 log = structlog.get_logger("lastseen.storage.embedded")
 

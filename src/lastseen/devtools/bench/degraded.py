@@ -23,7 +23,7 @@ import aiohttp
 from lastseen.devtools.bench.processes import rss_mib
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.loadgen import percentile
-from lastseen.promtext import Reading, quantile, since
+from lastseen.telemetry.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench

@@ -30,8 +30,8 @@ import psutil
 from lastseen.devtools.bench.processes import rss_growth, rss_mib, workers
 from lastseen.devtools.loadgen import percentile
 from lastseen.devtools.simulate import hostile
-from lastseen.metrics import Metrics
-from lastseen.reaper import Reaper
+from lastseen.pipeline.reaper import Reaper
+from lastseen.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench

@@ -1,6 +1,6 @@
 """``lastseen bench``: the same measurements every time, end to end, over loopback. This module
-runs them: the options, the processes of a run, CPU metering, and the results files; the
-scenarios are in scenarios.py, the table and the plot in report.py.
+holds what every scenario runs on: the options, the processes of a run and CPU metering; main.py
+runs the scenarios (scenarios.py) and writes the results, report.py the table and the plot.
 
 Each component runs as its own process, as in production: PostgreSQL (the embedded server, in
 a fresh data directory, fsync on: durable commits are what is measured), ``lastseen serve``,
@@ -15,28 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 import psutil
 
-from lastseen.devtools.bench.report import plot, render
-from lastseen.devtools.bench.scenarios import SCENARIOS
 from lastseen.devtools.certs import Certificates
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
-from lastseen.limits import ephemeral_ports, raise_open_file_limit
-from lastseen.promtext import Reading
 from lastseen.storage.database import Database, with_database
 from lastseen.storage.embedded import EmbeddedPostgres
+from lastseen.telemetry.promtext import Reading
 
 
 @dataclasses.dataclass
@@ -317,46 +310,3 @@ class Bench:
         if self.pg_pid is not None:
             named["postgres"] = self.pg_pid
         return CpuMeter(named)
-
-
-def machine() -> dict[str, Any]:
-    """The machine, with the two limits that cap the lookups in flight (limits.py)."""
-    ports = ephemeral_ports()
-    return {
-        "cores": psutil.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "open_file_limit": raise_open_file_limit(),
-        "ephemeral_ports": None if ports is None else f"{ports[0]}-{ports[1]}",
-    }
-
-
-async def run(options: BenchOptions) -> int:
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "options": {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(options).items()
-        },
-        "scenarios": {},
-    }
-    async with Bench(options) as bench:
-        results["postgresql"] = await bench.postgres_version()
-        for name in options.scenarios:
-            bench.progress(f"scenario {name}")
-            results["scenarios"][name] = await SCENARIOS[name](bench)
-            (options.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    report = render(results)
-    (options.out_dir / "report.txt").write_text(report)
-    print(report)
-    if plot(results, options.out_dir / "bench.png"):
-        print(f"wrote {options.out_dir / 'results.json'}, report.txt and bench.png")
-    else:
-        print(
-            f"wrote {options.out_dir / 'results.json'} and report.txt (no plot: pip install "
-            "'lastseen[plot]' for matplotlib)"
-        )
-    return 0

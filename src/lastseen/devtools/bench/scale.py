@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from lastseen.devtools.launch import ServeProcess
-from lastseen.promtext import Buckets, Reading, quantile, since
+from lastseen.telemetry.promtext import Buckets, Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench

@@ -10,10 +10,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from lastseen.core.errors import ConfigError
+from lastseen.core.parsers import at_least, http_url, loopback_host_port, share
 from lastseen.devtools.simulate.producer import ProducerConfig
 from lastseen.devtools.simulate.upstream import UpstreamConfig, parse_online_rule
-from lastseen.errors import ConfigError
-from lastseen.parsers import at_least, http_url, loopback_host_port, share
 
 MODES = ("both", "upstream", "producer")
 

@@ -19,7 +19,7 @@ from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.producer import Producer
 from lastseen.devtools.simulate.truth import ANSWERS, CALLBACKS, TruthWriter
 from lastseen.devtools.simulate.upstream import Upstream
-from lastseen.limits import raise_open_file_limit
+from lastseen.runtime.limits import raise_open_file_limit
 
 log = structlog.get_logger("lastseen.devtools.simulate")
 

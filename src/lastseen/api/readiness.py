@@ -1,0 +1,161 @@
+"""What /ready and /health answer: the instance's state, kept current in the background so
+that an answer never waits on the database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from lastseen.core.errors import DatabaseError
+from lastseen.storage.database import Database
+
+log = structlog.get_logger("lastseen.api.readiness")
+
+
+# How often /ready's state is brought up to date, and how long a ping may take before the
+# database counts as unreachable.
+READY_CHECK_EVERY = 0.25
+
+
+READY_CHECK_TIMEOUT = 1.0
+
+
+UPSTREAM_CHECK_EVERY = 2.0
+
+
+class Spooling(Protocol):
+    """What readiness asks of a group commit with a spool."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    @property
+    def spooling(self) -> bool: ...
+
+
+class Readiness:
+    """Whether this instance can do its work: migrations applied, database reachable; and, as
+    details that do not make it unready (it still stores callbacks), whether the upstream is
+    failing, asked of ``upstream_failing`` (None where no pipeline runs), and whether callbacks
+    go to the local spool, asked of ``spool`` (None where there is none): an instance that
+    cannot reach its database but can spool is ready, degraded. A worker process that keeps
+    failing to start, asked of ``worker_trouble``, makes it unready: nothing would be looked up.
+
+    ``watch`` keeps the database's and the upstream's state current in the background, and
+    ``answer`` reads it: ``GET /ready`` never waits on the database (a kubelet gives a probe
+    1 s, and a server behind a partition that drops packets would hold a ping far longer)."""
+
+    def __init__(
+        self,
+        upstream_failing: Callable[[], Awaitable[bool]] | None = None,
+        spool: Spooling | None = None,
+        worker_trouble: Callable[[], str | None] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        skew: Callable[[float], None] | None = None,
+    ) -> None:
+        """``skew`` is told, after each ping, this instance's ``clock`` minus the database's."""
+        self.upstream_failing = upstream_failing
+        self.spool = spool
+        self.worker_trouble = worker_trouble
+        self.clock = clock
+        self.skew = skew
+        self.unreachable = False  # the last check (or migration) found no database
+        self.upstream_is_failing = False  # as ``watch`` last found it
+        self.reason = "migrations not applied yet"
+        self.draining = False  # shutting down: tell load balancers, while still serving
+        self._migrated = asyncio.Event()
+        self._pinging_since: float | None = None  # loop time a ping in progress started
+        self._timeout = READY_CHECK_TIMEOUT
+
+    @property
+    def migrated(self) -> bool:
+        return self._migrated.is_set()
+
+    def set_migrated(self) -> None:
+        self.unreachable = False
+        self._migrated.set()
+
+    async def wait_migrated(self) -> None:
+        await self._migrated.wait()
+
+    async def watch(
+        self, db: Database, every: float = READY_CHECK_EVERY, timeout: float = READY_CHECK_TIMEOUT
+    ) -> None:
+        """Pings the database (once migrated) every ``every`` seconds, and asks whether the
+        upstream is failing every ``UPSTREAM_CHECK_EVERY`` (in worker processes, that is a
+        scrape of their metrics), until cancelled; a ping that takes longer than ``timeout``
+        counts as unreachable while it lasts."""
+        self._timeout = timeout
+        loop = asyncio.get_running_loop()
+        asked_upstream = -UPSTREAM_CHECK_EVERY
+        while True:
+            if self.migrated:
+                self._pinging_since = loop.time()
+                sent = self.clock()
+                try:
+                    database_time = await asyncio.wait_for(db.ping(), timeout)
+                    reachable, error = True, ""
+                except (DatabaseError, TimeoutError) as exc:
+                    reachable, error = False, str(exc) or "timeout"
+                self._pinging_since = None
+                if reachable and self.skew is not None:
+                    # The database read its clock about halfway through the round trip.
+                    self.skew((sent + self.clock()) / 2 - database_time)
+                if not reachable and not self.unreachable:
+                    # The driver's text (hosts, ports, errno) is for the logs, not for callers.
+                    log.warning("readiness check failed", error=error)
+                self.unreachable = not reachable
+            due = loop.time() - asked_upstream >= UPSTREAM_CHECK_EVERY
+            if self.upstream_failing is not None and due:
+                asked_upstream = loop.time()
+                with contextlib.suppress(TimeoutError):
+                    asked = self.upstream_failing()
+                    self.upstream_is_failing = await asyncio.wait_for(asked, timeout)
+            await asyncio.sleep(every)
+
+    def _database_unreachable(self) -> bool:
+        if self._pinging_since is not None:
+            overdue = asyncio.get_running_loop().time() - self._pinging_since > self._timeout
+            if overdue:
+                return True
+        return self.unreachable
+
+    def check(self) -> str | None:
+        """None when ready, otherwise why not."""
+        if self.draining:
+            return "shutting down"
+        if not self.migrated:
+            return self.reason
+        return "database unreachable" if self._database_unreachable() else None
+
+    def answer(self, upstream_failing: bool | None = None) -> dict[str, str | bool]:
+        """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
+        ``upstream_failing``, when the caller knows it more recently, replaces what ``watch``
+        found."""
+        reason = self.check()
+        trouble = None if self.worker_trouble is None else self.worker_trouble()
+        if reason is None and trouble is not None:
+            return {"ready": False, "reason": trouble}
+        answer: dict[str, str | bool] = {"ready": True}
+        spool = self.spool
+        unreachable = self._database_unreachable()
+        if reason is not None and (spool is None or not unreachable or self.draining):
+            return {"ready": False, "reason": reason}
+        # The spool takes callbacks once a commit found the database gone, which may be
+        # before the next ping does.
+        if spool is not None and (reason is not None or spool.spooling):
+            if not spool.accepting:
+                full = f"{reason or 'spooling'}, and the spool cannot take more"
+                return {"ready": False, "reason": full}
+            why = f" {reason};" if reason else ""
+            answer["degraded"] = f"spooling:{why} callbacks are stored on local disk"
+        if self.upstream_failing is not None:
+            failing = self.upstream_is_failing if upstream_failing is None else upstream_failing
+            answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
+        return answer

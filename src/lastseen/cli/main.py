@@ -1,0 +1,476 @@
+"""The ``lastseen`` command: parses flags into settings and calls one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from lastseen import __version__
+from lastseen.admin import dead_letters
+from lastseen.config.settings import Settings, add_arguments, from_arguments
+from lastseen.core.errors import LastseenError
+from lastseen.core.model import DeadLetterFilter
+from lastseen.core.parsers import PAGE_LIMIT
+from lastseen.devtools.simulate.config import SimulatorConfig
+from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
+from lastseen.runtime.limits import raise_open_file_limit
+from lastseen.runtime.processes import WORKER_COMMAND
+from lastseen.telemetry import logs
+
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.runtime.service import run
+
+    return await run(settings)
+
+
+def _filter(args: argparse.Namespace) -> DeadLetterFilter:
+    return dead_letters.parse_filter(
+        {
+            name: value
+            for name in dead_letters.FILTER_FIELDS
+            if (value := getattr(args, name)) is not None
+        }
+    )
+
+
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.storage.connect import database
+
+    async with database(settings) as db:
+        await db.migrate()
+        counts = await db.count_dead_letters()
+        for letter, created_at in await db.list_dead_letters(_filter(args), args.limit):
+            print(msgspec.json.encode(dead_letters.as_json(letter, created_at)).decode())
+    total = sum(counts.values())
+    by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
+    print(f"{total} dead letters ({by_reason})", file=sys.stderr)
+    return 0
+
+
+async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.storage.connect import database
+
+    async with database(settings) as db:
+        await db.migrate()
+        answer = await dead_letters.retry(
+            db,
+            _filter(args),
+            ttl=settings.ttl,
+            include_stale=args.include_stale,
+            limit=args.limit,
+            dry_run=args.dry_run,
+        )
+    if args.dry_run:
+        print(f"{answer['would_retry']} dead letters would be queued again", file=sys.stderr)
+    else:
+        created = answer["callbacks_created"]
+        assert isinstance(created, list)
+        print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
+    if answer["skipped_stale"]:
+        print(
+            f"{answer['skipped_stale']} dead letters skipped: received more than the TTL ago, "
+            "their lookups could change nothing (--include-stale queues them anyway)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _discard_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.storage.connect import database
+
+    async with database(settings) as db:
+        await db.migrate()
+        answer = await dead_letters.discard(
+            db, _filter(args), limit=args.limit, dry_run=args.dry_run
+        )
+    if args.dry_run:
+        print(f"{answer['would_discard']} dead letters would be discarded", file=sys.stderr)
+    else:
+        print(f"{answer['discarded']} dead letters discarded", file=sys.stderr)
+    return 0
+
+
+async def _drain_spool(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.config.instance import named
+    from lastseen.intake.group_commit import drain_batch
+    from lastseen.intake.spool import Spool, spool_path
+    from lastseen.storage.connect import database
+
+    paths: list[Path] = args.files or [spool_path(named(settings))]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        print(f"lastseen: no spool file at {', '.join(missing)}", file=sys.stderr)
+        return 2
+    async with database(settings) as db:
+        await db.migrate()
+        for path in paths:
+            spool = Spool(path, max_bytes=0)
+            await spool.open()
+            moved = 0
+            try:
+                while drained := await drain_batch(spool, db):
+                    moved += drained
+            finally:
+                await spool.close()
+            await db.notify_inbox()
+            print(f"{path}: {moved} callbacks moved into the inbox", file=sys.stderr)
+    return 0
+
+
+async def _import(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.admin.importer import run
+
+    return await run(
+        settings,
+        args.files,
+        fmt=args.format,
+        column=args.column,
+        ids_per_callback=args.ids_per_callback,
+        chunk=args.chunk,
+        source=args.source,
+        rejects=args.rejects,
+        allow_rejects=args.allow_rejects,
+    )
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.devtools.bench import SCENARIOS, BenchOptions, run
+
+    scenarios = tuple(SCENARIOS) if args.scenario == "all" else tuple(args.scenario.split(","))
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        print(f"lastseen bench: unknown scenario {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    options = BenchOptions(scenarios=scenarios, out_dir=out, database_url=settings.database_url)
+    names = ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds")
+    for name in (*names, "crash_seconds"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(options, name, value)
+    if args.rates:
+        options.rates = tuple(float(r) for r in args.rates.split(","))
+    options.watch_status = args.watch_status
+    options.worker_processes = args.worker_processes
+    if args.upstream_processes is not None:
+        options.upstream_processes = args.upstream_processes
+    if args.smoke:
+        options = options.smoke()
+    return await run(options)
+
+
+async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.devtools.simulate.run import run
+
+    return await run(SimulatorConfig.from_arguments(args))
+
+
+async def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.devtools.verify import run
+
+    return await run(
+        settings,
+        args.truth_dir,
+        edge=args.edge,
+        online_rule=args.online,
+        seed=args.seed,
+        max_examples=args.examples,
+    )
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.devtools.demo import DemoOptions, run
+
+    # The demo runs its own upstream, and the whole pipeline inside its one process (its
+    # dashboard reads the pipeline's metrics there): flags that say otherwise cannot apply.
+    if args.objects_url is not None or settings.role != "all" or args.worker_processes:
+        print(
+            "lastseen demo: runs its own upstream, and every role in one process: leave out "
+            "--objects-url, --role and --worker-processes",
+            file=sys.stderr,
+        )
+        return 2
+    options = DemoOptions(
+        refresh=args.refresh,
+        progress_every=args.progress_every,
+        drain_timeout=args.drain_timeout,
+        window=args.window,
+        edge=args.edge,
+        live=False if args.plain else None,
+    )
+    return await run(settings, SimulatorConfig.from_arguments(args), options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lastseen",
+        description="Durable callback service: keeps the online objects and when they were "
+        "last seen. Every setting is a flag here and a LASTSEEN_* environment variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"lastseen {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service (HTTP ingest and the pipeline)")
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+    # Started by lastseen serve, with its settings on standard input; not listed in --help.
+    commands.add_parser(WORKER_COMMAND).set_defaults(run=_serve)
+
+    dead = commands.add_parser("dead-letters", help="list the ids that could not be looked up")
+    _dead_letter_arguments(dead, limit=PAGE_LIMIT)
+    dead.set_defaults(run=_dead_letters)
+
+    retry = commands.add_parser(
+        "retry-dead-letters", help="queue the dead letters' ids for lookup again"
+    )
+    _dead_letter_arguments(retry, limit=100_000, ttl=True)
+    retry.add_argument(
+        "--include-stale",
+        action="store_true",
+        help="also queue dead letters received more than the TTL ago",
+    )
+    retry.add_argument("--dry-run", action="store_true", help="only say how many would go")
+    retry.set_defaults(run=_retry_dead_letters)
+
+    discard = commands.add_parser("discard-dead-letters", help="give up on dead letters")
+    _dead_letter_arguments(discard, limit=100_000)
+    discard.add_argument("--dry-run", action="store_true", help="only say how many would go")
+    discard.set_defaults(run=_discard_dead_letters)
+
+    drain = commands.add_parser(
+        "drain-spool",
+        help="move a spool's callbacks into the database (a spool whose instance is gone)",
+        description="Moves the callbacks of each spool FILE (default: this instance's spool) "
+        "into the inbox, in the order they were spooled, with their receive times; a callback "
+        "already moved is not stored twice. A running instance drains its own spool by itself.",
+    )
+    add_arguments(drain, fields=(*DATABASE_FIELDS, "spool_path", "instance_id", "listen"))
+    drain.add_argument("files", nargs="*", type=Path, metavar="FILE", help="a spool file")
+    drain.set_defaults(run=_drain_spool)
+
+    imports = commands.add_parser(
+        "import",
+        help="store callbacks from files (CSV, JSON lines, gzip) through the durable inbox",
+        description="Reads each FILE (- for standard input) and stores its callbacks in the "
+        "inbox in chunks, validated like POST /callback; bad records are skipped and "
+        "reported. Importing the same file again, or resuming a killed import, stores nothing "
+        "twice. Exits 1 if any record was rejected, unless --allow-rejects.",
+    )
+    add_arguments(imports, fields=(*DATABASE_FIELDS, "max_ids"))
+    imports.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
+    imports.add_argument(
+        "--format", choices=("auto", "csv", "jsonl"), default="auto", help="[by extension]"
+    )
+    imports.add_argument(
+        "--column", help="CSV: the column holding one id per row [object_ids: a list per row]"
+    )
+    imports.add_argument(
+        "--ids-per-callback",
+        type=int,
+        default=200,
+        help="with --column: ids grouped into one callback [200]",
+    )
+    imports.add_argument(
+        "--chunk", type=int, default=1000, help="callbacks stored per transaction [1000]"
+    )
+    imports.add_argument(
+        "--source", help="the name of the source in its records' keys [file name and digest]"
+    )
+    imports.add_argument("--rejects", type=Path, help="write each rejected record here")
+    imports.add_argument(
+        "--allow-rejects", action="store_true", help="exit 0 even if records were rejected"
+    )
+    imports.set_defaults(run=_import)
+
+    bench = commands.add_parser(
+        "bench", help="measure the whole system on this machine (see docs/benchmarks.md)"
+    )
+    bench.add_argument(
+        "--scenario",
+        default="all",
+        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
+        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale, inflight, "
+        "box",
+    )
+    bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
+    bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
+    bench.add_argument("--seconds", type=float, help="ingest: seconds per round [5]")
+    bench.add_argument("--connections", type=int, help="ingest and box: connections [64]")
+    bench.add_argument("--rounds", type=int, help="ingest: rounds per handler [3]")
+    bench.add_argument("--rates", help="pipeline: callback rates per second to step through")
+    bench.add_argument("--step-seconds", type=float, help="pipeline: seconds per step [20]")
+    bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
+    bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
+    bench.add_argument("--crash-seconds", type=float, help="crash: duration in seconds [60]")
+    bench.add_argument(
+        "--worker-processes",
+        type=int,
+        help="worker processes of each lastseen serve with the default role [serve's default]",
+    )
+    bench.add_argument(
+        "--upstream-processes",
+        type=int,
+        help="pipeline: processes of the simulated upstream, on one port [1] (each process may "
+        "hold only so many connections, one per lookup in flight)",
+    )
+    bench.add_argument(
+        "--watch-status",
+        action="store_true",
+        help="ingest: read GET /status every 2 s throughout, as an open status page does",
+    )
+    bench.add_argument("--smoke", action="store_true", help="tiny, seconds-long run (for tests)")
+    bench.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    bench.add_argument("--log-level", default="warning")
+    bench.set_defaults(run=_bench)
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the simulated producer and upstream (--mode both, upstream or producer)",
+        description="The reference producer and upstream, in one process or either alone. "
+        "Defaults behave like the reference program; --truth-dir records a run for "
+        "lastseen verify.",
+    )
+    add_arguments(simulate, ["logging"])
+    add_simulator_arguments(simulate)
+    simulate.set_defaults(run=_simulate)
+
+    check = commands.add_parser(
+        "verify",
+        help="check a simulated run's ground truth against the database",
+        description="Exits 0 if every acknowledged callback was processed and objects holds "
+        "exactly the online ids seen within the TTL; 1, with examples, otherwise. Run it while "
+        "the service runs (its reaper keeps deleting what expires), with the service's --ttl.",
+    )
+    add_arguments(check, fields=(*DATABASE_FIELDS, "ttl", "reap_interval", "audit_retention"))
+    check.add_argument(
+        "--truth-dir", type=Path, required=True, help="the --truth-dir of lastseen simulate"
+    )
+    check.add_argument(
+        "--edge",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="ids last seen between TTL-EDGE and TTL+REAP_INTERVAL+EDGE ago are accepted with "
+        "or without a row [0.25]",
+    )
+    check.add_argument(
+        "--online",
+        metavar="RULE",
+        help="even or random:P: which ids are online, when the run recorded no upstream answers",
+    )
+    check.add_argument("--seed", type=int, default=0, help="the simulator's --seed, for random:P")
+    check.add_argument("--examples", type=int, default=5, help="examples listed per discrepancy")
+    check.set_defaults(run=_verify)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the service, the simulator and a live dashboard in one process, then verify",
+        description="Starts the embedded PostgreSQL (in DATA_DIR/demo, emptied each run), the "
+        "service, the simulated upstream and producer; shows a dashboard until Ctrl-C or "
+        "--duration; then lets the pipeline finish, verifies the run and prints a summary. "
+        "Exits 1 if the verification fails. See docs/demo.md.",
+    )
+    add_arguments(
+        demo, ["service", "ingest", "worker", "lookups", "results", "housekeeping", "logging"]
+    )
+    add_simulator_arguments(demo, standalone=False)
+    shown = demo.add_argument_group("dashboard")
+    shown.add_argument(
+        "--refresh", type=float, default=0.5, metavar="SECONDS", help="live view refresh [0.5]"
+    )
+    shown.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="without a terminal: seconds between progress lines [5]",
+    )
+    shown.add_argument(
+        "--plain", action="store_true", help="progress lines even on a terminal, no live view"
+    )
+    shown.add_argument(
+        "--window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="recent window of the latency quantiles and rates [30]",
+    )
+    shown.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after the producer stops, most seconds to wait for pending callbacks [30]",
+    )
+    shown.add_argument(
+        "--edge",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="verification tolerance at the TTL edge (see lastseen verify --help) [0.25]",
+    )
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+# What the commands that only talk to the database use of the settings.
+DATABASE_FIELDS = ("database_url", "data_dir", "log_format", "log_level")
+
+
+def _dead_letter_arguments(
+    parser: argparse.ArgumentParser, *, limit: int, ttl: bool = False
+) -> None:
+    add_arguments(parser, fields=(*DATABASE_FIELDS, "ttl") if ttl else DATABASE_FIELDS)
+    which = parser.add_argument_group("which dead letters")
+    which.add_argument("--reason", help="only this reason (e.g. http_4xx, poison)")
+    which.add_argument("--callback", dest="callback_id", help="only this callback's")
+    which.add_argument(
+        "--received-before", metavar="TIME", help="only received before (ISO 8601 or epoch s)"
+    )
+    which.add_argument(
+        "--received-after", metavar="TIME", help="only received at or after (ISO 8601 or epoch s)"
+    )
+    which.add_argument("--limit", type=int, default=limit, help=f"at most this many [{limit}]")
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop" and sys.platform != "win32":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == WORKER_COMMAND:
+            settings = Settings.decode(sys.stdin.buffer.read())
+            logs.tolerate_lost_stderr()
+        else:
+            settings = from_arguments(args)
+    except LastseenError as exc:
+        parser.error(str(exc))
+    logs.configure(settings.log_format, settings.log_level)
+    raise_open_file_limit()
+    command: Command = args.run
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            status = runner.run(command(settings, args))
+    except LastseenError as exc:
+        print(f"lastseen: {exc}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)
