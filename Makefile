@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test test-browser lint bench clean
+.PHONY: install run demo test test-browser lint bench docs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test-browser: install
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/pytest -m browser tests/browser
+
+# The pages written from the code: the configuration reference.
+docs: install
+	$(BIN)/python -m lastseen.config.reference docs/reference/configuration.md
 
 bench: install
 	$(BIN)/lastseen bench --scenario all

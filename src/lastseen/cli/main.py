@@ -14,7 +14,8 @@ import msgspec
 
 from lastseen import __version__
 from lastseen.admin import dead_letters
-from lastseen.config.settings import Settings, add_arguments, from_arguments
+from lastseen.config.arguments import add_arguments, from_arguments
+from lastseen.config.settings import Settings
 from lastseen.core.errors import LastseenError
 from lastseen.core.model import DeadLetterFilter
 from lastseen.core.parsers import PAGE_LIMIT
