@@ -20,11 +20,12 @@ import asyncpg
 import pytest
 from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
 
+from lastseen.devtools.database import with_database
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.launch import ServeProcess
 from lastseen.devtools.simulate.upstream import Upstream, UpstreamConfig
 from lastseen.runtime.service import Service
-from lastseen.storage.database import Database, with_database
+from lastseen.storage.database import Database
 from lastseen.storage.embedded import EmbeddedPostgres
 from lastseen.telemetry import logs
 from lastseen.upstream.connect import upstream_client

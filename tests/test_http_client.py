@@ -8,14 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from lastseen.upstream.client import (
-    MAX_RESPONSE,
-    Answer,
-    HttpError,
-    UpstreamClient,
-    _Answer,
-    _Exchange,
-)
+from lastseen.upstream.client import UpstreamClient
+from lastseen.upstream.connection import MAX_RESPONSE, Answer, Connection, Exchange, HttpError
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -213,11 +207,10 @@ class _NullTransport(asyncio.Transport):
 
 async def _feed(answer: bytes, segment: int, max_response: int) -> tuple[int, bytes]:
     """Parses ``answer`` delivered in segments of ``segment`` bytes."""
-    client = UpstreamClient("http://127.0.0.1:1", timeout=1, max_response=max_response)
-    conn = _Answer(client, max_response)
+    conn = Connection(lambda _, exchange, result: exchange.on_answer(result), max_response)
     conn.connection_made(_NullTransport())
     done: asyncio.Future[Answer | HttpError] = asyncio.get_running_loop().create_future()
-    conn.send(_Exchange(b"GET / HTTP/1.1\r\n\r\n", lambda s, b: True, done.set_result, 0.0))
+    conn.send(Exchange(b"GET / HTTP/1.1\r\n\r\n", lambda s, b: True, done.set_result, 0.0))
     for start in range(0, len(answer), segment):
         conn.data_received(answer[start : start + segment])
     result = await done

@@ -24,7 +24,8 @@ from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.intake import group_commit as inbox
 from lastseen.intake.group_commit import DRAIN_BATCH, drain_batch
 from lastseen.intake.spool import Spool
-from lastseen.storage.database import Database, id_array
+from lastseen.storage.arrays import id_array
+from lastseen.storage.database import Database
 
 
 async def test_a_spool_keeps_its_callbacks_across_a_restart_and_goes_once_drained(

@@ -40,7 +40,8 @@ from lastseen.admin.import_sources import (
 )
 from lastseen.config.settings import Settings
 from lastseen.core.errors import ImportSourceError
-from lastseen.storage.database import Database, id_array
+from lastseen.storage.arrays import id_array
+from lastseen.storage.database import Database
 
 SHOWN_REJECTS = 10  # the first skipped records are named on standard error
 

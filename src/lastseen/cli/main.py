@@ -5,211 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from lastseen import __version__
-from lastseen.admin import dead_letters
+from lastseen.cli import commands as do
 from lastseen.config.arguments import add_arguments, from_arguments
 from lastseen.config.settings import Settings
 from lastseen.core.errors import LastseenError
-from lastseen.core.model import DeadLetterFilter
 from lastseen.core.parsers import PAGE_LIMIT
-from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
 from lastseen.runtime.limits import raise_open_file_limit
 from lastseen.runtime.processes import WORKER_COMMAND
 from lastseen.telemetry import logs
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
-
-
-async def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.runtime.service import run
-
-    return await run(settings)
-
-
-def _filter(args: argparse.Namespace) -> DeadLetterFilter:
-    return dead_letters.parse_filter(
-        {
-            name: value
-            for name in dead_letters.FILTER_FIELDS
-            if (value := getattr(args, name)) is not None
-        }
-    )
-
-
-async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.storage.connect import database
-
-    async with database(settings) as db:
-        await db.migrate()
-        counts = await db.count_dead_letters()
-        for letter, created_at in await db.list_dead_letters(_filter(args), args.limit):
-            print(msgspec.json.encode(dead_letters.as_json(letter, created_at)).decode())
-    total = sum(counts.values())
-    by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
-    print(f"{total} dead letters ({by_reason})", file=sys.stderr)
-    return 0
-
-
-async def _retry_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.storage.connect import database
-
-    async with database(settings) as db:
-        await db.migrate()
-        answer = await dead_letters.retry(
-            db,
-            _filter(args),
-            ttl=settings.ttl,
-            include_stale=args.include_stale,
-            limit=args.limit,
-            dry_run=args.dry_run,
-        )
-    if args.dry_run:
-        print(f"{answer['would_retry']} dead letters would be queued again", file=sys.stderr)
-    else:
-        created = answer["callbacks_created"]
-        assert isinstance(created, list)
-        print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
-    if answer["skipped_stale"]:
-        print(
-            f"{answer['skipped_stale']} dead letters skipped: received more than the TTL ago, "
-            "their lookups could change nothing (--include-stale queues them anyway)",
-            file=sys.stderr,
-        )
-    return 0
-
-
-async def _discard_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.storage.connect import database
-
-    async with database(settings) as db:
-        await db.migrate()
-        answer = await dead_letters.discard(
-            db, _filter(args), limit=args.limit, dry_run=args.dry_run
-        )
-    if args.dry_run:
-        print(f"{answer['would_discard']} dead letters would be discarded", file=sys.stderr)
-    else:
-        print(f"{answer['discarded']} dead letters discarded", file=sys.stderr)
-    return 0
-
-
-async def _drain_spool(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.config.instance import named
-    from lastseen.intake.group_commit import drain_batch
-    from lastseen.intake.spool import Spool, spool_path
-    from lastseen.storage.connect import database
-
-    paths: list[Path] = args.files or [spool_path(named(settings))]
-    missing = [str(path) for path in paths if not path.is_file()]
-    if missing:
-        print(f"lastseen: no spool file at {', '.join(missing)}", file=sys.stderr)
-        return 2
-    async with database(settings) as db:
-        await db.migrate()
-        for path in paths:
-            spool = Spool(path, max_bytes=0)
-            await spool.open()
-            moved = 0
-            try:
-                while drained := await drain_batch(spool, db):
-                    moved += drained
-            finally:
-                await spool.close()
-            await db.notify_inbox()
-            print(f"{path}: {moved} callbacks moved into the inbox", file=sys.stderr)
-    return 0
-
-
-async def _import(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.admin.importer import run
-
-    return await run(
-        settings,
-        args.files,
-        fmt=args.format,
-        column=args.column,
-        ids_per_callback=args.ids_per_callback,
-        chunk=args.chunk,
-        source=args.source,
-        rejects=args.rejects,
-        allow_rejects=args.allow_rejects,
-    )
-
-
-async def _bench(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.devtools.bench import SCENARIOS, BenchOptions, run
-
-    scenarios = tuple(SCENARIOS) if args.scenario == "all" else tuple(args.scenario.split(","))
-    unknown = set(scenarios) - set(SCENARIOS)
-    if unknown:
-        print(f"lastseen bench: unknown scenario {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
-    out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    options = BenchOptions(scenarios=scenarios, out_dir=out, database_url=settings.database_url)
-    names = ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds")
-    for name in (*names, "crash_seconds"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(options, name, value)
-    if args.rates:
-        options.rates = tuple(float(r) for r in args.rates.split(","))
-    options.watch_status = args.watch_status
-    options.worker_processes = args.worker_processes
-    if args.upstream_processes is not None:
-        options.upstream_processes = args.upstream_processes
-    if args.smoke:
-        options = options.smoke()
-    return await run(options)
-
-
-async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.devtools.simulate.run import run
-
-    return await run(SimulatorConfig.from_arguments(args))
-
-
-async def _verify(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.devtools.verify import run
-
-    return await run(
-        settings,
-        args.truth_dir,
-        edge=args.edge,
-        online_rule=args.online,
-        seed=args.seed,
-        max_examples=args.examples,
-    )
-
-
-async def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from lastseen.devtools.demo import DemoOptions, run
-
-    # The demo runs its own upstream, and the whole pipeline inside its one process (its
-    # dashboard reads the pipeline's metrics there): flags that say otherwise cannot apply.
-    if args.objects_url is not None or settings.role != "all" or args.worker_processes:
-        print(
-            "lastseen demo: runs its own upstream, and every role in one process: leave out "
-            "--objects-url, --role and --worker-processes",
-            file=sys.stderr,
-        )
-        return 2
-    options = DemoOptions(
-        refresh=args.refresh,
-        progress_every=args.progress_every,
-        drain_timeout=args.drain_timeout,
-        window=args.window,
-        edge=args.edge,
-        live=False if args.plain else None,
-    )
-    return await run(settings, SimulatorConfig.from_arguments(args), options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the service (HTTP ingest and the pipeline)")
     add_arguments(serve)
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=do.serve)
     # Started by lastseen serve, with its settings on standard input; not listed in --help.
-    commands.add_parser(WORKER_COMMAND).set_defaults(run=_serve)
+    commands.add_parser(WORKER_COMMAND).set_defaults(run=do.serve)
 
     dead = commands.add_parser("dead-letters", help="list the ids that could not be looked up")
     _dead_letter_arguments(dead, limit=PAGE_LIMIT)
-    dead.set_defaults(run=_dead_letters)
+    dead.set_defaults(run=do.list_dead_letters)
 
     retry = commands.add_parser(
         "retry-dead-letters", help="queue the dead letters' ids for lookup again"
@@ -241,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also queue dead letters received more than the TTL ago",
     )
     retry.add_argument("--dry-run", action="store_true", help="only say how many would go")
-    retry.set_defaults(run=_retry_dead_letters)
+    retry.set_defaults(run=do.retry_dead_letters)
 
     discard = commands.add_parser("discard-dead-letters", help="give up on dead letters")
     _dead_letter_arguments(discard, limit=100_000)
     discard.add_argument("--dry-run", action="store_true", help="only say how many would go")
-    discard.set_defaults(run=_discard_dead_letters)
+    discard.set_defaults(run=do.discard_dead_letters)
 
     drain = commands.add_parser(
         "drain-spool",
@@ -257,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(drain, fields=(*DATABASE_FIELDS, "spool_path", "instance_id", "listen"))
     drain.add_argument("files", nargs="*", type=Path, metavar="FILE", help="a spool file")
-    drain.set_defaults(run=_drain_spool)
+    drain.set_defaults(run=do.drain_spool)
 
     imports = commands.add_parser(
         "import",
@@ -291,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument(
         "--allow-rejects", action="store_true", help="exit 0 even if records were rejected"
     )
-    imports.set_defaults(run=_import)
+    imports.set_defaults(run=do.import_files)
 
     bench = commands.add_parser(
         "bench", help="measure the whole system on this machine (see docs/benchmarks.md)"
@@ -332,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true", help="tiny, seconds-long run (for tests)")
     bench.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     bench.add_argument("--log-level", default="warning")
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=do.bench)
 
     simulate = commands.add_parser(
         "simulate",
@@ -343,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(simulate, ["logging"])
     add_simulator_arguments(simulate)
-    simulate.set_defaults(run=_simulate)
+    simulate.set_defaults(run=do.simulate)
 
     check = commands.add_parser(
         "verify",
@@ -371,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0, help="the simulator's --seed, for random:P")
     check.add_argument("--examples", type=int, default=5, help="examples listed per discrepancy")
-    check.set_defaults(run=_verify)
+    check.set_defaults(run=do.verify)
 
     demo = commands.add_parser(
         "demo",
@@ -420,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="verification tolerance at the TTL edge (see lastseen verify --help) [0.25]",
     )
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=do.demo)
     return parser
 
 

@@ -34,6 +34,7 @@ from rich.live import Live
 from lastseen.config.settings import Settings
 from lastseen.core.errors import DatabaseError, LastseenError
 from lastseen.devtools import dashboard
+from lastseen.devtools import database as devdb
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.run import Simulator
 from lastseen.devtools.verify import Report, verify
@@ -65,9 +66,9 @@ async def start_fresh(db: Database, owned: bool) -> None:
     database that holds this run only."""
     await db.migrate()
     if owned:
-        await db.empty_tables()
+        await devdb.empty_tables(db)
         return
-    if await db.holds_data():
+    if await devdb.holds_data(db):
         raise NotEmpty(
             "the demo needs an empty database to verify its run, and this one holds callbacks "
             "or objects: leave out --database-url to use the demo's own embedded one"

@@ -42,7 +42,8 @@ from lastseen.core.errors import (
     SpoolFull,
 )
 from lastseen.intake.spool import Spool
-from lastseen.storage.database import Database, id_array
+from lastseen.storage.arrays import id_array
+from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
 
 log = structlog.get_logger("lastseen.intake.group_commit")

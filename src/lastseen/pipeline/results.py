@@ -26,7 +26,8 @@ import structlog
 
 from lastseen.core.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.core.model import DeadLetter, Expired, HeldCallback, Lookup, Outcome
-from lastseen.storage.database import Database, ResultBatch
+from lastseen.storage.arrays import ResultBatch
+from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
 
 log = structlog.get_logger("lastseen.pipeline.results")

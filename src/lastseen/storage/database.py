@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import importlib.resources
 import re
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import msgspec
 import structlog
 
 from lastseen.core.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.core.model import Claimed, DeadLetter, DeadLetterFilter
+from lastseen.storage.arrays import ResultBatch, result_arrays
 
 log = structlog.get_logger("lastseen.storage.database")
 
@@ -75,9 +73,9 @@ def _edge(
     return cast("Callable[Concatenate[Database, P], Coroutine[Any, Any, R]]", wrapper)
 
 
-def load_queries() -> dict[str, str]:
-    """The statements of ``queries.sql`` by name."""
-    text = importlib.resources.files("lastseen.storage").joinpath("queries.sql").read_text()
+def load_queries(package: str = "lastseen.storage") -> dict[str, str]:
+    """The statements of a package's ``queries.sql`` by name."""
+    text = importlib.resources.files(package).joinpath("queries.sql").read_text()
     queries: dict[str, str] = {}
     for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
         name, _, body = block.partition("\n")
@@ -99,47 +97,6 @@ def load_migrations() -> list[tuple[int, str, str]]:
 Q = load_queries()
 
 
-def with_database(url: str, name: str) -> str:
-    """The URL of database ``name`` on the server of ``url``."""
-    return urlunsplit(urlsplit(url)._replace(path="/" + name))
-
-
-def id_array(ids: Sequence[int]) -> str:
-    """The PostgreSQL array literal of ``ids``: ``[1, 2]`` -> ``'{1,2}'``."""
-    return array_literal(ids)
-
-
-def array_literal(values: Sequence[int] | Sequence[bool]) -> str:
-    """The PostgreSQL array literal of integers or booleans: ``[True, False]`` ->
-    ``'{true,false}'``."""
-    return "{" + msgspec.json.encode(values)[1:-1].decode() + "}"
-
-
-def result_arrays(batch: ResultBatch) -> tuple[str, str, str]:
-    """A batch's ids, receive times (whole microseconds since the epoch) and states as
-    PostgreSQL array literals.
-
-    asyncpg encodes array elements one by one, a timestamptz at 2.9 µs, a bigint or a boolean
-    at 0.8 µs on this machine; a literal costs one string. The queries turn the microseconds
-    back into a timestamptz exactly for any time from 1685 to 2255 (within 2**53 µs of the
-    epoch, where the float multiplication by an interval is exact). ``seen_at`` holds aware
-    datetimes, as asyncpg reads them.
-    """
-    micros: dict[datetime, int] = {}  # a batch's results share few receive times
-    for t in batch.seen_at:
-        if t not in micros:
-            micros[t] = (t - _EPOCH) // _MICROSECOND
-    return (
-        id_array(batch.ids),
-        array_literal([micros[t] for t in batch.seen_at]),
-        array_literal(batch.online),
-    )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
 async def _reset(conn: asyncpg.Connection) -> None:
     """Nothing more to do when a connection goes back to the pool. Given this, asyncpg's pool
     still rolls back a transaction left open and drops listeners (``Connection._reset``), but no
@@ -151,17 +108,6 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 # Serializes migrations of concurrently starting instances.
 _MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ResultBatch:
-    """What one results transaction writes. ``ids`` are distinct."""
-
-    ids: Sequence[int]
-    seen_at: Sequence[datetime]
-    online: Sequence[bool]
-    dead_letters: Sequence[DeadLetter]
-    completed: Sequence[int]
 
 
 class Database:
@@ -401,26 +347,6 @@ class Database:
         row = await self.pool.fetchrow(Q["inbox_stats"])
         assert row is not None
         return row[0], row[1]
-
-    @_edge
-    async def empty_tables(self) -> None:
-        await self.pool.execute(Q["empty_tables"])
-
-    @_edge
-    async def holds_data(self) -> bool:
-        return bool(await self.pool.fetchval(Q["holds_data"]))
-
-    @_edge
-    async def server_version(self) -> str:
-        return str(await self.pool.fetchval(Q["server_version"]))
-
-    @_edge
-    async def wal_position(self) -> int:
-        return int(await self.pool.fetchval(Q["wal_position"]))
-
-    @_edge
-    async def count_callbacks(self) -> int:
-        return int(await self.pool.fetchval(Q["count_callbacks"]))
 
     @_edge
     async def count_objects(self) -> int:

@@ -403,27 +403,6 @@ SELECT extract(epoch FROM clock_timestamp())::float8;
 -- standby after a failover, default_transaction_read_only) refuses even that.
 INSERT INTO callbacks (received_at, object_ids, locked_until) SELECT now(), '{}', now() WHERE false;
 
--- name: server_version
--- The PostgreSQL server's version, for reports.
-SHOW server_version;
-
--- name: wal_position
--- How many bytes of WAL the server has written so far, for reports of WAL per unit of work.
-SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn;
-
--- name: count_callbacks
--- How many callbacks are stored, done or not.
-SELECT count(*) FROM callbacks;
-
--- name: empty_tables
--- Empties every table of a database that is the demo's own, so that it holds one run only.
-TRUNCATE callbacks, objects, observations, dead_letters, pending_ids, reaper_cursor,
-    idempotency_keys RESTART IDENTITY;
-
--- name: holds_data
--- Does the database hold any callback or object?
-SELECT EXISTS (SELECT 1 FROM callbacks) OR EXISTS (SELECT 1 FROM objects);
-
 -- name: now
 -- The database's clock: the moment a REPEATABLE READ transaction sees.
 SELECT now();

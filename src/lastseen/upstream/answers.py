@@ -14,7 +14,8 @@ from collections.abc import Callable
 import msgspec
 
 from lastseen.core.errors import LookupFailed
-from lastseen.upstream.client import Answer, HttpError, UpstreamClient
+from lastseen.upstream.client import UpstreamClient
+from lastseen.upstream.connection import Answer, HttpError
 
 
 class UpstreamObject(msgspec.Struct):

@@ -28,258 +28,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-# An answer about one object is a few dozen bytes; anything this large is not one. The cap
-# counts every byte of one response, interim answers included, and bounds the memory of a
-# connection: 16,384 connections in flight hold at most 256 MiB of answers.
-MAX_RESPONSE = 16 << 10
-_MAX_CHUNK_LINE = 64  # "ffffffff;name=value": a chunk-size line longer than this is not one
+from lastseen.upstream.connection import (
+    MAX_RESPONSE,
+    Answer,
+    Connection,
+    Exchange,
+    HttpError,
+    InStep,
+    OnAnswer,
+    client_closed,
+)
+
 # Connects under way at once; more requests wait for one of those, or for a connection an answer
 # frees. A worker that starts 20,000 lookups at once (a cold start under load, a backlog claimed)
 # would otherwise open 20,000 connections in a burst that overflows the upstream's accept queue:
 # lost SYNs are retried after 1, 3, 7 s, the lookups time out, and the reconnects cost more.
 MAX_CONNECTING = 256
-
-
-Answer = tuple[int, bytes]  # (status, body)
-InStep = Callable[[int, bytes], bool]
-OnAnswer = Callable[["Answer | HttpError"], None]
-
-
-class HttpError(Exception):
-    """The request got no usable answer: connection trouble, a timeout, or a bad response."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _client_closed() -> HttpError:
-    # A new one per request: a shared exception would gather every raiser's traceback.
-    return HttpError("connection", "the client closed")
-
-
-class _Exchange:
-    """One request, from its first send to its answer."""
-
-    __slots__ = ("deadline", "in_step", "on_answer", "request", "reused")
-
-    def __init__(self, request: bytes, in_step: InStep, on_answer: OnAnswer, deadline: float):
-        self.request = request
-        self.in_step = in_step
-        self.on_answer = on_answer
-        self.deadline = deadline
-        self.reused = False  # sent on a pooled connection, which the server may have closed
-
-
-class _Answer(asyncio.Protocol):
-    """One connection; parses one response at a time for ``exchange``.
-
-    Parsing is incremental: each segment is looked at once, whatever the segmentation (a
-    response in one-byte segments costs as little as one in a single segment), interim answers
-    are skipped in a loop, and a response whose size passes ``max_response`` fails at once.
-    """
-
-    def __init__(self, pool: UpstreamClient, max_response: int) -> None:
-        self.pool = pool
-        self.max_response = max_response
-        self.transport: asyncio.Transport | None = None
-        self.exchange: _Exchange | None = None
-        self.exchanges = 0  # requests sent on this connection: tells a timeout whose it is
-        self.closed = False
-        self.keep_alive = True
-        self._start()
-
-    def _start(self) -> None:
-        self.buffer = bytearray()
-        self.received = 0  # bytes of this response so far, interim answers included
-        self.scanned = 0  # where the search for the end of the head (or a line) resumes
-        self.status = 0
-        self.framing = ""  # "" while in the head; then "length", "chunked", "eof" or "none"
-        self.length = 0
-        self.parts: list[bytes] = []  # a chunked body's chunks so far
-        self.trailers = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def send(self, exchange: _Exchange) -> None:
-        assert self.transport is not None
-        self._start()
-        self.exchange = exchange
-        self.exchanges += 1
-        self.transport.write(exchange.request)
-
-    def _settle(self, result: Answer | HttpError) -> None:
-        exchange = self.exchange
-        if exchange is not None:
-            self.exchange = None
-            self.pool._settled(self, exchange, result)
-
-    def time_out(self, exchange: int, detail: str) -> None:
-        """Fails the request ``exchange`` if it is still waiting."""
-        if exchange == self.exchanges and self.exchange is not None:
-            self.keep_alive = False
-            self._settle(HttpError("timeout", detail))
-
-    def data_received(self, data: bytes) -> None:
-        if self.exchange is None:
-            # Bytes nobody asked for: the next answer on this connection could not be trusted.
-            self.keep_alive = False
-            self.close()
-            return
-        self.received += len(data)
-        if self.received > self.max_response:
-            self._fail(f"the answer is larger than {self.max_response} bytes")
-            return
-        self.buffer += data
-        self._parse(eof=False)
-
-    def eof_received(self) -> bool | None:
-        self._parse(eof=True)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.exchange is not None:
-            self._parse(eof=True)
-        if self.exchange is not None:
-            kind = "stale" if not self.received else "connection"
-            self._settle(HttpError(kind, repr(exc) if exc else "connection closed"))
-
-    def _fail(self, detail: str) -> None:
-        self.keep_alive = False
-        self._settle(HttpError("bad_response", detail))
-        self.close()
-
-    def _parse(self, *, eof: bool) -> None:
-        if self.exchange is None:
-            return
-        try:
-            while not self.framing:
-                if not self._head(eof):
-                    return
-            body = self._body(eof)
-        except ValueError as exc:
-            self._fail(str(exc))
-            return
-        if body is not None:
-            self._settle((self.status, body))
-
-    def _head(self, eof: bool) -> bool:
-        """Parses a head once it is complete; False while it is not. An interim answer
-        (100 Continue, 103 Early Hints) is dropped, and the real one's head is next."""
-        buffer = self.buffer
-        head_end = buffer.find(b"\r\n\r\n", self.scanned)
-        if head_end < 0:
-            self.scanned = max(0, len(buffer) - 3)
-            if eof and self.received:
-                raise ValueError("the connection closed inside the headers")
-            return False  # with nothing received at all, connection_lost reports it
-        lines = bytes(buffer[:head_end]).split(b"\r\n")
-        del buffer[: head_end + 4]
-        self.scanned = 0
-        try:
-            version, code = lines[0].split(b" ", 2)[:2]
-            status = int(code)
-        except ValueError:
-            raise ValueError(f"bad status line {lines[0][:80]!r}") from None
-        if 100 <= status < 200:
-            return True
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        connection = headers.get(b"connection", b"").lower()
-        self.keep_alive = (
-            connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
-        )
-        self.status = status
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            self.framing = "chunked"
-        elif b"content-length" in headers:
-            try:
-                self.length = int(headers[b"content-length"])
-            except ValueError:
-                raise ValueError("bad Content-Length") from None
-            if not 0 <= self.length <= self.max_response:
-                raise ValueError(f"Content-Length {self.length} out of bounds")
-            self.framing = "length"
-        elif status in (204, 304):
-            self.framing = "none"
-        else:
-            # No framing: the body runs to the end of the connection.
-            self.keep_alive = False
-            self.framing = "eof"
-        return True
-
-    def _body(self, eof: bool) -> bytes | None:
-        """The body once it is complete, else None."""
-        buffer = self.buffer
-        body: bytes | None
-        if self.framing == "none":
-            body = b""
-        elif self.framing == "length":
-            body = bytes(buffer[: self.length]) if len(buffer) >= self.length else None
-            if body is not None and len(buffer) > self.length:
-                self.keep_alive = False  # more than was announced: out of step
-        elif self.framing == "eof":
-            body = bytes(buffer) if eof else None
-        else:
-            body = self._dechunk()
-        if body is None and eof:
-            raise ValueError("the connection closed inside the body")
-        return body
-
-    def _dechunk(self) -> bytes | None:
-        """Moves the complete chunks out of the buffer; the body once the last one is in."""
-        buffer = self.buffer
-        while True:
-            line_end = buffer.find(b"\r\n", self.scanned)
-            if line_end < 0:
-                self.scanned = max(0, len(buffer) - 1)
-                if not self.trailers and len(buffer) > _MAX_CHUNK_LINE:
-                    raise ValueError("bad chunk size")
-                return None
-            if self.trailers:
-                # Trailers, if any, end with an empty line.
-                del buffer[: line_end + 2]
-                self.scanned = 0
-                if line_end == 0:
-                    if buffer:
-                        self.keep_alive = False  # more than the answer: out of step
-                    return b"".join(self.parts)
-                continue
-            try:
-                size = int(bytes(buffer[:line_end]).split(b";")[0] or b"0", 16)
-            except ValueError:
-                raise ValueError("bad chunk size") from None
-            if size < 0:
-                raise ValueError("bad chunk size")
-            if size == 0:
-                del buffer[: line_end + 2]
-                self.scanned = 0
-                self.trailers = True
-                continue
-            end = line_end + 2 + size
-            if len(buffer) < end + 2:
-                # The size line stays; the next search for it starts at its end.
-                self.scanned = line_end
-                return None
-            if buffer[end : end + 2] != b"\r\n":
-                raise ValueError("a chunk longer than its size")
-            self.parts.append(bytes(buffer[line_end + 2 : end]))
-            del buffer[: end + 2]
-            self.scanned = 0
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
 
 class UpstreamClient:
@@ -324,28 +91,34 @@ class UpstreamClient:
         self.timeout = timeout
         self.max_idle = max_idle
         self.max_response = max_response
-        self._idle: list[_Answer] = []
-        self._all: set[_Answer] = set()
+        self._idle: list[Connection] = []
+        self._all: set[Connection] = set()
         # (deadline, connection, exchange) in the order sent: with one timeout for all,
         # nearly the order of the deadlines (a resend after a stale connection keeps its
         # first deadline, and is failed at most a few milliseconds late).
-        self._deadlines: collections.deque[tuple[float, _Answer, int]] = collections.deque()
+        self._deadlines: collections.deque[tuple[float, Connection, int]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: set[asyncio.Task[None]] = set()
         self.max_connecting = max_connecting
         # Requests waiting for a connection while ``max_connecting`` connects are under way.
-        self._queued: collections.deque[_Exchange] = collections.deque()
+        self._queued: collections.deque[Exchange] = collections.deque()
         self._closed = False
 
     def request_bytes(self, path: str) -> bytes:
         return b"GET " + (self.prefix + path).encode() + b" HTTP/1.1\r\n" + self._head
 
-    async def _connect(self, deadline: float) -> _Answer:
+    def _new_connection(self) -> Connection:
+        return Connection(self._settled, self.max_response)
+
+    async def _connect(self, deadline: float) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
                 _, protocol = await loop.create_connection(
-                    lambda: _Answer(self, self.max_response), self.host, self.port, ssl=self.ssl
+                    lambda: Connection(self._settled, self.max_response),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
                 )
         except OSError as exc:
             raise HttpError("connection", repr(exc)) from None
@@ -370,7 +143,7 @@ class UpstreamClient:
         the whole exchange within the timeout. A connection whose answer ``in_step`` rejects
         is not used again."""
         deadline = asyncio.get_running_loop().time() + self.timeout
-        self._send(_Exchange(self.request_bytes(path), in_step, on_answer, deadline))
+        self._send(Exchange(self.request_bytes(path), in_step, on_answer, deadline))
 
     async def get(self, path: str, in_step: InStep = lambda status, body: True) -> Answer:
         """``start``, awaited: (status, body), or ``HttpError``."""
@@ -386,11 +159,11 @@ class UpstreamClient:
             raise result
         return result
 
-    def _send(self, exchange: _Exchange) -> None:
+    def _send(self, exchange: Exchange) -> None:
         if self._closed:
             # Told on the next turn of the loop: an answer never comes from inside ``start``,
             # so a caller that starts the next request from its callback cannot recurse.
-            asyncio.get_running_loop().call_soon(exchange.on_answer, _client_closed())
+            asyncio.get_running_loop().call_soon(exchange.on_answer, client_closed())
             return
         idle = self._idle
         while idle and idle[-1].closed:
@@ -415,7 +188,7 @@ class UpstreamClient:
             if exchange is not None:
                 self._send(exchange)
 
-    def _next_queued(self) -> _Exchange | None:
+    def _next_queued(self) -> Exchange | None:
         """The oldest queued request still within its deadline; the late ones fail."""
         now = asyncio.get_running_loop().time()
         while self._queued:
@@ -425,27 +198,27 @@ class UpstreamClient:
             exchange.on_answer(HttpError("timeout", f"no connection within {self.timeout:g} s"))
         return None
 
-    async def _connect_and_send(self, exchange: _Exchange) -> None:
+    async def _connect_and_send(self, exchange: Exchange) -> None:
         try:
             conn = await self._connect(exchange.deadline)
         except HttpError as exc:
             exchange.on_answer(exc)
             return
         except asyncio.CancelledError:
-            exchange.on_answer(_client_closed())
+            exchange.on_answer(client_closed())
             raise
         except Exception as exc:  # whatever it is, the caller hears of it: no request is lost
             exchange.on_answer(HttpError("connection", repr(exc)))
             return
         self._dispatch(conn, exchange)
 
-    def _dispatch(self, conn: _Answer, exchange: _Exchange) -> None:
+    def _dispatch(self, conn: Connection, exchange: Exchange) -> None:
         conn.send(exchange)
         self._deadlines.append((exchange.deadline, conn, conn.exchanges))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_at(exchange.deadline, self._expire)
 
-    def _settled(self, conn: _Answer, exchange: _Exchange, result: Answer | HttpError) -> None:
+    def _settled(self, conn: Connection, exchange: Exchange, result: Answer | HttpError) -> None:
         """``conn`` has the answer to ``exchange``, or failed it: back to the pool or closed,
         then the caller is told (a stale pooled connection is not a real attempt: the request
         goes again)."""
@@ -482,7 +255,7 @@ class UpstreamClient:
             task.cancel()
         await asyncio.gather(*self._connecting, return_exceptions=True)
         while self._queued:
-            self._queued.popleft().on_answer(_client_closed())
+            self._queued.popleft().on_answer(client_closed())
         for conn in list(self._all):
             conn.close()
         self._all.clear()

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from lastseen.devtools import database as devdb
 from lastseen.devtools.bench.processes import workers
 from lastseen.devtools.loadgen import callback_bodies, run_load
 
@@ -45,8 +46,8 @@ async def box(bench: Bench) -> dict[str, Any]:
             upstream=upstream.pid,
         )
         async with bench.database(url) as db:
-            before = await db.count_callbacks()
-            wal_before = await db.wal_position()
+            before = await devdb.count_callbacks(db)
+            wal_before = await devdb.wal_position(db)
         meter.start()
         started = time.monotonic()
         load = await run_load(
@@ -58,8 +59,8 @@ async def box(bench: Bench) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.05)
             pending, _ = await db.inbox_stats()
-            stored = await db.count_callbacks() - before
-            wal = await db.wal_position() - wal_before
+            stored = await devdb.count_callbacks(db) - before
+            wal = await devdb.wal_position(db) - wal_before
         elapsed = time.monotonic() - started
         cpu = meter.stop()
         acknowledged = load.statuses.get(202, 0)

@@ -25,9 +25,11 @@ import aiohttp
 import asyncpg
 import psutil
 
+from lastseen.devtools import database as devdb
 from lastseen.devtools.certs import Certificates
+from lastseen.devtools.database import with_database
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
-from lastseen.storage.database import Database, with_database
+from lastseen.storage.database import Database
 from lastseen.storage.embedded import EmbeddedPostgres
 from lastseen.telemetry.promtext import Reading
 
@@ -293,7 +295,7 @@ class Bench:
 
     async def postgres_version(self) -> str:
         async with self.database(self.server_url) as db:
-            return await db.server_version()
+            return await devdb.server_version(db)
 
     async def read_metrics(self, serve: ServeProcess) -> Reading:
         """One reading of a service's /metrics."""

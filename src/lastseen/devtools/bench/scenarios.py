@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from lastseen.devtools import database as devdb
 from lastseen.devtools.bench.box import box
 from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
@@ -81,7 +82,7 @@ async def ingest(bench: Bench) -> dict[str, Any]:
                 prepared = build_requests(host, port, path, bodies, token)
             meter = bench.cpu(serve=serve.pid)
             async with bench.database(url) as db:
-                wal_before = await db.wal_position()
+                wal_before = await devdb.wal_position(db)
             meter.start()
             result = await run_load(
                 host,
@@ -95,7 +96,7 @@ async def ingest(bench: Bench) -> dict[str, Any]:
             result.path = label
             entry = result.summary() | {"round": round_no, "cpu_percent": meter.stop()}
             async with bench.database(url) as db:
-                wal = await db.wal_position() - wal_before
+                wal = await devdb.wal_position(db) - wal_before
             answered = result.statuses.get(202, 0)
             entry["ok_per_s"] = round(result.ok_rate(202), 1)
             # Per answered request: a durable callback on /callback, a do-nothing one on /noop.
@@ -111,7 +112,7 @@ async def ingest(bench: Bench) -> dict[str, Any]:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     async with bench.database(url) as db:
-        stored = await db.count_callbacks()
+        stored = await devdb.count_callbacks(db)
     await serve.terminate()
     noop = [r["ok_per_s"] for r in rounds if r["path"] == "/noop"]
     durable = [r["ok_per_s"] for r in rounds if r["path"] == "/callback"]
