@@ -22,7 +22,7 @@ from helpers.waiting import eventually
 from lastseen.core.errors import SpoolFailed, SpoolFull
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.intake import group_commit as inbox
-from lastseen.intake.group_commit import DRAIN_BATCH, drain_batch
+from lastseen.intake.drain import DRAIN_BATCH, drain_batch
 from lastseen.intake.spool import Spool
 from lastseen.storage.arrays import id_array
 from lastseen.storage.database import Database

@@ -90,7 +90,7 @@ async def discard_dead_letters(settings: Settings, args: argparse.Namespace) -> 
 
 async def drain_spool(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.config.instance import named
-    from lastseen.intake.group_commit import drain_batch
+    from lastseen.intake.drain import drain_batch
     from lastseen.intake.spool import Spool, spool_path
     from lastseen.storage.connect import database
 
