@@ -15,7 +15,7 @@ import msgspec
 from lastseen import __version__
 from lastseen.admin.dead_letters import CURSOR_PATTERN, TEXT_PATTERN, TIME_SCHEMA, DeadLetterRequest
 from lastseen.api.status import Status
-from lastseen.core.parsers import PAGE_LIMIT
+from lastseen.core.parsers import INT64_MAX, INT64_MIN, PAGE_LIMIT
 from lastseen.intake.ingest import IDEMPOTENCY_KEY_PATTERN, CallbackBody
 
 
@@ -116,7 +116,7 @@ _TYPES = (
     Status,
 )
 _REF = "#/components/schemas/{name}"
-_INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+_INT64 = {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX}
 _PUBLIC: list[dict[str, list[str]]] = [{}]
 _ADMIN: list[dict[str, list[str]]] = [{}, {"adminToken": []}]
 

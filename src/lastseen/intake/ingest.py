@@ -28,7 +28,7 @@ from lastseen.core.errors import (
     TooManyIds,
     Unauthorized,
 )
-from lastseen.core.parsers import integral_floats
+from lastseen.core.parsers import INT64_MAX, INT64_MIN, integral_floats
 from lastseen.core.replies import error_response, json_response
 from lastseen.intake.admission import ClientLimits, client_of, retry_after
 from lastseen.intake.auth import IntakeAuth
@@ -42,7 +42,7 @@ log = structlog.get_logger("lastseen.intake.ingest")
 IDEMPOTENCY_KEY_PATTERN = "^[\\x21-\\x7e]([\\x20-\\x7e]{0,253}[\\x21-\\x7e])?$"
 _KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
-ObjectId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+ObjectId = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class CallbackBody(msgspec.Struct):
