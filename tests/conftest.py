@@ -38,9 +38,13 @@ _names = itertools.count()
 @pytest.fixture(scope="session", autouse=True)
 def own_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Whatever lastseen a test starts keeps its data (an embedded server, a spool) under the
-    run's temporary directory, never in the user's data directory."""
+    run's temporary directory, never in the user's data directory: in this process by its
+    setting, in the processes it spawns (which get no LASTSEEN_* of this one) by the default,
+    the user's data directory, moved under the run's."""
+    data = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LASTSEEN_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        patch.setenv("LASTSEEN_DATA_DIR", str(data / "lastseen"))
+        patch.setenv("XDG_DATA_HOME", str(data))
         yield
 
 

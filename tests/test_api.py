@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from lastseen.api.routes import Routes
 from lastseen.api.ui import Page
 from lastseen.config.settings import Settings
 from lastseen.core.errors import ConfigError, Unauthorized
+from lastseen.devtools.launch import clean_environment
 from lastseen.intake.auth import WebhookVerifier
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -165,7 +165,7 @@ def test_secrets_come_from_files_and_are_never_shown(tmp_path: Path) -> None:
         Settings.load(
             {"LASTSEEN_ADMIN_TOKEN": "x", "LASTSEEN_ADMIN_TOKEN_FILE": str(tmp_path / "admin")}
         )
-    env = {**os.environ, "LASTSEEN_ADMIN_TOKEN": "do-not-print-me"}
+    env = clean_environment(LASTSEEN_ADMIN_TOKEN="do-not-print-me")
     shown = subprocess.run(
         [sys.executable, "-m", "lastseen", "serve", "--help"],
         capture_output=True,
@@ -346,7 +346,7 @@ def test_each_command_offers_only_the_flags_it_uses() -> None:
     def help_of(*command: str) -> str:
         return subprocess.run(
             [sys.executable, "-m", "lastseen", *command, "--help"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True, text=True, timeout=30, check=True, env=clean_environment(),
         ).stdout  # fmt: skip
 
     dead = help_of("dead-letters")

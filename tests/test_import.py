@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from helpers.cli import run_cli
 from helpers.services import StartService, StartUpstream
 from helpers.waiting import all_done, eventually
 
-from lastseen.devtools.launch import LASTSEEN
+from lastseen.devtools.launch import LASTSEEN, clean_environment
 
 
 async def _stored(sql: asyncpg.Connection) -> list[list[int]]:
@@ -172,7 +171,7 @@ async def test_an_import_killed_midway_resumes_to_one_clean_import(
     count = 20_000
     source = tmp_path / "big.csv"
     source.write_text("object_ids\n" + "".join(f"{i}\n" for i in range(count)))
-    env = {**os.environ, "LASTSEEN_DATABASE_URL": db_url, "LASTSEEN_LOG_FORMAT": "json"}
+    env = clean_environment(LASTSEEN_DATABASE_URL=db_url, LASTSEEN_LOG_FORMAT="json")
     proc = await asyncio.create_subprocess_exec(
         *LASTSEEN, "import", str(source), "--chunk", "5",
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -131,3 +132,17 @@ async def test_a_busy_port_is_one_line_naming_the_address_and_the_flag(db_url: s
     line = f"lastseen: LASTSEEN_LISTEN: cannot listen on 127.0.0.1:{port}: address already in use"
     assert line in done.stderr, done.stderr
     assert "--listen" in done.stderr.splitlines()[-1]
+
+
+def test_spawned_processes_get_no_settings_of_the_developer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process the tools start runs with what they give it: a LASTSEEN_* variable of the
+    shell that runs the tests (a developer's own database, say) does not reach it."""
+    from lastseen.devtools.launch import clean_environment
+
+    monkeypatch.setenv("LASTSEEN_DATABASE_URL", "postgresql://developer@elsewhere/db")
+    env = clean_environment(LASTSEEN_TTL="3")
+    assert "LASTSEEN_DATABASE_URL" not in env
+    assert env["LASTSEEN_TTL"] == "3"
+    assert env["PATH"] == os.environ["PATH"]

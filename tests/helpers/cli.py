@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from helpers.waiting import eventually
-from lastseen.devtools.launch import LASTSEEN
+from lastseen.devtools.launch import LASTSEEN, clean_environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +31,7 @@ async def run_cli(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {}), "LASTSEEN_LOG_FORMAT": "json"},
+        env=clean_environment(**{**(env or {}), "LASTSEEN_LOG_FORMAT": "json"}),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -60,6 +59,7 @@ class Background:
             "--log-format",
             "json",
             stdin=asyncio.subprocess.DEVNULL,
+            env=clean_environment(),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

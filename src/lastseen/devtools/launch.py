@@ -19,12 +19,19 @@ import aiohttp
 LASTSEEN = [sys.executable, "-m", "lastseen"]
 
 
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without its ``LASTSEEN_*`` settings, plus ``extra``: a
+    process started by the tools runs with the settings they give it, not the developer's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTSEEN_")}
+    return {**env, **extra}
+
+
 class ServeProcess:
     """``lastseen serve`` in a subprocess on a free port; its JSON log lines are kept."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, keep_logs: int = 10_000):
         self.args = args
-        self.env = {**os.environ, **(env or {})}
+        self.env = clean_environment(**(env or {}))
         self.keep_logs = keep_logs
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
