@@ -132,7 +132,6 @@ async def test_the_page_loads_and_follows_callbacks_as_they_arrive(
         await expect(page.locator("#online")).not_to_have_text("0")
         # Enough history for the sparklines to show the climb.
         await page.wait_for_timeout(12_000)
-        SCREENSHOT.parent.mkdir(exist_ok=True)
         shot = os.environ.get("LASTSEEN_SCREENSHOT") or str(tmp_path / "status-page.png")
         await page.screenshot(path=shot, full_page=True)
     finally:
