@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Starts the embedded PostgreSQL (in DATA_DIR/demo, emptied each run), the "
         "service, the simulated upstream and producer; shows a dashboard until Ctrl-C or "
         "--duration; then lets the pipeline finish, verifies the run and prints a summary. "
-        "Exits 1 if the verification fails. See docs/demo.md.",
+        "Exits 1 if the verification fails. See docs/guides/demo.md.",
     )
     add_arguments(
         demo, ["service", "ingest", "worker", "lookups", "results", "housekeeping", "logging"]

@@ -237,7 +237,7 @@ class Settings:
     )
     # 25 ms, not 5: larger batches cost the worker 9 to 24% less CPU per lookup and PostgreSQL
     # 15 to 45% less (more where ids repeat: the newest result per id is written once), for up
-    # to 20 ms more median lag (docs/benchmarks.md).
+    # to 20 ms more median lag (docs/explanation/design-decisions.md).
     results_interval: float = setting(
         seconds, "0.025", "seconds results wait to join a batch", "results"
     )

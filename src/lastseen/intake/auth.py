@@ -48,7 +48,8 @@ class WebhookVerifier:
 
     Our own, on the hot path: the ``standardwebhooks`` package's ``verify`` costs 10 µs per
     200-id body (it decodes the body to text and back, builds datetimes and an HMAC object),
-    this 4.5 µs (docs/benchmarks.md); the tests check it against the package's signatures.
+    this 4.5 µs (docs/explanation/design-decisions.md); the tests check it against the
+    package's signatures.
     """
 
     def __init__(

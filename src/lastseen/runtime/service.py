@@ -309,7 +309,8 @@ def _resolved(host: str) -> str:
 # (every failed connection is a cycle of asyncio's) a worker's RSS grew 6 MiB a minute, and
 # stayed flat with Python's thresholds. A full collection bounds it, but pauses the process:
 # every minute, it raised the lag's p99 to 140-380 ms in the benchmark's steps that had one. So
-# it runs only when the RSS has grown by this much since the last one (docs/benchmarks.md).
+# it runs only when the RSS has grown by this much since the last one
+# (docs/explanation/design-decisions.md).
 FULL_COLLECTION_GROWTH = 16 << 20  # bytes
 FULL_COLLECTION_CHECK = 10.0  # seconds between looks at the RSS
 
@@ -350,7 +351,7 @@ def tune_gc(threshold: int) -> None:
     thresholds the collector's passes over them were most of the lag's p99 (265 ms against
     36 ms at about 5,000 lookups/s). The HTTP process is the other way round: its garbage is
     short-lived, and rare large collections raised its reply p99 from 21 to about 55 ms, so it
-    keeps Python's thresholds (docs/benchmarks.md).
+    keeps Python's thresholds (docs/explanation/design-decisions.md).
     """
     gc.collect()
     gc.freeze()

@@ -49,7 +49,7 @@ RETURNING id;
 -- taken has no row (ask keyed_callbacks then, in a statement of its own, which also sees a
 -- transaction that committed while this one ran). Not a join with idempotency_keys here: with one,
 -- PostgreSQL's CPU per signed request grew with the table (125, 191, 307 us over three bench
--- rounds; 86 to 96 us without it, docs/benchmarks.md).
+-- rounds; 86 to 96 us without it, docs/explanation/design-decisions.md).
 WITH input AS (
     SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[])
         AS r(received_at, ids, key, digest)

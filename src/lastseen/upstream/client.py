@@ -6,7 +6,8 @@ a task per connection step) was most of the worker's CPU. This client keeps a po
 keep-alive connections to one origin, writes a prebuilt request, and parses the answer in
 ``data_received``: status line, headers, then a body framed by Content-Length, chunked
 encoding, or the end of the connection. Measured on this machine it costs several times less
-CPU per request (see the README); aiohttp stays the HTTP server and the simulator's client.
+CPU per request (docs/explanation/design-decisions.md); aiohttp stays the HTTP server and the
+simulator's client.
 
 A connection taken from the pool may have been closed by the server meanwhile; if it fails
 before any byte of the answer arrives, the request is sent once more on a new connection, as
