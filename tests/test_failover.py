@@ -87,11 +87,28 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_callback(
     wanted = {i for ids in sent for i in ids}
     conn = await asyncpg.connect(pair.host_url(1))
     try:
+        missing_ids: set[int] = set()
 
         async def all_there() -> bool:
             rows = await conn.fetch("SELECT id FROM objects")
-            return wanted <= {r["id"] for r in rows}
+            missing_ids.clear()
+            missing_ids.update(wanted - {r["id"] for r in rows})
+            return not missing_ids
 
-        await eventually(all_there, timeout=30)
+        try:
+            await eventually(all_there, timeout=30)
+        except TimeoutError:
+            callbacks = await conn.fetch("SELECT * FROM callbacks ORDER BY id")
+            concerned = [
+                dict(r)
+                for r in callbacks
+                if r["done_at"] is None or missing_ids & set(r["object_ids"])
+            ]
+            notable = [e for e in serve.logs if e.get("level") in ("warning", "error")]
+            pytest.fail(
+                f"{len(missing_ids)} acknowledged ids not in objects, e.g. "
+                f"{sorted(missing_ids)[:10]}; their callbacks: {concerned}; "
+                f"warnings and errors: {notable[-40:]}"
+            )
     finally:
         await conn.close()

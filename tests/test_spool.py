@@ -26,6 +26,7 @@ from lastseen.intake.drain import DRAIN_BATCH, drain_batch
 from lastseen.intake.spool import Spool
 from lastseen.storage.arrays import id_array
 from lastseen.storage.database import Database
+from lastseen.telemetry.metrics import Metrics
 
 
 async def test_a_spool_keeps_its_callbacks_across_a_restart_and_goes_once_drained(
@@ -180,6 +181,37 @@ async def test_the_endpoint_answers_while_the_database_is_away(
     keys = await sql.fetch("SELECT source FROM callbacks WHERE source LIKE 'spool:%'")
     assert sorted(r["source"] for r in keys) == sorted(spooled)
     assert service.sample("lastseen_spool_callbacks") == 0
+
+
+async def test_a_stalled_event_loop_does_not_take_a_healthy_database_for_lost(
+    db: Database, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The event loop stalls for longer than the commit may take (one turn of a burst of
+    thousands of requests can) while a commit is in flight: the answer that waited behind the
+    stall counts, so the callback is stored in PostgreSQL and nothing goes to the spool."""
+    spool = Spool(tmp_path / "s.sqlite3", max_bytes=1 << 20)
+    await spool.open()
+    commit = inbox.GroupCommit(
+        db, Metrics(), max_batch=100, concurrency=1, timeout=1.0, spool=spool
+    )
+    commit.open()
+    runner = asyncio.create_task(commit.run())
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(3):
+            future = commit.submit(time.time(), [1, 2, 3])
+            # Stalls the loop right after the commit has sent its statement: 0.7 s, past
+            # the 0.5 s a commit may take before the database is taken for lost.
+            loop.call_later(0.005, time.sleep, 0.7)
+            stored = await future
+            assert isinstance(stored, int), stored
+    finally:
+        commit.close()
+        await runner
+        await spool.close()
+    assert not commit.spooling
+    assert spool.depth == 0
+    assert await sql.fetchval("SELECT count(*) FROM callbacks") == 3
 
 
 async def test_the_endpoint_answers_while_the_database_refuses_writes(

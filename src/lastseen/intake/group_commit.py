@@ -327,11 +327,11 @@ class GroupCommit:
         same ids with the same receive time, which changes nothing in ``objects``."""
         insert = asyncio.create_task(self._insert(batch), name="group-commit-insert")
         try:
-            done, _ = await asyncio.wait({insert}, timeout=seconds)
+            answered = await _answered(insert, seconds, min(e.deadline for e in batch))
         except asyncio.CancelledError:
             insert.cancel()
             raise
-        if done:
+        if answered:
             return insert.result()
         insert.cancel()
         self._abandoned.add(insert)
@@ -431,3 +431,26 @@ class GroupCommit:
         self._closing = True
         self._gate.set()
         self._wake.set()
+
+
+async def _answered(task: asyncio.Task[Any], seconds: float | None, deadline: float) -> bool:
+    """Whether ``task`` ends within ``seconds`` of the event loop's own time, never waiting
+    past the loop time ``deadline``. Time the loop spends stalled (one turn of a burst of
+    thousands of requests can take longer than a commit) is not counted against the
+    database: its answer may have arrived meanwhile and wait behind the stall, and a
+    healthy database taken for lost would send callbacks to the spool for nothing."""
+    if seconds is None:
+        await asyncio.wait({task})
+        return True
+    loop = asyncio.get_running_loop()
+    step = seconds / 8
+    counted = 0.0
+    while True:
+        before = loop.time()
+        await asyncio.wait({task}, timeout=step)
+        if task.done():
+            return True
+        now = loop.time()
+        counted += min(now - before, 2 * step)
+        if counted >= seconds or now >= deadline - step:
+            return False
