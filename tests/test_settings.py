@@ -146,3 +146,4 @@ def test_spawned_processes_get_no_settings_of_the_developer(
     assert "LASTSEEN_DATABASE_URL" not in env
     assert env["LASTSEEN_TTL"] == "3"
     assert env["PATH"] == os.environ["PATH"]
+    assert env["LASTSEEN_EXIT_WITH"] == str(os.getpid())  # tied to the launcher

@@ -16,6 +16,7 @@ from lastseen.config.settings import Settings
 from lastseen.core.errors import LastseenError
 from lastseen.core.parsers import PAGE_LIMIT
 from lastseen.devtools.simulate.config import add_arguments as add_simulator_arguments
+from lastseen.runtime.lifetime import stop_deadline, watch_launcher
 from lastseen.runtime.limits import raise_open_file_limit
 from lastseen.runtime.processes import WORKER_COMMAND
 from lastseen.telemetry import logs
@@ -269,12 +270,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == WORKER_COMMAND:
             settings = Settings.decode(sys.stdin.buffer.read())
-            logs.tolerate_lost_stderr()
         else:
             settings = from_arguments(args)
     except LastseenError as exc:
         parser.error(str(exc))
+    logs.tolerate_lost_stderr()
     logs.configure(settings.log_format, settings.log_level)
+    if settings.exit_with is not None:
+        watch_launcher(settings.exit_with, stop_deadline(settings))
     raise_open_file_limit()
     command: Command = args.run
     try:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from lastseen.config.settings import BY_FIELD, OPTIONS, Settings
 
 # Set by lastseen itself, or for its benchmark: accepted, not offered in --help.
-INTERNAL = frozenset({"parent_pid", "port_share", "noop_route"})
+INTERNAL = frozenset({"parent_pid", "exit_with", "port_share", "noop_route"})
 
 
 def add_arguments(

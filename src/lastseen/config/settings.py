@@ -184,6 +184,12 @@ class Settings:
         "set by lastseen serve for its worker processes: exit when that process does",
         "service",
     )
+    exit_with: int | None = setting(
+        positive(int),
+        None,
+        "set by the tools that launch lastseen (tests, bench): stop when that process is gone",
+        "service",
+    )
     port_share: int = setting(
         positive(int),
         "1",

@@ -21,9 +21,11 @@ LASTSEEN = [sys.executable, "-m", "lastseen"]
 
 def clean_environment(**extra: str) -> dict[str, str]:
     """This process's environment without its ``LASTSEEN_*`` settings, plus ``extra``: a
-    process started by the tools runs with the settings they give it, not the developer's."""
+    process started by the tools runs with the settings they give it, not the developer's,
+    and stops when the process that started it is gone (a test run killed with -9 leaves
+    no service behind)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LASTSEEN_")}
-    return {**env, **extra}
+    return {**env, "LASTSEEN_EXIT_WITH": str(os.getpid()), **extra}
 
 
 class ServeProcess:
@@ -147,6 +149,7 @@ class SimulateProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=clean_environment(),
         )
         listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._stderr = asyncio.create_task(self._read_stderr(listening))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
 import secrets
@@ -39,19 +38,9 @@ from lastseen.telemetry.metrics import Metrics
 
 log = structlog.get_logger("lastseen.runtime.processes")
 
-_PR_SET_PDEATHSIG = 1
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The hidden subcommand a worker process runs: it reads its settings from standard input.
 WORKER_COMMAND = "worker-process"
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a worker process: get SIGTERM when the parent goes away (Linux), or exit now if it
-    already has. Called by the child itself: a pre-exec hook is unsafe in a threaded parent."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -74,6 +63,7 @@ def child_settings(
         listen=("127.0.0.1", port),
         worker_processes=0,
         parent_pid=os.getpid(),
+        exit_with=None,  # the parent is what it dies with
         port_share=settings.worker_processes,
         instance_id=holder,
         admin_token=token,

@@ -12,7 +12,6 @@ import gc
 import ipaddress
 import os
 import re
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -39,8 +38,9 @@ from lastseen.intake.group_commit import GroupCommit
 from lastseen.intake.ingest import CallbackHandler
 from lastseen.intake.spool import Spool, spool_path
 from lastseen.pipeline.stages import Pipeline
+from lastseen.runtime.lifetime import Shutdown, die_with_parent, stop_deadline
 from lastseen.runtime.limits import fit_lookups
-from lastseen.runtime.processes import WorkerProcesses, die_with_parent
+from lastseen.runtime.processes import WorkerProcesses
 from lastseen.storage.connect import database
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
@@ -250,14 +250,18 @@ class Service:
                     "full-gc", collect_when_grown(FULL_COLLECTION_CHECK, FULL_COLLECTION_GROWTH)
                 )
 
-    async def run_until(self, stop: asyncio.Event) -> str | None:
-        """Runs until ``stop`` is set or a background task dies; returns the failure, if any."""
+    async def run_until(
+        self, stop: asyncio.Event, stopping: Callable[[], None] = lambda: None
+    ) -> str | None:
+        """Runs until ``stop`` is set or a background task dies, then calls ``stopping`` and
+        stops; returns the failure, if any."""
         await self.start()
         stopped = asyncio.create_task(stop.wait(), name="stop-signal")
         failed = asyncio.create_task(self.supervisor.failed.wait(), name="task-failure")
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         failed.cancel()
+        stopping()
         await self.stop()
         return self.supervisor.failure
 
@@ -270,9 +274,10 @@ class Service:
         self._stopped = True
         grace = self.settings.shutdown_grace
         log.info("stopping", grace=grace)
-        if self.settings.shutdown_delay > 0:
+        if self.settings.shutdown_delay > 0 and self.commit is not None:
             # Load balancers stop sending once /ready fails; until they notice, callbacks
-            # that still arrive are taken as usual.
+            # that still arrive are taken as usual. A process that takes none has no reason
+            # to wait.
             self.readiness.draining = True
             await asyncio.sleep(self.settings.shutdown_delay)
         if self.commit is not None:
@@ -361,10 +366,8 @@ def tune_gc(threshold: int) -> None:
 
 async def run(settings: Settings) -> int:
     """``lastseen serve``: runs one instance until SIGTERM or SIGINT; returns the exit status."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown = Shutdown(stop_deadline(settings))
+    shutdown.install()
     if settings.role == "worker" and settings.parent_pid is not None:
         die_with_parent(settings.parent_pid)
     settings = named(settings)
@@ -383,8 +386,9 @@ async def run(settings: Settings) -> int:
             if spawns_workers:
                 children = WorkerProcesses(settings, db, instance_name(settings), metrics)
             service = Service(here, db, client, metrics, worker_processes=children, tracer=tracer)
-            failure = await service.run_until(stop)
+            failure = await service.run_until(shutdown.requested, shutdown.arm)
     finally:
+        shutdown.disarm()
         if tracing is not None:
             await asyncio.to_thread(tracing[1])  # flushes what is left
     if failure:

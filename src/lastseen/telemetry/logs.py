@@ -6,7 +6,7 @@ import contextlib
 import io
 import logging
 import sys
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import structlog
 
@@ -19,8 +19,9 @@ def resolved_log_format(log_format: str) -> str:
 
 
 class _Unbroken(io.TextIOBase):
-    """Standard error that outlives its reader: a worker process whose parent died still
-    logs its shutdown (and hands its leases back) instead of dying of a broken pipe."""
+    """Standard error that outlives its reader: a process whose log reader died (a worker
+    process's parent, a launcher's pipe) still stops in order (and hands its leases back)
+    instead of dying of a broken pipe in the middle of its stop."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -33,6 +34,20 @@ class _Unbroken(io.TextIOBase):
     def flush(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def buffer(self) -> BinaryIO:  # a worker process's log is passed on as bytes
+        return self.stream.buffer
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
 
 
 def tolerate_lost_stderr() -> None:
