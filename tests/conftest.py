@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import os
 import ssl
@@ -172,10 +173,24 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
 
     yield start
     for service, database, client_context in reversed(started):
-        await service.stop()
+        try:
+            async with asyncio.timeout(STOP_WITHIN):
+                await service.stop()
+        except TimeoutError:
+            pytest.fail(f"the service did not stop within {STOP_WITHIN} s:\n{_task_stacks()}")
         await client_context.__aexit__(None, None, None)
         await database.close()
     await http.close()
+
+
+STOP_WITHIN = 30.0  # seconds: a stop that takes longer is a bug worth its stack traces
+
+
+def _task_stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 @pytest.fixture
