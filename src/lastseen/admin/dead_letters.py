@@ -18,7 +18,14 @@ import msgspec
 
 from lastseen.core.errors import InvalidRequest
 from lastseen.core.model import DeadLetter, DeadLetterFilter
-from lastseen.core.parsers import INT64_MAX, INT64_MIN, PAGE_LIMIT, integer, integral_floats
+from lastseen.core.parsers import (
+    INT64_MAX,
+    INT64_MIN,
+    PAGE_LIMIT,
+    integer,
+    integral_floats,
+    iso_or_epoch,
+)
 from lastseen.storage.database import Database
 
 FILTER_FIELDS = ("reason", "callback_id", "received_before", "received_after")
@@ -115,17 +122,7 @@ def _time(value: object) -> datetime | None:
         return None
     if isinstance(value, float | int):
         return datetime.fromtimestamp(value, UTC)
-    text = str(value)
-    if re.fullmatch(EPOCH_PATTERN, text):
-        return datetime.fromtimestamp(float(text), UTC)
-    parsed = datetime.fromisoformat(text)
-    try:
-        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    except OverflowError:
-        # A valid date-time whose UTC falls off the calendar (0001-01-01T00:00+05:00): the
-        # calendar's edge filters the same.
-        edge = datetime.min if parsed.year == 1 else datetime.max
-        return edge.replace(tzinfo=UTC)
+    return iso_or_epoch(str(value))
 
 
 def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:

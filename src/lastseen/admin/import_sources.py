@@ -20,6 +20,7 @@ from typing import IO
 import msgspec
 
 from lastseen.core.errors import ImportSourceError, InvalidCallback, TooManyIds
+from lastseen.core.parsers import iso_or_epoch
 from lastseen.intake.ingest import CallbackBody, ObjectId, decode_callback
 
 
@@ -104,11 +105,7 @@ def _epoch(value: datetime | float | str | None) -> float | None:
         return None
     try:
         if isinstance(value, str):
-            text = value
-            try:
-                value = float(text)
-            except ValueError:
-                value = datetime.fromisoformat(text)
+            value = iso_or_epoch(value)
         if isinstance(value, datetime):
             if value.tzinfo is None:
                 value = value.replace(tzinfo=UTC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -122,3 +123,21 @@ def choice(*choices: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+def iso_or_epoch(text: str) -> datetime:
+    """A time as the API, the CLI and the import take it: epoch seconds, or ISO 8601 (UTC
+    where it names no zone). ValueError (OverflowError for a huge number) for anything else;
+    a date-time whose UTC falls off the calendar (0001-01-01T00:00+05:00) is the calendar's
+    edge, which compares the same."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        parsed = datetime.fromisoformat(text)
+    else:
+        return datetime.fromtimestamp(seconds, UTC)
+    try:
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        edge = datetime.min if parsed.year == 1 else datetime.max
+        return edge.replace(tzinfo=UTC)
