@@ -174,13 +174,16 @@ async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
             assert sorted(await objects(sql)) == ids
             await asyncio.sleep(0.1)
         assert service.sample("lastseen_upstream_outage") == 1
+        cause = "http_5xx: status 500"
+        assert service.sample("lastseen_upstream_failure", cause=cause) == 1
 
         async def says(upstream: str) -> bool:
             status, ready = await service.get("/ready")
             return (status, ready.get("upstream")) == (200, upstream)
 
         # /ready asks the pipeline every UPSTREAM_CHECK_EVERY seconds.
-        await eventually(lambda: says("failing: lookups held and probed"), timeout=5)
+        failing = f"failing ({cause}) at {url}: lookups held and probed"
+        await eventually(lambda: says(failing), timeout=5)
         state["down"] = False
         recovered = time.time()
         await asyncio.sleep(1.0)
@@ -188,6 +191,7 @@ async def test_an_upstream_outage_costs_no_row_and_ends_at_once(
         assert sorted(rows) == ids
         assert all(last_seen.timestamp() >= recovered for last_seen in rows.values()), rows
         assert service.sample("lastseen_upstream_outage") == 0
+        assert service.sample("lastseen_upstream_failure", cause=cause) == 0
         await eventually(lambda: says("ok"), timeout=5)
         assert await service.get("/ready") == (200, {"ready": True, "upstream": "ok"})
         assert await sql.fetchval("SELECT count(*) FROM dead_letters") == 0

@@ -199,6 +199,35 @@ async def test_every_acknowledged_id_reaches_objects(
 
 
 @pytest.mark.slow
+async def test_an_unreachable_upstream_is_named_with_its_cause(
+    deployment: Deployment, spawn: Spawn
+) -> None:
+    """No upstream listens at the configured URL (a newcomer's `make run`): the log, /ready
+    and /status name the URL and the cause, connection refused, in both configurations (in
+    the production one the lookups run in worker processes)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed once the block ends
+    serve = await spawn(env={**deployment.env, "LASTSEEN_OBJECTS_URL": url})
+    cause = "connection: connection refused"
+    failing = f"failing ({cause}) at {url}: lookups held and probed"
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, serve.url, deployment, list(range(20))) == 202
+
+        async def says_so() -> bool:
+            async with http.get(serve.url + "/ready") as response:
+                return bool((await response.json()).get("upstream") == failing)
+
+        await eventually(says_so, timeout=20)
+        async with http.get(serve.url + "/status", headers=deployment.admin_headers) as response:
+            status = await response.json()
+    assert (status["upstream_failing"], status["upstream_failure"]) == (True, cause)
+    assert status["upstream_url"] == url
+    (logged, *_) = serve.events("the upstream is failing; holding lookups and probing")
+    assert (logged["upstream"], logged["cause"]) == (url, cause)
+
+
+@pytest.mark.slow
 async def test_a_dead_letter_is_retried(
     deployment: Deployment, sql: asyncpg.Connection, start_upstream: StartUpstream, spawn: Spawn
 ) -> None:

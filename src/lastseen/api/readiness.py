@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -13,6 +14,7 @@ import structlog
 
 from lastseen.core.errors import DatabaseError
 from lastseen.storage.database import Database
+from lastseen.telemetry.promtext import Reading
 
 log = structlog.get_logger("lastseen.api.readiness")
 
@@ -38,6 +40,15 @@ class Spooling(Protocol):
     def spooling(self) -> bool: ...
 
 
+class Watched(enum.Enum):
+    """``answer``'s default: the upstream's state as ``watch`` last found it."""
+
+    WATCHED = "what watch found"
+
+
+WATCHED = Watched.WATCHED
+
+
 class Readiness:
     """Whether this instance can do its work: migrations applied, database reachable; and, as
     details that do not make it unready (it still stores callbacks), whether the upstream is
@@ -52,21 +63,25 @@ class Readiness:
 
     def __init__(
         self,
-        upstream_failing: Callable[[], Awaitable[bool]] | None = None,
+        upstream_failure: Callable[[], Awaitable[str | None]] | None = None,
         spool: Spooling | None = None,
         worker_trouble: Callable[[], str | None] | None = None,
         *,
+        upstream: str = "",
         clock: Callable[[], float] = time.time,
         skew: Callable[[float], None] | None = None,
     ) -> None:
-        """``skew`` is told, after each ping, this instance's ``clock`` minus the database's."""
-        self.upstream_failing = upstream_failing
+        """``upstream_failure`` tells why the upstream is failing, or None while it is not;
+        ``upstream`` is its URL. ``skew`` is told, after each ping, this instance's ``clock``
+        minus the database's."""
+        self.upstream_failure = upstream_failure
+        self.upstream = upstream
         self.spool = spool
         self.worker_trouble = worker_trouble
         self.clock = clock
         self.skew = skew
         self.unreachable = False  # the last check (or migration) found no database
-        self.upstream_is_failing = False  # as ``watch`` last found it
+        self.upstream_failing: str | None = None  # why, as ``watch`` last found it
         self.reason = "migrations not applied yet"
         self.draining = False  # shutting down: tell load balancers, while still serving
         self._migrated = asyncio.Event()
@@ -112,11 +127,11 @@ class Readiness:
                     log.warning("readiness check failed", error=error)
                 self.unreachable = not reachable
             due = loop.time() - asked_upstream >= UPSTREAM_CHECK_EVERY
-            if self.upstream_failing is not None and due:
+            if self.upstream_failure is not None and due:
                 asked_upstream = loop.time()
                 with contextlib.suppress(TimeoutError):
-                    asked = self.upstream_failing()
-                    self.upstream_is_failing = await asyncio.wait_for(asked, timeout)
+                    asked = self.upstream_failure()
+                    self.upstream_failing = await asyncio.wait_for(asked, timeout)
             await asyncio.sleep(every)
 
     def _database_unreachable(self) -> bool:
@@ -134,10 +149,10 @@ class Readiness:
             return self.reason
         return "database unreachable" if self._database_unreachable() else None
 
-    def answer(self, upstream_failing: bool | None = None) -> dict[str, str | bool]:
+    def answer(self, upstream_failing: str | Watched | None = WATCHED) -> dict[str, str | bool]:
         """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
-        ``upstream_failing``, when the caller knows it more recently, replaces what ``watch``
-        found."""
+        ``upstream_failing`` (why, or None), when the caller knows it more recently, replaces
+        what ``watch`` found."""
         reason = self.check()
         trouble = None if self.worker_trouble is None else self.worker_trouble()
         if reason is None and trouble is not None:
@@ -155,7 +170,20 @@ class Readiness:
                 return {"ready": False, "reason": full}
             why = f" {reason};" if reason else ""
             answer["degraded"] = f"spooling:{why} callbacks are stored on local disk"
-        if self.upstream_failing is not None:
-            failing = self.upstream_is_failing if upstream_failing is None else upstream_failing
-            answer["upstream"] = "failing: lookups held and probed" if failing else "ok"
+        if self.upstream_failure is not None:
+            failing = self.upstream_failing if upstream_failing is WATCHED else upstream_failing
+            answer["upstream"] = "ok" if failing is None else self.describe_failure(failing)
         return answer
+
+    def describe_failure(self, cause: str) -> str:
+        """The upstream's outage as /ready, /status and the page say it."""
+        return f"failing ({cause}) at {self.upstream}: lookups held and probed"
+
+
+def upstream_failure(reading: Reading) -> str | None:
+    """Why the processes of ``reading`` see the upstream failing, or None while they do
+    not (from ``lastseen_upstream_outage`` and ``lastseen_upstream_failure``)."""
+    if reading.total("lastseen_upstream_outage") <= 0:
+        return None
+    causes = [c for c, on in reading.by_label("lastseen_upstream_failure", "cause").items() if on]
+    return ", ".join(sorted(causes)) or "failing"

@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from lastseen import __version__
+from lastseen.api.readiness import upstream_failure
 from lastseen.core.errors import DatabaseError
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
@@ -115,6 +116,8 @@ class Status(msgspec.Struct):
     dead_letters: dict[str, int]
     spool: SpoolFigures | None
     upstream_failing: bool
+    upstream_failure: str | None  # why: the cause of the last failed lookup
+    upstream_url: str
     latency: dict[str, Quantiles]
     memory_bytes: int
     history: list[Point]
@@ -203,8 +206,8 @@ class StatusBoard:
         # The reading first: it holds the worker processes' outage gauges, which readiness
         # would otherwise scrape from them a second time.
         reading = await self._reading()
-        upstream_failing = reading.total("lastseen_upstream_outage") > 0
-        ready = self.readiness.answer(upstream_failing)
+        failure = upstream_failure(reading)
+        ready = self.readiness.answer(failure)
         figures = await database_figures(self.db) if self.readiness.migrated else None
         if figures is not None:
             self._database = figures
@@ -283,7 +286,9 @@ class StatusBoard:
             objects_online=d.online,
             dead_letters=d.dead_letters,
             spool=spool,
-            upstream_failing=upstream_failing,
+            upstream_failing=failure is not None,
+            upstream_failure=failure,
+            upstream_url=self.readiness.upstream,
             latency=latency,
             memory_bytes=int(reading.total("lastseen_process_resident_memory_bytes")),
             history=list(self._points),

@@ -41,6 +41,7 @@ from lastseen.core.errors import (
     SpoolFailed,
     SpoolFull,
 )
+from lastseen.core.waiting import answered_within
 from lastseen.intake.drain import drain_batch
 from lastseen.intake.spool import Spool
 from lastseen.storage.arrays import id_array
@@ -327,7 +328,7 @@ class GroupCommit:
         same ids with the same receive time, which changes nothing in ``objects``."""
         insert = asyncio.create_task(self._insert(batch), name="group-commit-insert")
         try:
-            answered = await _answered(insert, seconds, min(e.deadline for e in batch))
+            answered = await answered_within(insert, seconds, min(e.deadline for e in batch))
         except asyncio.CancelledError:
             insert.cancel()
             raise
@@ -431,26 +432,3 @@ class GroupCommit:
         self._closing = True
         self._gate.set()
         self._wake.set()
-
-
-async def _answered(task: asyncio.Task[Any], seconds: float | None, deadline: float) -> bool:
-    """Whether ``task`` ends within ``seconds`` of the event loop's own time, never waiting
-    past the loop time ``deadline``. Time the loop spends stalled (one turn of a burst of
-    thousands of requests can take longer than a commit) is not counted against the
-    database: its answer may have arrived meanwhile and wait behind the stall, and a
-    healthy database taken for lost would send callbacks to the spool for nothing."""
-    if seconds is None:
-        await asyncio.wait({task})
-        return True
-    loop = asyncio.get_running_loop()
-    step = seconds / 8
-    counted = 0.0
-    while True:
-        before = loop.time()
-        await asyncio.wait({task}, timeout=step)
-        if task.done():
-            return True
-        now = loop.time()
-        counted += min(now - before, 2 * step)
-        if counted >= seconds or now >= deadline - step:
-            return False

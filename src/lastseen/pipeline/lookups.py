@@ -70,6 +70,15 @@ class RateLimiter:
         return slot - now
 
 
+def outage_cause(failure: LookupFailed) -> str:
+    """A failure in a few words of a bounded set (they label a metric): the reason, and for
+    a connection, a timeout or a status, what happened ("connection: connection refused");
+    never the body an upstream sent."""
+    if failure.reason in ("connection", "timeout") or failure.reason.startswith("http_"):
+        return f"{failure.reason}: {failure.detail}"[:120]
+    return failure.reason
+
+
 class Lookups:
     """Runs lookups with ``fetch``; calls ``deliver`` once per lookup with its outcome."""
 
@@ -84,8 +93,11 @@ class Lookups:
         ttl: float,
         retry_base: float,
         retry_max: float,
+        upstream: str = "",
     ) -> None:
+        """``upstream``: the upstream's URL, for what an operator reads of its outages."""
         self.fetch = fetch
+        self.upstream = upstream
         self.metrics = metrics
         self.deliver = deliver
         self.ttl = ttl
@@ -108,6 +120,7 @@ class Lookups:
         self._last_success = time.monotonic()
         self._failures_since = 0  # transient failures since the last success
         self._outage = False
+        self.failure: str | None = None  # while in an outage: the cause of the last failure
         self._held: collections.deque[Lookup] = collections.deque()
         self._probe: asyncio.TimerHandle | None = None
         # Per lookup, the metrics cost what labels() and a locked gauge cost: the outcomes'
@@ -191,7 +204,7 @@ class Lookups:
     def _conclude(self, lookup: Lookup, outcome: bool | LookupFailed) -> None:
         """The outcome, or a retry (after a backoff, or after the outage)."""
         if isinstance(outcome, LookupFailed) and not outcome.permanent:
-            self._failed()
+            self._failed(outcome)
             lookup.last_failure = outcome.reason
             if not self._let_go_of_stale(lookup):
                 return  # nothing it serves can use an answer any more
@@ -236,16 +249,29 @@ class Lookups:
         self._ready.append(lookup)
         self._pump()
 
-    def _failed(self) -> None:
+    def _failed(self, failure: LookupFailed) -> None:
         self._failures_since += 1
-        if (
-            not self._outage
-            and self._failures_since >= OUTAGE_FAILURES
+        if self._outage:
+            self._name_cause(failure)  # a probe's failure may say something new
+        elif (
+            self._failures_since >= OUTAGE_FAILURES
             and time.monotonic() - self._last_success >= OUTAGE_SILENCE
         ):
             self._outage = True
-            log.warning("the upstream is failing; holding lookups and probing")
+            self._name_cause(failure)
+            log.warning(
+                "the upstream is failing; holding lookups and probing",
+                upstream=self.upstream,
+                cause=self.failure,
+            )
             self.metrics.upstream_outage.set(1)
+
+    def _name_cause(self, failure: LookupFailed) -> None:
+        cause = outage_cause(failure)
+        if cause != self.failure:
+            self.failure = cause
+            self.metrics.upstream_failure.clear()
+            self.metrics.upstream_failure.labels(cause).set(1)
 
     def _succeeded(self) -> None:
         self._last_success = time.monotonic()
@@ -253,8 +279,10 @@ class Lookups:
         if not self._outage:
             return
         self._outage = False
+        self.failure = None
         log.info("the upstream answers again; releasing held lookups", held=len(self._held))
         self.metrics.upstream_outage.set(0)
+        self.metrics.upstream_failure.clear()
         if self._probe is not None:
             self._probe.cancel()
             self._probe = None

@@ -76,6 +76,7 @@ class Pipeline:
             ttl=s.ttl,
             retry_base=s.retry_base,
             retry_max=s.retry_max,
+            upstream=s.objects_url,
         )
         self.worker = Worker(
             db,

@@ -11,7 +11,6 @@ import asyncio
 import gc
 import ipaddress
 import os
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from lastseen.api.app import build_app
-from lastseen.api.readiness import Readiness
+from lastseen.api.readiness import Readiness, upstream_failure
 from lastseen.api.routes import Routes
 from lastseen.api.status import StatusBoard
 from lastseen.api.ui import Page
@@ -44,6 +43,7 @@ from lastseen.runtime.processes import WorkerProcesses
 from lastseen.storage.connect import database
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
+from lastseen.telemetry.promtext import Reading
 from lastseen.telemetry.tracing import Submit, start_tracing, traced_handler, traced_submit
 from lastseen.upstream.client import UpstreamClient
 from lastseen.upstream.connect import upstream_client
@@ -52,8 +52,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 log = structlog.get_logger("lastseen.runtime.service")
-
-_OUTAGE = re.compile(r"^lastseen_upstream_outage 1", re.MULTILINE)
 
 
 class Service:
@@ -109,9 +107,10 @@ class Service:
             self.pipeline = Pipeline(s, db, client, m, self.supervisor, tracer)
         runs_lookups = self.pipeline is not None or worker_processes is not None
         self.readiness = Readiness(
-            self._upstream_failing if runs_lookups else None,
+            self._upstream_failure if runs_lookups else None,
             self.commit if self.spool is not None else None,
             worker_processes.trouble if worker_processes is not None else None,
+            upstream=s.objects_url,
             skew=m.clock_skew.set,
         )
         scrape = worker_processes.scrape if worker_processes else None
@@ -142,13 +141,15 @@ class Service:
         self._group_commit_tasks: list[str] = []
         self.port: int | None = None
 
-    async def _upstream_failing(self) -> bool:
-        """Whether this instance's lookups see the upstream failing, here or in a worker."""
+    async def _upstream_failure(self) -> str | None:
+        """Why this instance's lookups see the upstream failing, here or in a worker process,
+        or None while they do not."""
         if self.pipeline is not None:
-            return self.pipeline.lookups.outage
+            lookups = self.pipeline.lookups
+            return (lookups.failure or "failing") if lookups.outage else None
         assert self.worker_processes is not None
         texts = await self.worker_processes.scrape(timeout=1.0)
-        return any(_OUTAGE.search(text) for _, text in texts)
+        return upstream_failure(Reading.summed(Reading.of_text(text) for _, text in texts))
 
     async def start(self) -> None:
         """Listens at once (so /health and /ready answer), and migrates in the background."""

@@ -272,6 +272,13 @@ class Metrics:
             "1 while this process sees the upstream failing broadly and holds its lookups",
             registry=r,
         )
+        self.upstream_failure = Gauge(
+            "lastseen_upstream_failure",
+            "1, labelled with the cause of the last failed lookup, while lookups are held (the"
+            " upstream outage)",
+            ["cause"],
+            registry=r,
+        )
         self.coalesced = Counter(
             "lastseen_lookups_coalesced",
             "Callback ids served by a lookup that was already under way",

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import socket
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -48,6 +50,16 @@ from lastseen.upstream.connection import (
 # would otherwise open 20,000 connections in a burst that overflows the upstream's accept queue:
 # lost SYNs are retried after 1, 3, 7 s, the lookups time out, and the reconnects cost more.
 MAX_CONNECTING = 256
+
+
+def unreachable(exc: OSError) -> str:
+    """Why a connection could not be made, as an operator reads it ("connection refused"),
+    not as Python prints it ("[Errno 111] Connect call failed ('127.0.0.1', 9010)")."""
+    if isinstance(exc, socket.gaierror):
+        return f"name not resolved ({exc.strerror})"
+    if exc.errno:
+        return os.strerror(exc.errno).lower()
+    return repr(exc)
 
 
 class UpstreamClient:
@@ -122,7 +134,7 @@ class UpstreamClient:
                     ssl=self.ssl,
                 )
         except OSError as exc:
-            raise HttpError("connection", repr(exc)) from None
+            raise HttpError("connection", unreachable(exc)) from None
         except TimeoutError:
             raise HttpError("timeout", f"no connection within {self.timeout:g} s") from None
         self._all.add(protocol)

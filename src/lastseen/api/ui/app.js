@@ -72,7 +72,10 @@ function showState(s) {
   }
   const upstream = $("upstream");
   upstream.hidden = !("upstream" in ready) && !s.upstream_failing;
-  upstream.textContent = s.upstream_failing ? "upstream failing: lookups held" : "upstream ok";
+  upstream.textContent = s.upstream_failing
+    ? "upstream failing (" + s.upstream_failure + ") at " + s.upstream_url + ": lookups held"
+    : "upstream ok";
+  upstream.title = s.upstream_url;
   upstream.className = "pill " + (s.upstream_failing ? "bad" : "ok");
   const spooling = $("spooling");
   spooling.hidden = !(s.spool && s.spool.spooling);
