@@ -46,6 +46,22 @@ async def test_a_second_signal_ends_a_stop_at_once(db_url: str, spawn: Spawn) ->
     await eventually(lambda: _gone(child.pid), timeout=20)
 
 
+async def test_ctrl_c_stops_the_worker_processes_in_order(db_url: str, spawn: Spawn) -> None:
+    """Ctrl-C reaches the whole process group, the worker processes too, and then their
+    parent's SIGTERM: a worker process leaves SIGINT to its parent, so it stops in order
+    (to the end: its leases handed back) instead of taking the SIGTERM for a second signal;
+    serve exits 0."""
+    serve = await spawn(env={"LASTSEEN_DATABASE_URL": db_url})
+    await eventually(lambda: len(psutil.Process(serve.pid).children()) == 1)
+    (child,) = psutil.Process(serve.pid).children()
+    await eventually(lambda: len(serve.events("listening")) == 2)  # the worker's own
+    child.send_signal(signal.SIGINT)
+    serve.signal(signal.SIGINT)
+    assert await serve.wait(timeout=30) == 0
+    assert not serve.events("a second signal: exiting without finishing the stop")
+    assert len(serve.events("stopped")) == 2  # both, to the end of their stop
+
+
 def test_a_stop_that_overruns_its_deadline_exits_anyway() -> None:
     """A stop that hangs (here the event loop itself, blocked) ends at its deadline, exit 1:
     the deadline is a thread's, not the loop's."""

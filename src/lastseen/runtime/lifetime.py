@@ -44,10 +44,16 @@ class Shutdown:
         self.deadline = deadline
         self._timer: threading.Timer | None = None
 
-    def install(self) -> None:
+    def install(self, *, interrupts: bool = True) -> None:
+        """``interrupts``: whether SIGINT stops this process. A worker process leaves Ctrl-C,
+        which reaches the whole process group, to its parent, which stops it with SIGTERM:
+        taken as two signals, that would end its stop before its leases were handed back."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._signalled, sig)
+        loop.add_signal_handler(signal.SIGTERM, self._signalled, signal.SIGTERM)
+        if interrupts:
+            loop.add_signal_handler(signal.SIGINT, self._signalled, signal.SIGINT)
+        else:
+            loop.add_signal_handler(signal.SIGINT, lambda: None)
 
     def _signalled(self, sig: signal.Signals) -> None:
         if self.requested.is_set():

@@ -57,34 +57,39 @@ def ephemeral_ports(port_range: Path = PORT_RANGE) -> tuple[int, int] | None:
 
 def fit_lookups(settings: Settings, port_range: Path = PORT_RANGE) -> Settings:
     """Raises this process's open-file limit, and lowers ``max_lookups`` to what that limit
-    and the ephemeral ports allow, with a warning that says which and how to raise it."""
+    and the ephemeral ports allow. Said once, naming the value in force and what bounds it:
+    as a warning where the operator set ``LASTSEEN_MAX_LOOKUPS`` (they asked for more than
+    they get), as information where the default was lowered (nothing to act on)."""
     soft = raise_open_file_limit()
-    files = soft - FD_MARGIN if soft != resource.RLIM_INFINITY else settings.max_lookups
-    using = settings.max_lookups
-    if files < using:
-        log.warning(
-            "LASTSEEN_MAX_LOOKUPS is above what this process's open-file limit allows; using "
-            "the limit (raise it with ulimit -n, or run more worker processes)",
-            max_lookups=settings.max_lookups,
-            open_file_limit=soft,
-            using=max(1, files),
-        )
-        using = files
+    bounds: dict[str, int] = {}
+    if soft != resource.RLIM_INFINITY and soft - FD_MARGIN < settings.max_lookups:
+        bounds["open_file_limit"] = soft - FD_MARGIN
     ports = ephemeral_ports(port_range)
     if ports is not None:
         # The ports are the host's: the worker processes of one instance split them.
         cheap = int((ports[1] - ports[0] + 1) // 2 * (1 - PORT_MARGIN)) // settings.port_share
-        if cheap < using:
-            log.warning(
-                "LASTSEEN_MAX_LOOKUPS is above the connections to one upstream address that the "
-                "ephemeral port range gives cheaply; using that (widen the range with the sysctl "
-                "net.ipv4.ip_local_port_range)",
-                max_lookups=settings.max_lookups,
-                port_range=f"{ports[0]}-{ports[1]}",
-                worker_processes=settings.port_share,
-                using=max(1, cheap),
-            )
-            using = cheap
-    if using == settings.max_lookups:
+        if cheap < settings.max_lookups:
+            bounds["ephemeral_ports"] = cheap
+    if not bounds:
         return settings
-    return settings.replace(max_lookups=max(1, using))
+    using = max(1, min(bounds.values()))
+    facts = {
+        "using": using,
+        "open_file_limit": soft,
+        "port_range": None if ports is None else f"{ports[0]}-{ports[1]}",
+        "worker_processes": settings.port_share,
+    }
+    if settings.max_lookups != DEFAULT_MAX_LOOKUPS:
+        log.warning(
+            "LASTSEEN_MAX_LOOKUPS is above what this host allows one process; using less "
+            "(raise the open-file limit with ulimit -n, widen the sysctl "
+            "net.ipv4.ip_local_port_range, or run more worker processes)",
+            max_lookups=settings.max_lookups,
+            **facts,
+        )
+    else:
+        log.info("lookups in flight per process, as this host allows", **facts)
+    return settings.replace(max_lookups=using)
+
+
+DEFAULT_MAX_LOOKUPS: int = Settings.load({}).max_lookups

@@ -368,8 +368,9 @@ def tune_gc(threshold: int) -> None:
 async def run(settings: Settings) -> int:
     """``lastseen serve``: runs one instance until SIGTERM or SIGINT; returns the exit status."""
     shutdown = Shutdown(stop_deadline(settings))
-    shutdown.install()
-    if settings.role == "worker" and settings.parent_pid is not None:
+    child = settings.role == "worker" and settings.parent_pid is not None
+    shutdown.install(interrupts=not child)
+    if child and settings.parent_pid is not None:
         die_with_parent(settings.parent_pid)
     settings = named(settings)
     # With worker processes, the pipeline moves to them; this process keeps the front door.
