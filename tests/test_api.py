@@ -297,6 +297,7 @@ async def test_dead_letters_are_filtered_retried_and_discarded_by_route(
     assert status == 200
     assert [d["object_id"] for d in page["dead_letters"]] == [10, 30]
     assert page["by_reason"] == {"http_4xx": 2, "poison": 1}
+    assert page["matching"] == len(page["dead_letters"])
     _, page = await service.get("/dead-letters?callback_id=2")
     assert [d["object_id"] for d in page["dead_letters"]] == [20]
     assert (await service.get("/dead-letters?received_after=yesterday"))[0] == 400
@@ -326,11 +327,19 @@ async def test_dead_letter_commands_filter_and_dry_run(
     db_url: str, sql: asyncpg.Connection
 ) -> None:
     """`lastseen dead-letters --reason`, `retry-dead-letters --dry-run` and
-    `discard-dead-letters` do from the command line what the routes do."""
+    `discard-dead-letters` do from the command line what the routes do; a listing says how
+    many matched, and a reason no dead letter has is named."""
     await _dead_letters(sql)
     env = {"LASTSEEN_DATABASE_URL": db_url}
     listed = await run_cli("dead-letters", "--reason", "poison", env=env)
     assert [json.loads(line)["object_id"] for line in listed.stdout.splitlines()] == [20]
+    # What was listed against what matched and what is stored, not only the stored count.
+    summary = "1 listed, newest received first; 1 match; 3 stored (http_4xx: 2, poison: 1)"
+    assert summary in listed.stderr
+    mistyped = await run_cli("dead-letters", "--reason", "nope", env=env)
+    assert mistyped.stdout == ""
+    assert "0 match; 3 stored" in mistyped.stderr
+    assert "no dead letter has the reason 'nope'" in mistyped.stderr
     dry = await run_cli("retry-dead-letters", "--dry-run", env=env)
     assert "2 dead letters would be queued again" in dry.stderr
     assert "1 dead letters skipped" in dry.stderr

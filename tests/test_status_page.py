@@ -98,8 +98,8 @@ async def test_dead_letters_are_listed_a_page_at_a_time(
     start_service: StartService, sql: asyncpg.Connection
 ) -> None:
     """GET /dead-letters pages with next_after: the pages hold every matching dead letter
-    exactly once, in order, also when several share a recording time; a made-up cursor is a
-    400."""
+    exactly once, newest received first, also when several share a receive time; a made-up
+    cursor is a 400."""
     now = datetime.now(UTC)
     rows = [(c, o, now, "http_4xx" if o % 3 else "poison") for c in (1, 2) for o in range(7)]
     rows.append((3, 1, now - timedelta(seconds=5), "http_4xx"))
@@ -126,7 +126,8 @@ async def test_dead_letters_are_listed_a_page_at_a_time(
             if after is None:
                 break
         assert len(seen) == expected == len(set(seen))
-        assert seen[0] == (3, 1)  # recorded first
+        assert seen[-1] == (3, 1)  # received first: listed last
+        assert seen[:-1] == sorted(seen[:-1], reverse=True)  # then by callback and id
         assert pages == expected // 3 + 1
     status, answer = await service.get("/dead-letters?after=2026-01-01/x/1")
     assert (status, answer["error"]) == (400, "bad_cursor")

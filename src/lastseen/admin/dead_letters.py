@@ -125,6 +125,19 @@ def _time(value: object) -> datetime | None:
     return iso_or_epoch(str(value))
 
 
+def summary(listed: int, matching: int, counts: dict[str, int], which: DeadLetterFilter) -> str:
+    """What a listing showed, against what matched and what is stored: a filter that matches
+    nothing says so, and names the reasons there are (a mistyped reason is not silent)."""
+    stored = sum(counts.values())
+    by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
+    line = (
+        f"{listed} listed, newest received first; {matching} match; {stored} stored ({by_reason})"
+    )
+    if which.reason is not None and which.reason not in counts:
+        line += f"; no dead letter has the reason {which.reason!r}"
+    return line
+
+
 def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
     return {
         "callback_id": letter.callback_id,
@@ -137,9 +150,9 @@ def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
     }
 
 
-def cursor(letter: DeadLetter, created_at: datetime) -> str:
+def cursor(letter: DeadLetter) -> str:
     """Where a page of dead letters ended, for ``after`` (opaque to callers)."""
-    micros = (created_at - _EPOCH) // _MICROSECOND
+    micros = (letter.received_at - _EPOCH) // _MICROSECOND
     return f"{micros}/{letter.callback_id}/{letter.object_id}"
 
 

@@ -67,7 +67,8 @@ class DeadLetterOut(msgspec.Struct):
 
 class DeadLettersPage(msgspec.Struct):
     dead_letters: list[DeadLetterOut]
-    by_reason: dict[str, int]
+    matching: int  # how many match the filter, over every page
+    by_reason: dict[str, int]  # every dead letter stored, by reason: not only those that match
     next_after: str | None
 
 
@@ -290,7 +291,7 @@ def document() -> dict[str, Any]:
             },
             "/dead-letters": {
                 "get": {
-                    "summary": "Dead letters that match a filter, oldest first, a page at a time",
+                    "summary": "Dead letters that match a filter, newest received first, a page at a time",
                     "security": _ADMIN,
                     "parameters": [
                         *filters,

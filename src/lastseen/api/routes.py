@@ -142,13 +142,15 @@ class Routes:
         limit = _limit(request.query.get("limit"))
         after = dead_letters.parse_cursor(request.query.get("after"))
         letters = await self.db.list_dead_letters(which, limit, after)
+        matching = await self.db.count_matching_dead_letters(which)
         counts = await self.db.count_dead_letters()
         last = letters[-1] if len(letters) == limit else None
         return json_response(
             {
                 "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
+                "matching": matching,
                 "by_reason": counts,
-                "next_after": None if last is None else dead_letters.cursor(*last),
+                "next_after": None if last is None else dead_letters.cursor(last[0]),
             }
         )
 

@@ -34,14 +34,15 @@ def _filter(args: argparse.Namespace) -> DeadLetterFilter:
 async def list_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.storage.connect import database
 
+    which = _filter(args)
     async with database(settings) as db:
         await db.migrate()
         counts = await db.count_dead_letters()
-        for letter, created_at in await db.list_dead_letters(_filter(args), args.limit):
+        matching = await db.count_matching_dead_letters(which)
+        listed = await db.list_dead_letters(which, args.limit)
+        for letter, created_at in listed:
             print(msgspec.json.encode(dead_letters.as_json(letter, created_at)).decode())
-    total = sum(counts.values())
-    by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
-    print(f"{total} dead letters ({by_reason})", file=sys.stderr)
+    print(dead_letters.summary(len(listed), matching, counts, which), file=sys.stderr)
     return 0
 
 

@@ -70,6 +70,9 @@ class RateLimiter:
         return slot - now
 
 
+_NOT_SENT = frozenset({"connection", "internal_error"})  # failures before a request went out
+
+
 def outage_cause(failure: LookupFailed) -> str:
     """A failure in a few words of a bounded set (they label a metric): the reason, and for
     a connection, a timeout or a status, what happened ("connection: connection refused");
@@ -191,7 +194,9 @@ class Lookups:
         lookup.latency = time.perf_counter() - lookup.started
         lookup.sent_at = None
         self._attempting -= 1
-        self.metrics.lookup_seconds.observe(lookup.latency)
+        # The upstream's latency: a refused connect takes microseconds and says nothing of it.
+        if not isinstance(outcome, LookupFailed) or outcome.reason not in _NOT_SENT:
+            self.metrics.lookup_seconds.observe(lookup.latency)
         try:
             self._conclude(lookup, outcome)
         except Exception:

@@ -373,8 +373,8 @@ class Database:
         limit: int,
         after: tuple[datetime, int, int] | None = None,
     ) -> list[tuple[DeadLetter, datetime]]:
-        """Dead letters that match, oldest first, each with when it was recorded; ``after``
-        (recorded, callback, object) continues from the end of a page."""
+        """Dead letters that match, newest received first, each with when it was recorded;
+        ``after`` (received, callback, object) continues from the end of a page."""
         start = after or (None, None, None)
         rows = await self.pool.fetch(Q["list_dead_letters"], *_filter(which), limit, *start)
         return [(DeadLetter(*r[:6]), r[6]) for r in rows]

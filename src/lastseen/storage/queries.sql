@@ -336,16 +336,17 @@ FROM callbacks WHERE id = $1;
 
 -- name: list_dead_letters
 -- Up to $5 dead letters that match a filter (reason $1, callback $2, received before $3,
--- received at or after $4; a NULL matches anything), oldest first, after the page that ended
--- at ($6, $7, $8) (created, callback, object; NULLs: from the first).
+-- received at or after $4; a NULL matches anything), newest received first (as a user reads a
+-- list of failures), after the page that ended at ($6, $7, $8) (received, callback, object;
+-- NULLs: from the first).
 SELECT callback_id, object_id, received_at, reason, detail, attempts, created_at
 FROM dead_letters
 WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR callback_id = $2)
   AND ($3::timestamptz IS NULL OR received_at < $3)
   AND ($4::timestamptz IS NULL OR received_at >= $4)
   AND ($6::timestamptz IS NULL
-       OR (created_at, callback_id, object_id) > ($6::timestamptz, $7::bigint, $8::bigint))
-ORDER BY created_at, callback_id, object_id LIMIT $5;
+       OR (received_at, callback_id, object_id) < ($6::timestamptz, $7::bigint, $8::bigint))
+ORDER BY received_at DESC, callback_id DESC, object_id DESC LIMIT $5;
 
 -- name: count_matching_dead_letters
 -- How many dead letters match a filter (as in list_dead_letters).

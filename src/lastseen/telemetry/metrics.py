@@ -246,7 +246,10 @@ class Metrics:
             "lastseen_lookups", "Finished lookups, by outcome", ["outcome"], registry=r
         )
         self.lookup_seconds = Histogram(
-            "lastseen_lookup_seconds", "Upstream request duration", buckets=SLOW, registry=r
+            "lastseen_lookup_seconds",
+            "Upstream request duration (requests that reached the upstream; not failed connects)",
+            buckets=SLOW,
+            registry=r,
         )
         self.lookup_retries = Counter(
             "lastseen_lookup_retries", "Lookup attempts retried, by reason", ["reason"], registry=r

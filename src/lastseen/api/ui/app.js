@@ -33,6 +33,7 @@ async function api(path, options = {}) {
 }
 
 const count = (n) => (n === null || n === undefined ? "-" : Number(n).toLocaleString("en-US"));
+const plural = (n, noun) => `${count(n)} ${noun}${n === 1 ? "" : "s"}`;
 const rate = (n) => (n >= 100 ? Math.round(n).toLocaleString("en-US") : n.toFixed(1)) + "/s";
 function seconds(s) {
   if (s === null || s === undefined) return "-";
@@ -91,13 +92,13 @@ function render(s) {
   showState(s);
   const t = s.totals;
   set("received", count(t.received));
-  set("received-rate", rate(s.rates.received));
+  set("received-rate", rate(s.rates.received) + (t.rejected ? `, ${count(t.rejected)} refused` : ""));
   set("processed", count(t.processed));
   set("processed-rate", rate(s.rates.processed));
   set("pending", count(s.inbox.pending));
   set("oldest", s.inbox.oldest_age === null ? "none waiting" : "oldest " + seconds(s.inbox.oldest_age));
   set("in-flight", count(s.lookups_in_flight));
-  set("active", count(s.callbacks_active) + " callbacks held");
+  set("active", plural(s.callbacks_active, "callback") + " held");
   set("lookup-rate", rate(s.rates.lookups));
   set("lookups", count(t.lookups) + " done");
   set("lag", seconds(s.latency.lag_over_upstream.p99));
@@ -105,7 +106,7 @@ function render(s) {
   set("online", count(s.objects_online));
   set("deleted", `deleted ${count(t.deleted_expired)} expired, ${count(t.deleted_offline)} offline`);
   set("retries", count(t.retries));
-  set("rejected", count(t.rejected) + " callbacks refused");
+  set("retries-of", "of " + plural(t.lookups, "lookup") + " done");
   const reasons = Object.entries(s.dead_letters);
   const dead = reasons.reduce((sum, [, n]) => sum + n, 0);
   set("dead-total", count(dead));
