@@ -291,7 +291,7 @@ def document() -> dict[str, Any]:
             },
             "/dead-letters": {
                 "get": {
-                    "summary": "Dead letters that match a filter, newest received first, a page at a time",
+                    "summary": "Dead letters that match a filter, newest received first, paged",
                     "security": _ADMIN,
                     "parameters": [
                         *filters,
