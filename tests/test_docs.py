@@ -67,3 +67,16 @@ def test_the_readme_is_short() -> None:
     """The README is what lastseen is, two commands, a curl and a map of the docs; the rest
     lives in docs/."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_the_cli_reference_has_every_command() -> None:
+    """Each command `lastseen --help` offers has its section in the CLI reference, and the
+    reference names no command that is gone."""
+    import argparse
+
+    from lastseen.cli.main import build_parser
+
+    (commands,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    offered = {c.dest for c in commands._choices_actions}
+    page = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    assert set(re.findall(r"^## `lastseen ([a-z-]+)`", page, re.MULTILINE)) == offered

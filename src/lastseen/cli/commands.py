@@ -31,6 +31,16 @@ def _filter(args: argparse.Namespace) -> DeadLetterFilter:
     )
 
 
+async def migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.storage.connect import database
+
+    async with database(settings) as db:
+        applied = await db.migrate()
+    done = ", ".join(map(str, applied)) if applied else "none: the schema is current"
+    print(f"migrations applied: {done}", file=sys.stderr)
+    return 0
+
+
 async def list_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.storage.connect import database
 

@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     discard.add_argument("--dry-run", action="store_true", help="only say how many would go")
     discard.set_defaults(run=do.discard_dead_letters)
 
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the database migrations this lastseen has and the database lacks",
+        description="Applies the migrations the database lacks, then exits: for an owner role "
+        "that migrates before a less privileged serving role starts (every command also "
+        "migrates first, as far as its role may).",
+    )
+    add_arguments(migrate, fields=DATABASE_FIELDS)
+    migrate.set_defaults(run=do.migrate)
+
     drain = commands.add_parser(
         "drain-spool",
         help="move a spool's callbacks into the database (a spool whose instance is gone)",

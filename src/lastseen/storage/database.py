@@ -159,7 +159,8 @@ class Database:
         applied_now = []
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(Q["take_migration_lock"], _MIGRATION_LOCK)
-            await conn.execute(Q["create_migrations_table"])
+            if not await conn.fetchval(Q["has_migrations_table"]):
+                await conn.execute(Q["create_migrations_table"])
             done = {r[0] for r in await conn.fetch(Q["applied_migrations"])}
             known = load_migrations()
             unknown = done - {version for version, _, _ in known}

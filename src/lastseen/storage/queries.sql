@@ -5,6 +5,11 @@
 -- Serializes the migrations of instances that start together (until the transaction ends).
 SELECT pg_advisory_xact_lock($1);
 
+-- name: has_migrations_table
+-- Whether the bookkeeping table exists: asked first, because CREATE TABLE IF NOT EXISTS needs
+-- CREATE on the schema even when the table is there, which a serving role should not have.
+SELECT to_regclass('lastseen_migrations') IS NOT NULL;
+
 -- name: create_migrations_table
 -- The bookkeeping of which migrations a database has.
 CREATE TABLE IF NOT EXISTS lastseen_migrations (
