@@ -368,6 +368,18 @@ def test_each_command_offers_only_the_flags_it_uses() -> None:
     assert "--noop-route" not in serve
 
 
+def test_an_unknown_flag_is_told_with_the_command_s_usage() -> None:
+    """`lastseen serve --bogus` says which flag, under serve's usage (the flags that exist),
+    not the top level's; exit 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lastseen", "serve", "--bogus"],
+        capture_output=True, text=True, timeout=30, env=clean_environment(),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: lastseen serve ")
+    assert done.stderr.endswith("lastseen serve: error: unrecognized arguments: --bogus\n")
+
+
 def test_the_openapi_document_is_valid_and_matches_the_routes() -> None:
     """The document validates as OpenAPI 3.1, and its paths and methods are exactly the
     routes of the application (HEAD, which aiohttp adds to each GET, aside), the status
