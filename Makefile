@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test test-browser lint bench docs clean
+.PHONY: install run demo test test-browser image lint bench docs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,15 @@ test-browser: install
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/pytest -m browser tests/browser
+
+# The container image, with whichever engine answers: docker, else podman. BASE is the image it
+# builds on (the Dockerfile's default, the official python:3.11-slim-bookworm, when empty).
+IMAGE  ?= lastseen
+BASE   ?=
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+image:
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format=docker) \
+		$(if $(BASE),--build-arg BASE=$(BASE)) --tag $(IMAGE) .
 
 # The pages written from the code: the configuration reference.
 docs: install
