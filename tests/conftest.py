@@ -245,6 +245,14 @@ def image(podman: Podman, base_image: str) -> Iterator[str]:
     podman.run("rmi", "--force", tag, check=False)
 
 
+@pytest.fixture(scope="session")
+def postgres_image(podman: Podman, base_image: str) -> str:
+    """A stand-in for the official postgres image on the bookworm base (its Containerfile is
+    in tests/container/postgres)."""
+    context = Path(__file__).resolve().parent / "container" / "postgres"
+    return podman.build_once(context, "localhost/lastseen-postgres", base=base_image)
+
+
 @pytest.fixture
 async def containers(podman: Podman) -> AsyncIterator[Containers]:
     """Starts a test's containers (``await containers.run(image, ...)``); removes them, and

@@ -155,22 +155,15 @@ class Podman:
             self.run("import", str(tarball), name)
         return name
 
-    def build(
-        self, context: Path, tag: str, *, base: str, containerfile: Path | None = None
-    ) -> str:
-        """Builds ``context`` on ``base`` as ``tag``, as ``make image`` does with podman."""
-        file = ["--file", str(containerfile)] if containerfile is not None else []
-        self.run(
-            "build",
-            "--pull=never",
-            "--format=docker",
-            "--build-arg",
-            f"BASE={base}",
-            *file,
-            "--tag",
-            tag,
-            str(context),
-        )
+    def build_once(self, context: Path, name: str, *, base: str) -> str:
+        """``context`` (its Containerfile) built on ``base``, once: the tag is a digest of the
+        base and the context's files, so that an image is rebuilt only when they change."""
+        files = sorted(p for p in context.rglob("*") if p.is_file())
+        digest = _tag(base, *(f"{p.relative_to(context)}:{p.read_text()}" for p in files))
+        tag = f"{name}:{digest}"
+        if not self.exists(tag):
+            self.run("build", "--pull=never", "--format=docker", "--build-arg", f"BASE={base}",
+                     "--tag", tag, str(context))  # fmt: skip
         return tag
 
 
