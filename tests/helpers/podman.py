@@ -91,9 +91,6 @@ class Podman:
             **os.environ,
             "CONTAINERS_CONF": str(conf),
             "CONTAINERS_STORAGE_CONF": str(storage),
-            # Builds run their steps in a chroot: the default, in a container of its own,
-            # needs what the sandbox does not give.
-            "BUILDAH_ISOLATION": "chroot",
         }
 
     def run(self, *args: str, timeout: float = 600.0, check: bool = True) -> Done:
