@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test test-browser lint bench docs clean
+.PHONY: install run demo test test-browser test-container image lint bench docs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,26 @@ test-browser: install
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/pytest -m browser tests/browser
+
+# The container image, with whichever engine answers: docker, else podman. BASE is the image it
+# builds on (the Dockerfile's default, the official python:3.11-slim-bookworm, when empty).
+IMAGE  ?= lastseen
+BASE   ?=
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+image:
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format=docker) \
+		$(if $(BASE),--build-arg BASE=$(BASE)) --tag $(IMAGE) .
+
+# The image built on a Debian base and run, compose.yaml run with podman-compose, the
+# Kubernetes manifests played by podman (tests/container). Debian's podman, runc and
+# mmdebstrap are installed when missing, podman-compose into .venv.
+CONTAINER_DEBS := podman runc mmdebstrap catatonit netavark aardvark-dns
+test-container: install
+	command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+		-y -qq $(CONTAINER_DEBS) >/dev/null; }
+	test -x $(BIN)/podman-compose || $(BIN)/python -m pip install --quiet 'podman-compose>=1.1,<2'
+	$(BIN)/pytest -m container tests/container
 
 # The pages written from the code: the configuration reference.
 docs: install

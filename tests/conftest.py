@@ -13,12 +13,16 @@ import io
 import itertools
 import os
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from helpers.podman import FIGURES, Containers, Podman
+from helpers.podman import missing as podman_missing
 from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
 
 from lastseen.devtools.database import with_database
@@ -207,3 +211,67 @@ async def spawn() -> AsyncIterator[Spawn]:
     yield start
     for process in started:
         await process.stop()
+
+
+# The container tests (make test-container): the bookworm base is made once and kept under the
+# podman root; lastseen's image is built on it by `make image`, as a user with podman would.
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the container tests measured."""
+    if FIGURES:
+        terminalreporter.section("container figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    reason = podman_missing()
+    if reason is not None:
+        pytest.fail(reason)
+    return Podman()
+
+
+@pytest.fixture(scope="session")
+def base_image(podman: Podman) -> str:
+    """Debian bookworm with Python, made with mmdebstrap (once: it is kept)."""
+    return podman.base_image()
+
+
+@pytest.fixture(scope="session")
+def image(podman: Podman, base_image: str) -> Iterator[str]:
+    """lastseen's image, built by ``make image`` with podman on the bookworm base."""
+    tag = f"localhost/lastseen:test-{os.getpid()}"
+    make = ["make", "--no-print-directory", "image", "ENGINE=podman"]
+    built = subprocess.run(
+        [*make, f"BASE={base_image}", f"IMAGE={tag}"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=podman.env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    size = int(podman.run("image", "inspect", "--format", "{{.Size}}", tag).stdout)
+    FIGURES["image size"] = f"{size / 1e6:.0f} MB (on {base_image})"
+    yield tag
+    podman.run("rmi", "--force", tag, check=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_image(podman: Podman, base_image: str) -> str:
+    """A stand-in for the official postgres image on the bookworm base (its Containerfile is
+    in tests/container/postgres)."""
+    context = Path(__file__).resolve().parent / "container" / "postgres"
+    return podman.build_once(context, "localhost/lastseen-postgres", base=base_image)
+
+
+@pytest.fixture
+async def containers(podman: Podman) -> AsyncIterator[Containers]:
+    """Starts a test's containers (``await containers.run(image, ...)``); removes them, and
+    the volumes it named, at its end."""
+    started = Containers(podman)
+    yield started
+    await started.remove()

@@ -1,7 +1,9 @@
-"""The deployment files say what the service does: ports, probe paths, and setting names.
+"""The deployment files say what the service does: ports, probe paths, setting names, and hosts
+that exist.
 
-No container engine runs here: these tests read the files; `kubectl kustomize` renders the
-manifests where kubectl is installed.
+These tests read the files; `kubectl kustomize` renders the manifests where kubectl is
+installed. `make test-container` builds the image and runs it, compose.yaml and the manifests
+with podman (tests/container).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -44,12 +47,28 @@ def _containers(kind_name: str) -> list[dict[str, Any]]:
     return containers
 
 
-def test_compose_runs_both_roles_on_postgres_with_known_settings() -> None:
+def _interpolated(value: str) -> str:
+    """A compose value with each ``${NAME:-default}`` as its default."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def _hosts(service: dict[str, Any]) -> set[str]:
+    """The host of every URL in a service's settings and command."""
+    values = [*service.get("environment", {}).values(), *service.get("command", [])]
+    urls = [_interpolated(str(v)) for v in values if "://" in str(v)]
+    return {urlsplit(url).hostname or "" for url in urls}
+
+
+def test_compose_runs_the_whole_system_on_postgres_with_known_settings() -> None:
     """compose.yaml: PostgreSQL with a healthcheck that both roles wait for, the ingest role
-    publishing the port it listens on, and only settings lastseen has."""
+    publishing the port it listens on, only settings lastseen has, and under the demo profile
+    the simulated upstream and producer; every host a service names is a service of the file,
+    on the port that service listens on."""
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "ingest", "worker"}
+    assert set(services) == {"postgres", "ingest", "worker", "upstream", "producer"}
+    assert {name for name, s in services.items() if "profiles" in s} == {"upstream", "producer"}
+    assert services["upstream"]["profiles"] == services["producer"]["profiles"] == ["demo"]
     assert "healthcheck" in services["postgres"]
     for role in ("ingest", "worker"):
         service = services[role]
@@ -57,7 +76,20 @@ def test_compose_runs_both_roles_on_postgres_with_known_settings() -> None:
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert set(service["environment"]) <= SETTINGS, set(service["environment"]) - SETTINGS
     listen_port = services["ingest"]["environment"]["LASTSEEN_LISTEN"].rsplit(":", 1)[1]
-    assert services["ingest"]["ports"] == [f"{listen_port}:{listen_port}"]
+    assert [_interpolated(p) for p in services["ingest"]["ports"]] == [f"9090:{listen_port}"]
+    for name, service in services.items():
+        assert _hosts(service) <= set(services), (name, _hosts(service))
+    assert _hosts(services["worker"]) == {"postgres", "upstream"}
+    objects_url = _interpolated(services["worker"]["environment"]["LASTSEEN_OBJECTS_URL"])
+    upstream = services["upstream"]["command"]
+    assert upstream[:3] == ["simulate", "--mode", "upstream"]
+    assert upstream[upstream.index("--upstream-listen") + 1].endswith(
+        f":{urlsplit(objects_url).port}"
+    )
+    producer = services["producer"]["command"]
+    assert producer[:3] == ["simulate", "--mode", "producer"]
+    target = urlsplit(producer[producer.index("--target") + 1])
+    assert (target.hostname, str(target.port), target.path) == ("ingest", listen_port, "/callback")
 
 
 def test_kubernetes_probes_ports_and_settings_match_the_service() -> None:
@@ -119,10 +151,12 @@ def test_kustomize_renders_the_manifests() -> None:
 
 
 def test_the_image_runs_serve_as_a_non_root_user_with_a_healthcheck() -> None:
-    """The Dockerfile: two stages, a non-root user, a HEALTHCHECK on /health, `lastseen serve`
-    by default (hadolint checks the rest in make test)."""
+    """The Dockerfile: two stages on one base (the official image unless BASE says otherwise),
+    a non-root user, a HEALTHCHECK on /health, `lastseen serve` by default (hadolint checks the
+    rest in make test; make test-container builds and runs it)."""
     lines = (ROOT / "Dockerfile").read_text().splitlines()
-    assert sum(line.startswith("FROM ") for line in lines) == 2
+    assert "ARG BASE=python:3.11-slim-bookworm" in lines
+    assert [line.split()[1] for line in lines if line.startswith("FROM ")] == ["${BASE}"] * 2
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("/health" in line for line in lines)
