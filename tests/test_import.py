@@ -47,7 +47,12 @@ async def test_good_records_are_stored_and_bad_ones_reported(
     assert done.code == 1, done.stderr
     assert "7 records read, 3 stored, 0 already present, 4 skipped" in done.stdout
     assert await _stored(sql) == [[1, 2, 3], [4, 5, 6], [7, 8]]
-    reported = [line.split("\t")[:2] for line in rejects.read_text().splitlines()]
+    written = rejects.read_text()
+    assert written.endswith("\n")
+    rows = [line.split("\t", 3) for line in written.splitlines()]
+    assert all(len(row) == 4 and row[2] for row in rows), rows  # where, reason, detail, text
+    assert rows[1][3] == '"[1, 99999999999999999999]",'  # the record as it was read
+    reported = [row[:2] for row in rows]
     assert reported == [
         [f"{source}:3", "invalid_id"],
         [f"{source}:4", "id_out_of_range"],

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ class Reject:
     line: int
     reason: str
     text: str
+    detail: str = ""  # what was wrong, in words, where more can be said than the reason
 
 
 @dataclasses.dataclass
@@ -133,7 +135,7 @@ def _jsonl(lines: Iterator[tuple[int, bytes]], max_ids: int) -> Iterator[Record 
                 raise TooManyIds(len(body.object_ids), max_ids)
             yield Record(number, body.object_ids, _epoch(body.received_at))
         except InvalidCallback as exc:
-            yield Reject(number, exc.reason, line.decode(errors="replace").rstrip())
+            yield Reject(number, exc.reason, line.decode(errors="replace").rstrip(), exc.detail)
 
 
 def _ids(cell: str) -> list[int]:
@@ -141,8 +143,14 @@ def _ids(cell: str) -> list[int]:
     text = cell.strip()
     if text.startswith("["):
         return msgspec.json.decode(text, type=list[ObjectId])
-    parts = [int(part) for part in text.replace(";", " ").replace(",", " ").split()]
-    return msgspec.convert(parts, type=list[ObjectId])
+    parts = text.replace(";", " ").replace(",", " ").split()
+    bad = [part for part in parts if not _ID.fullmatch(part)]
+    if bad:
+        raise ValueError(f"not an id: {bad[0]!r}")
+    return msgspec.convert([int(part) for part in parts], type=list[ObjectId])
+
+
+_ID = re.compile(r"[-+]?[0-9]+")
 
 
 def _csv(
@@ -162,7 +170,7 @@ def _csv(
         try:
             row = next(csv.reader([text], strict=True))
         except csv.Error as exc:
-            yield Reject(number, "bad_csv", f"{text} ({exc})")
+            yield Reject(number, "bad_csv", text, str(exc))
             continue
         if header is None:
             header = [name.strip() for name in row]
@@ -179,7 +187,12 @@ def _csv(
             times = header.index("received_at") if "received_at" in header else None
             continue
         if len(row) != len(header):
-            yield Reject(number, "wrong_column_count", text)
+            yield Reject(
+                number,
+                "wrong_column_count",
+                text,
+                f"{len(row)} columns, the header has {len(header)}",
+            )
             continue
         try:
             if column is None:
@@ -191,13 +204,13 @@ def _csv(
                 continue
             (object_id,) = _ids(row[index])
         except InvalidCallback as exc:
-            yield Reject(number, exc.reason, text)
+            yield Reject(number, exc.reason, text, exc.detail)
             continue
-        except msgspec.ValidationError:
-            yield Reject(number, "id_out_of_range", text)
+        except msgspec.ValidationError as exc:
+            yield Reject(number, "id_out_of_range", text, str(exc))
             continue
-        except (ValueError, msgspec.DecodeError):
-            yield Reject(number, "invalid_id", text)
+        except (ValueError, msgspec.DecodeError) as exc:
+            yield Reject(number, "invalid_id", text, str(exc))
             continue
         if not group:
             group_line = number

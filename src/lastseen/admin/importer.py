@@ -203,12 +203,14 @@ async def run(
 
                 def rejected(reject: Reject, path: str = path) -> None:
                     if rejected_to is not None:
-                        print(f"{path}:{reject.line}\t{reject.reason}\t{reject.text}",
-                              file=rejected_to)  # fmt: skip
+                        # The text last: it is the only column that may hold a tab.
+                        print(f"{path}:{reject.line}\t{reject.reason}\t{_one_line(reject.detail)}"
+                              f"\t{reject.text}", file=rejected_to)  # fmt: skip
                     shown = sum(summary.rejected.values())
                     if shown <= SHOWN_REJECTS:
-                        print(f"lastseen import: {path}:{reject.line}: skipped, {reject.reason}",
-                              file=sys.stderr)  # fmt: skip
+                        why = f" ({_one_line(reject.detail)})" if reject.detail else ""
+                        print(f"lastseen import: {path}:{reject.line}: skipped, {reject.reason}"
+                              f"{why}", file=sys.stderr)  # fmt: skip
                     if shown == SHOWN_REJECTS + 1 and rejected_to is None:
                         print("lastseen import: more records skipped; --rejects FILE lists "
                               "them all", file=sys.stderr)  # fmt: skip
@@ -240,3 +242,7 @@ async def run(
     if summary.rejected and not allow_rejects:
         return 1
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
