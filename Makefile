@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install install-run run demo test test-browser test-container image lint bench docs clean
+.PHONY: install install-run run demo test test-browser test-container image lint bench docs clean \
+	clean-data
 
 # What running needs (the service, the embedded PostgreSQL, the dashboard): make run and make
 # demo. The development tools on top (tests, linters, the browser driver, plots, tracing):
@@ -81,3 +82,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# What lastseen keeps in its data directory (the embedded PostgreSQL, spools, the demo's data);
+# refused while a server uses it or a spool holds callbacks.
+clean-data: install-run
+	$(BIN)/lastseen reset-data --yes

@@ -204,7 +204,8 @@ async def test_an_unreachable_upstream_is_named_with_its_cause(
 ) -> None:
     """No upstream listens at the configured URL (a newcomer's `make run`): the log, /ready
     and /status name the URL and the cause, connection refused, in both configurations (in
-    the production one the lookups run in worker processes)."""
+    the production one the lookups run in worker processes); the role shown is the one
+    configured, and the start names the data directory."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed once the block ends
@@ -223,6 +224,10 @@ async def test_an_unreachable_upstream_is_named_with_its_cause(
             status = await response.json()
     assert (status["upstream_failing"], status["upstream_failure"]) == (True, cause)
     assert status["upstream_url"] == url
+    assert status["role"] == "all"  # as configured, though lookups run in worker processes
+    (listening, *_) = serve.events("listening")
+    data_dir = Path(os.environ["XDG_DATA_HOME"]) / "lastseen"  # the default, under the run's
+    assert (listening["role"], listening["data_dir"]) == ("all", str(data_dir))
     (logged, *_) = serve.events("the upstream is failing; holding lookups and probing")
     assert (logged["upstream"], logged["cause"]) == (url, cause)
 

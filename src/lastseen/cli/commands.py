@@ -31,6 +31,25 @@ def _filter(args: argparse.Namespace) -> DeadLetterFilter:
     )
 
 
+async def reset_data(settings: Settings, args: argparse.Namespace) -> int:
+    from lastseen.admin import data_dir
+
+    found = data_dir.sizes(settings.data_dir)
+    data_dir.check_unused(settings.data_dir)
+    for entry, size in found.items():
+        print(f"{size / 2**20:9.1f} MiB  {entry}")
+    total = sum(found.values()) / 2**20
+    if not found:
+        print(f"{settings.data_dir}: nothing to delete", file=sys.stderr)
+    elif args.yes:
+        data_dir.reset(settings.data_dir)
+        print(f"deleted {total:.1f} MiB from {settings.data_dir}", file=sys.stderr)
+    else:
+        print(f"{total:.1f} MiB in {settings.data_dir}: run again with --yes to delete it",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
 async def migrate(settings: Settings, args: argparse.Namespace) -> int:
     from lastseen.storage.connect import database
 

@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     discard.add_argument("--dry-run", action="store_true", help="only say how many would go")
     discard.set_defaults(run=do.discard_dead_letters)
 
+    reset = commands.add_parser(
+        "reset-data",
+        help="delete what lastseen keeps in its data directory (back to a clean slate)",
+        description="Lists what the data directory holds (the embedded PostgreSQL's data, "
+        "spools, the demo's ground truth and logs) and, with --yes, deletes it. Refuses while "
+        "a lastseen process or its embedded PostgreSQL uses it, and while a spool holds "
+        "callbacks not delivered yet.",
+    )
+    add_arguments(reset, fields=("data_dir", "log_format", "log_level"))
+    reset.add_argument("--yes", action="store_true", help="delete; without it, only list")
+    reset.set_defaults(run=do.reset_data)
+
     migrate = commands.add_parser(
         "migrate",
         help="apply the database migrations this lastseen has and the database lacks",

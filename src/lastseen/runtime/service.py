@@ -71,6 +71,9 @@ class Service:
         self.db = db
         self.metrics = m = metrics or Metrics()
         self.worker_processes = worker_processes
+        # As the operator configured it: with worker processes, this process takes the
+        # callbacks and they look them up, and together they are role all.
+        self.role = "all" if worker_processes is not None else s.role
         self.supervisor = Supervisor()
         self.commit: GroupCommit | None = None
         self.spool: Spool | None = None
@@ -124,7 +127,7 @@ class Service:
                 self.readiness,
                 scrape,
                 instance=instance_name(s),
-                role=s.role,
+                role=self.role,
                 ui=s.ui,
             )
         self.app = build_app(
@@ -187,8 +190,17 @@ class Service:
             ) from None
         self.port = self._runner.addresses[0][1]
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+        where = {}
+        if self.settings.parent_pid is None:  # the instance's data, said once
+            where["data_dir"] = str(self.settings.data_dir)
+            if self.spool is not None:
+                where["spool"] = str(self.spool.path)
         log.info(
-            "listening", url=f"http://{host}:{self.port}", role=self.settings.role, event_loop=loop
+            "listening",
+            url=f"http://{host}:{self.port}",
+            role=self.role,
+            event_loop=loop,
+            **where,
         )
         if self.status is not None and self.settings.ui != "off":
             log.info("status page", url=f"http://{host}:{self.port}/ui/", mode=self.settings.ui)
