@@ -26,6 +26,7 @@ from lastseen.core.parsers import (
     integral_floats,
     iso_or_epoch,
 )
+from lastseen.core.replies import DeadLetterOut, DiscardResult, RetryResult
 from lastseen.storage.database import Database
 
 FILTER_FIELDS = ("reason", "callback_id", "received_before", "received_after")
@@ -138,16 +139,16 @@ def summary(listed: int, matching: int, counts: dict[str, int], which: DeadLette
     return line
 
 
-def as_json(letter: DeadLetter, created_at: datetime) -> dict[str, object]:
-    return {
-        "callback_id": letter.callback_id,
-        "object_id": letter.object_id,
-        "received_at": letter.received_at.isoformat(),
-        "reason": letter.reason,
-        "detail": letter.detail,
-        "attempts": letter.attempts,
-        "created_at": created_at.isoformat(),
-    }
+def as_json(letter: DeadLetter, created_at: datetime) -> DeadLetterOut:
+    return DeadLetterOut(
+        callback_id=letter.callback_id,
+        object_id=letter.object_id,
+        received_at=letter.received_at.isoformat(),
+        reason=letter.reason,
+        detail=letter.detail,
+        attempts=letter.attempts,
+        created_at=created_at.isoformat(),
+    )
 
 
 def cursor(letter: DeadLetter) -> str:
@@ -180,23 +181,23 @@ async def retry(
     include_stale: bool,
     limit: int,
     dry_run: bool,
-) -> dict[str, object]:
+) -> RetryResult:
     """Retries the dead letters that match (or counts them, with ``dry_run``)."""
     cutoff = datetime.fromtimestamp(time.time() - ttl, UTC)
     chosen = which if include_stale else which.still_relevant(cutoff)
     skipped = 0 if include_stale else await db.count_matching_dead_letters(which.stale(cutoff))
     if dry_run:
         matching = await db.count_matching_dead_letters(chosen)
-        return {"dry_run": True, "would_retry": min(matching, limit), "skipped_stale": skipped}
+        return RetryResult(dry_run=True, would_retry=min(matching, limit), skipped_stale=skipped)
     created = await db.retry_dead_letters(chosen, limit)
-    return {"dry_run": False, "callbacks_created": created, "skipped_stale": skipped}
+    return RetryResult(dry_run=False, callbacks_created=created, skipped_stale=skipped)
 
 
 async def discard(
     db: Database, which: DeadLetterFilter, *, limit: int, dry_run: bool
-) -> dict[str, object]:
+) -> DiscardResult:
     """Deletes the dead letters that match (or counts them, with ``dry_run``)."""
     if dry_run:
         matching = await db.count_matching_dead_letters(which)
-        return {"dry_run": True, "would_discard": min(matching, limit)}
-    return {"dry_run": False, "discarded": await db.discard_dead_letters(which, limit)}
+        return DiscardResult(dry_run=True, would_discard=min(matching, limit))
+    return DiscardResult(dry_run=False, discarded=await db.discard_dead_letters(which, limit))

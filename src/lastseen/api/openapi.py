@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
 Its schemas are made by msgspec from the types that decode the requests (``CallbackBody``,
-``DeadLetterRequest``) and from the shapes of the answers below. The test suite checks that its
-paths and methods are exactly the application's routes, validates it with
+``DeadLetterRequest``) and from the types the handlers encode their answers from
+(``core.replies``, and ``Status`` for the status page's data): one definition per reply. The
+test suite checks that its paths and methods are exactly the application's routes, validates it
+with
 ``openapi-spec-validator``, and fuzzes the running service with ``schemathesis`` against it.
 """
 
@@ -16,91 +18,18 @@ from lastseen import __version__
 from lastseen.admin.dead_letters import CURSOR_PATTERN, TEXT_PATTERN, TIME_SCHEMA, DeadLetterRequest
 from lastseen.api.status import Status
 from lastseen.core.parsers import INT64_MAX, INT64_MIN, PAGE_LIMIT
+from lastseen.core.replies import (
+    Accepted,
+    CallbackStatus,
+    DeadLettersPage,
+    DiscardResult,
+    Error,
+    Health,
+    ObjectsPage,
+    Ready,
+    RetryResult,
+)
 from lastseen.intake.ingest import IDEMPOTENCY_KEY_PATTERN, CallbackBody
-
-
-class Accepted(msgspec.Struct):
-    """A stored callback: its inbox id, or (while PostgreSQL is away) null and its spool key."""
-
-    callback_id: int | None
-    ids: int
-    spooled: str | None = None
-
-
-class Error(msgspec.Struct):
-    """Every error of every route."""
-
-    error: str
-    detail: str
-
-
-class Health(msgspec.Struct):
-    status: str
-
-
-class Ready(msgspec.Struct):
-    ready: bool
-    reason: str | None = None
-    degraded: str | None = None
-    upstream: str | None = None
-
-
-class ObjectOut(msgspec.Struct):
-    id: int
-    last_seen: str
-
-
-class ObjectsPage(msgspec.Struct):
-    objects: list[ObjectOut]
-    next_after: int | None
-
-
-class DeadLetterOut(msgspec.Struct):
-    callback_id: int
-    object_id: int
-    received_at: str
-    reason: str
-    detail: str
-    attempts: int
-    created_at: str
-
-
-class DeadLettersPage(msgspec.Struct):
-    dead_letters: list[DeadLetterOut]
-    matching: int  # how many match the filter, over every page
-    by_reason: dict[str, int]  # every dead letter stored, by reason: not only those that match
-    next_after: str | None
-
-
-class Outcomes(msgspec.Struct):
-    dead_lettered: int
-    resolved: int | None
-
-
-class CallbackStatus(msgspec.Struct):
-    callback_id: int
-    received_at: str
-    status: str
-    done_at: str | None
-    ids: int
-    distinct_ids: int
-    claims: int
-    outcomes: Outcomes
-    dead_letters: list[DeadLetterOut]
-
-
-class RetryResult(msgspec.Struct):
-    dry_run: bool
-    skipped_stale: int
-    would_retry: int | None = None
-    callbacks_created: list[int] | None = None
-
-
-class DiscardResult(msgspec.Struct):
-    dry_run: bool
-    would_discard: int | None = None
-    discarded: int | None = None
-
 
 _TYPES = (
     CallbackBody,

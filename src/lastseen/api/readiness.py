@@ -13,6 +13,7 @@ from typing import Protocol
 import structlog
 
 from lastseen.core.errors import DatabaseError
+from lastseen.core.replies import Ready
 from lastseen.storage.database import Database
 from lastseen.telemetry.promtext import Reading
 
@@ -149,30 +150,30 @@ class Readiness:
             return self.reason
         return "database unreachable" if self._database_unreachable() else None
 
-    def answer(self, upstream_failing: str | Watched | None = WATCHED) -> dict[str, str | bool]:
+    def answer(self, upstream_failing: str | Watched | None = WATCHED) -> Ready:
         """What ``GET /ready`` answers: ``ready``, and why not, or in what way degraded.
         ``upstream_failing`` (why, or None), when the caller knows it more recently, replaces
         what ``watch`` found."""
         reason = self.check()
         trouble = None if self.worker_trouble is None else self.worker_trouble()
         if reason is None and trouble is not None:
-            return {"ready": False, "reason": trouble}
-        answer: dict[str, str | bool] = {"ready": True}
+            return Ready(False, reason=trouble)
+        answer = Ready(True)
         spool = self.spool
         unreachable = self._database_unreachable()
         if reason is not None and (spool is None or not unreachable or self.draining):
-            return {"ready": False, "reason": reason}
+            return Ready(False, reason=reason)
         # The spool takes callbacks once a commit found the database gone, which may be
         # before the next ping does.
         if spool is not None and (reason is not None or spool.spooling):
             if not spool.accepting:
                 full = f"{reason or 'spooling'}, and the spool cannot take more"
-                return {"ready": False, "reason": full}
+                return Ready(False, reason=full)
             why = f" {reason};" if reason else ""
-            answer["degraded"] = f"spooling:{why} callbacks are stored on local disk"
+            answer.degraded = f"spooling:{why} callbacks are stored on local disk"
         if self.upstream_failure is not None:
             failing = self.upstream_failing if upstream_failing is WATCHED else upstream_failing
-            answer["upstream"] = "ok" if failing is None else self.describe_failure(failing)
+            answer.upstream = "ok" if failing is None else self.describe_failure(failing)
         return answer
 
     def describe_failure(self, cause: str) -> str:

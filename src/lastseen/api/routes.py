@@ -18,7 +18,16 @@ from lastseen.api.status import database_figures
 from lastseen.core.errors import InvalidRequest
 from lastseen.core.model import DeadLetterFilter
 from lastseen.core.parsers import INT64_MAX, INT64_MIN, PAGE_LIMIT, integer
-from lastseen.core.replies import error_response, json_response
+from lastseen.core.replies import (
+    CallbackStatus,
+    DeadLettersPage,
+    Health,
+    ObjectOut,
+    ObjectsPage,
+    Outcomes,
+    error_response,
+    json_response,
+)
 from lastseen.intake.ingest import parse_callback
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics, merge
@@ -26,8 +35,8 @@ from lastseen.telemetry.metrics import Metrics, merge
 log = structlog.get_logger("lastseen.api.routes")
 
 
-def _object(object_id: int, last_seen: datetime) -> dict[str, object]:
-    return {"id": object_id, "last_seen": last_seen.isoformat()}
+def _object(object_id: int, last_seen: datetime) -> ObjectOut:
+    return ObjectOut(object_id, last_seen.isoformat())
 
 
 class Routes:
@@ -52,11 +61,11 @@ class Routes:
         self.samples_database = samples_database
 
     async def health(self, request: web.Request) -> web.Response:
-        return json_response({"status": "alive"})
+        return json_response(Health("alive"))
 
     async def ready(self, request: web.Request) -> web.Response:
         answer = self.readiness.answer()
-        return json_response(answer, status=200 if answer["ready"] else 503)
+        return json_response(answer, status=200 if answer.ready else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         # Figures that live in the database are sampled on scrape; a slow database only makes
@@ -93,10 +102,10 @@ class Routes:
             return error_response(400, "bad_query", f"after: an id; limit: 1 to {PAGE_LIMIT}")
         rows = await self.db.list_objects(after, limit)
         return json_response(
-            {
-                "objects": [_object(i, seen) for i, seen in rows],
-                "next_after": rows[-1][0] if len(rows) == limit else None,
-            }
+            ObjectsPage(
+                objects=[_object(i, seen) for i, seen in rows],
+                next_after=rows[-1][0] if len(rows) == limit else None,
+            )
         )
 
     async def get_object(self, request: web.Request) -> web.Response:
@@ -120,21 +129,21 @@ class Routes:
         which = DeadLetterFilter(callback_id=callback_id)
         letters = await self.db.list_dead_letters(which, PAGE_LIMIT)
         done = row["done_at"] is not None
-        answer: dict[str, object] = {
-            "callback_id": callback_id,
-            "received_at": row["received_at"].isoformat(),
-            "status": "done" if done else "pending",
-            "done_at": row["done_at"].isoformat() if done else None,
-            "ids": row["ids"],
-            "distinct_ids": row["distinct_ids"],
-            "claims": row["claims"],
-            "outcomes": {
-                "dead_lettered": len(letters),
+        answer = CallbackStatus(
+            callback_id=callback_id,
+            received_at=row["received_at"].isoformat(),
+            status="done" if done else "pending",
+            done_at=row["done_at"].isoformat() if done else None,
+            ids=row["ids"],
+            distinct_ids=row["distinct_ids"],
+            claims=row["claims"],
+            outcomes=Outcomes(
+                dead_lettered=len(letters),
                 # Looked up (online or not), or expired past the TTL.
-                "resolved": row["distinct_ids"] - len(letters) if done else None,
-            },
-            "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
-        }
+                resolved=row["distinct_ids"] - len(letters) if done else None,
+            ),
+            dead_letters=[dead_letters.as_json(d, at) for d, at in letters],
+        )
         return json_response(answer)
 
     async def list_dead_letters(self, request: web.Request) -> web.Response:
@@ -146,12 +155,12 @@ class Routes:
         counts = await self.db.count_dead_letters()
         last = letters[-1] if len(letters) == limit else None
         return json_response(
-            {
-                "dead_letters": [dead_letters.as_json(d, at) for d, at in letters],
-                "matching": matching,
-                "by_reason": counts,
-                "next_after": None if last is None else dead_letters.cursor(last[0]),
-            }
+            DeadLettersPage(
+                dead_letters=[dead_letters.as_json(d, at) for d, at in letters],
+                matching=matching,
+                by_reason=counts,
+                next_after=None if last is None else dead_letters.cursor(last[0]),
+            )
         )
 
     async def retry_dead_letters(self, request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from aiohttp import web
 from lastseen import __version__
 from lastseen.api.readiness import upstream_failure
 from lastseen.core.errors import DatabaseError
+from lastseen.core.replies import Ready
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
 from lastseen.telemetry.promtext import Reading, quantile, since
@@ -105,7 +106,7 @@ class Status(msgspec.Struct):
     instance: str
     role: str
     ui: str
-    ready: dict[str, str | bool]
+    ready: Ready
     totals: Totals
     rates: Rates
     window: float

@@ -89,14 +89,13 @@ async def retry_dead_letters(settings: Settings, args: argparse.Namespace) -> in
             dry_run=args.dry_run,
         )
     if args.dry_run:
-        print(f"{answer['would_retry']} dead letters would be queued again", file=sys.stderr)
+        print(f"{answer.would_retry} dead letters would be queued again", file=sys.stderr)
     else:
-        created = answer["callbacks_created"]
-        assert isinstance(created, list)
+        created = answer.callbacks_created or []
         print(f"{len(created)} callbacks queued again for the dead letters' ids", file=sys.stderr)
-    if answer["skipped_stale"]:
+    if answer.skipped_stale:
         print(
-            f"{answer['skipped_stale']} dead letters skipped: received more than the TTL ago, "
+            f"{answer.skipped_stale} dead letters skipped: received more than the TTL ago, "
             "their lookups could change nothing (--include-stale queues them anyway)",
             file=sys.stderr,
         )
@@ -112,9 +111,9 @@ async def discard_dead_letters(settings: Settings, args: argparse.Namespace) -> 
             db, _filter(args), limit=args.limit, dry_run=args.dry_run
         )
     if args.dry_run:
-        print(f"{answer['would_discard']} dead letters would be discarded", file=sys.stderr)
+        print(f"{answer.would_discard} dead letters would be discarded", file=sys.stderr)
     else:
-        print(f"{answer['discarded']} dead letters discarded", file=sys.stderr)
+        print(f"{answer.discarded} dead letters discarded", file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ from lastseen.core.errors import (
     Unauthorized,
 )
 from lastseen.core.parsers import INT64_MAX, INT64_MIN, integral_floats
-from lastseen.core.replies import error_response, json_response
+from lastseen.core.replies import Accepted, error_response, json_response
 from lastseen.intake.admission import ClientLimits, client_of, retry_after
 from lastseen.intake.auth import IntakeAuth
 from lastseen.telemetry.metrics import Metrics
@@ -164,10 +164,9 @@ class CallbackHandler:
             self.metrics.callbacks_received.inc()
             self.metrics.ids_received.inc(len(ids))
             if isinstance(callback_id, int):
-                response = json_response({"callback_id": callback_id, "ids": len(ids)}, 202)
+                response = json_response(Accepted(callback_id, len(ids)), 202)
             else:  # in the spool: it gets its inbox id when the spool drains
-                reply = {"callback_id": None, "spooled": callback_id, "ids": len(ids)}
-                response = json_response(reply, 202)
+                response = json_response(Accepted(None, len(ids), spooled=callback_id), 202)
         self.metrics.reply_seconds.observe(time.perf_counter() - started)
         return response
 
