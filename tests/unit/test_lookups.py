@@ -291,7 +291,8 @@ def test_an_upstream_that_answers_nothing_is_an_outage_that_ends_with_its_first_
 ) -> None:
     """Many failures are not an outage until no success came for OUTAGE_SILENCE; then lookups
     are held (new ones too) and PROBES of them sent per retry interval, however long each id's
-    backoff had grown; the first success releases every held lookup at once."""
+    backoff had grown, and the outage names the last failure's cause; the first success
+    releases every held lookup at once."""
     upstream = FakeUpstream(clock, latency=0.01)
     switch = Switchable(upstream)
     lookups, delivered = build(clock, metrics, upstream, retry_base=0.1, retry_max=30.0)
@@ -301,6 +302,8 @@ def test_an_upstream_that_answers_nothing_is_an_outage_that_ends_with_its_first_
         began = await enter_outage(clock, lookups, switch, t0)
         assert sum(1 for _, at in upstream.requests if at < t0 + 1) >= 2 * OUTAGE_FAILURES
         assert sample(metrics, "lastseen_upstream_outage") == 1
+        assert lookups.failure == "http_5xx: scripted"
+        assert sample(metrics, "lastseen_upstream_failure", cause="http_5xx: scripted") == 1
         lookups.add(held(999, clock.wall()), 50)  # held, not sent
         assert upstream.sent(50) == []
         await asyncio.sleep(2)
@@ -324,6 +327,8 @@ def test_an_upstream_that_answers_nothing_is_an_outage_that_ends_with_its_first_
     assert sorted(answered) == [*IDS, 50]
     assert max(answered.values()) <= up + 0.1 + 3 * upstream.latency + EPS
     assert sample(metrics, "lastseen_upstream_outage") == 0
+    assert lookups.failure is None
+    assert sample(metrics, "lastseen_upstream_failure", cause="http_5xx: scripted") == 0
 
 
 def test_an_upstream_that_answers_some_ids_is_not_in_an_outage(
