@@ -158,11 +158,12 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 @pytest.fixture
 async def start_service(db_url: str) -> AsyncIterator[StartService]:
     """Starts services on the test's database: ``await start_service(objects_url=..., ...)``
-    (settings by field name; ``tracer=`` an OpenTelemetry tracer)."""
+    (settings by field name; ``tracer=`` an OpenTelemetry tracer; ``migrated=False`` returns
+    as soon as it listens, before it has migrated)."""
     started: list[tuple[Service, Database, contextlib.AbstractAsyncContextManager[Any]]] = []
     http = aiohttp.ClientSession()
 
-    async def start(tracer: Any = None, **overrides: Any) -> Running:
+    async def start(tracer: Any = None, migrated: bool = True, **overrides: Any) -> Running:
         overrides.setdefault("database_url", db_url)
         settings = fast_settings(**overrides)
         database = await Database.open(settings.database_url or "", size=5, timeout=5)
@@ -172,7 +173,8 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
         await service.start()
         started.append((service, database, client_context))
         running = Running(service, http)
-        await running.wait_ready()
+        if migrated:
+            await running.wait_ready()
         return running
 
     yield start

@@ -193,12 +193,17 @@ async def test_starting_without_a_database_waits_for_it(
     and migrates and gets ready once the database appears."""
     proxy = db_proxy
     await proxy.stop()
-    settings = {"database_url": proxy.url(), "role": "ingest"}
-    starting = asyncio.create_task(start_service(**settings))
-    await asyncio.sleep(0.5)
-    assert not starting.done()
+    service = await start_service(database_url=proxy.url(), role="ingest", migrated=False)
+    why = {"ready": False, "reason": "cannot migrate: the database is unreachable"}
+
+    async def says_why() -> bool:  # once its first attempt to migrate has failed
+        return await service.get("/ready") == (503, why)
+
+    await eventually(says_why)
+    assert await service.get("/health") == (200, {"status": "alive"})
+    assert not service.service.readiness.migrated
     await proxy.start()
-    service = await starting
+    await service.wait_ready()
     assert await service.get("/ready") == (200, {"ready": True})
     await proxy.stop()
 

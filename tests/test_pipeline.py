@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -82,44 +83,76 @@ async def test_offline_after_online_and_back(
     assert await objects(sql) == {5: await received_at(sql, third)}
 
 
-async def scripted_upstream(
-    script: dict[int, list[tuple[float, bool]]], counts: defaultdict[int, int]
-) -> tuple[str, web.AppRunner]:
-    """An upstream whose n-th answer for an id waits and answers as ``script[id][n]`` says;
-    ``counts`` counts the requests per id as they arrive."""
+class HeldUpstream:
+    """An upstream whose first request for each id is held until ``release`` is set (or 5 s
+    pass, so that a test whose race did not happen ends, and says so); every later request is
+    answered at once. The n-th answer for an id is ``script[id][n]``; it counts the requests
+    per id, the requests in flight, and the order of the answers."""
 
-    async def handle(request: web.Request) -> web.Response:
+    def __init__(self, script: dict[int, list[bool]]) -> None:
+        self.script = script
+        self.release = asyncio.Event()
+        self.requests: defaultdict[int, int] = defaultdict(int)
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.answered: list[tuple[int, int]] = []  # (id, n) in the order answered
+
+    async def handle(self, request: web.Request) -> web.Response:
         object_id = int(request.match_info["object_id"])
-        delay, online = script[object_id][counts[object_id]]
-        counts[object_id] += 1
-        await asyncio.sleep(delay)
-        return web.json_response({"id": object_id, "online": online})
+        n = self.requests[object_id]
+        self.requests[object_id] += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if n == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), 5)
+            return web.json_response({"id": object_id, "online": self.script[object_id][n]})
+        finally:
+            self.in_flight -= 1
+            self.answered.append((object_id, n))
 
-    app = web.Application()
-    app.router.add_get("/objects/{object_id}", handle)
-    runner, url = await serve_app(app)
-    return url, runner
+    async def serve(self) -> tuple[str, web.AppRunner]:
+        app = web.Application()
+        app.router.add_get("/objects/{object_id}", self.handle)
+        runner, url = await serve_app(app)
+        return url, runner
 
 
 async def test_an_older_result_finishing_last_does_not_win(
     start_service: StartService, sql: asyncpg.Connection
 ) -> None:
-    """Callback A's slow 'online' answer arrives after callback B's quick 'offline' one; B is
-    newer, so the object ends absent. And the other way round, it ends online with B's time."""
-    counts: defaultdict[int, int] = defaultdict(int)
-    url, runner = await scripted_upstream(
-        {1: [(0.6, True), (0.01, False)], 2: [(0.6, False), (0.01, True)]}, counts
-    )
+    """Callback A's answers (1 online, 2 offline) are held until callback B's (1 offline,
+    2 online) are answered and written; A's, older, arrive last. B is newer, so 1 ends absent
+    and 2 online with B's receive time."""
+    upstream = HeldUpstream({1: [True, False], 2: [False, True]})
+    url, runner = await upstream.serve()
     try:
-        service = await start_service(objects_url=url, ttl=30)
-        await service.post('{"object_ids": [1, 2]}')
+        # Held requests must not time out: a retry would be a request of its own.
+        service = await start_service(objects_url=url, ttl=30, lookup_timeout=30)
+        _, a = await service.post('{"object_ids": [1, 2]}')
         # Once A's requests are under way, B cannot join them and gets requests of its own.
-        await eventually(lambda: counts[1] == 1 and counts[2] == 1)
+        await eventually(lambda: upstream.requests[1] == 1 and upstream.requests[2] == 1)
         _, b = await service.post('{"object_ids": [1, 2]}')
+        b_received = await received_at(sql, b["callback_id"])
+        await eventually(lambda: _done(sql, b["callback_id"]))
+        assert await objects(sql) == {2: b_received}
+        # The race happened: A's requests were sent first and are still unanswered, with B's
+        # results already written.
+        assert upstream.in_flight == 2
+        assert not await _done(sql, a["callback_id"])
+        upstream.release.set()
         await all_done(sql, 2)
-        assert await objects(sql) == {2: await received_at(sql, b["callback_id"])}
+        assert sorted(upstream.answered[:2]) == [(1, 1), (2, 1)]
+        assert sorted(upstream.answered[2:]) == [(1, 0), (2, 0)]
+        assert await objects(sql) == {2: b_received}
     finally:
         await runner.cleanup()
+
+
+async def _done(sql: asyncpg.Connection, callback_id: int) -> bool:
+    done_at = await sql.fetchval("SELECT done_at FROM callbacks WHERE id = $1", callback_id)
+    return done_at is not None
 
 
 async def test_coalescing_under_a_backlog_asks_once_per_distinct_id(
@@ -138,19 +171,28 @@ async def test_coalescing_under_a_backlog_asks_once_per_distinct_id(
 
 
 async def test_a_lookup_sent_before_a_callback_does_not_serve_it(
-    start_service: StartService, start_upstream: StartUpstream, sql: asyncpg.Connection
+    start_service: StartService, sql: asyncpg.Connection
 ) -> None:
     """A callback received while its id's lookup is already under way gets a lookup of its own,
-    and the object ends with the later callback's receive time."""
-    upstream, url = await start_upstream(latency_min=0.4, latency_max=0.4)
-    service = await start_service(objects_url=url, ttl=30)
-    await service.post('{"object_ids": [8]}')
-    await eventually(lambda: upstream.in_flight == 1)
-    _, later = await service.post('{"object_ids": [8]}')
-    await all_done(sql, 2)
-    assert upstream.requests_by_id[8] == 2
-    assert service.sample("lastseen_lookups_coalesced_total") == 0
-    assert await objects(sql) == {8: await received_at(sql, later["callback_id"])}
+    and the object ends with the later callback's receive time. The first request is held
+    until the second has arrived: both are in flight at once, so the second callback met the
+    first lookup under way and did not join it."""
+    upstream = HeldUpstream({8: [True, True]})
+    url, runner = await upstream.serve()
+    try:
+        service = await start_service(objects_url=url, ttl=30, lookup_timeout=30)
+        await service.post('{"object_ids": [8]}')
+        await eventually(lambda: upstream.requests[8] == 1)
+        _, later = await service.post('{"object_ids": [8]}')
+        await eventually(lambda: upstream.requests[8] == 2)
+        upstream.release.set()
+        await all_done(sql, 2)
+        assert upstream.most_in_flight == 2
+        assert upstream.answered == [(8, 1), (8, 0)]
+        assert service.sample("lastseen_lookups_coalesced_total") == 0
+        assert await objects(sql) == {8: await received_at(sql, later["callback_id"])}
+    finally:
+        await runner.cleanup()
 
 
 async def test_objects_expire_between_ttl_and_ttl_plus_1s(

@@ -171,14 +171,15 @@ async def test_reference_scenario_end_to_end_passes_verify(
         f"--target={service.url}/callback",
         "--period=0.2",
         "--duration=2.5",
+        # The reference's 1 s would count a reply a busy machine is slow to send as missed.
+        "--timeout=10",
         f"--truth-dir={truth_dir}",
     )
     assert producer.code == 0, producer.stderr
     sent = list(truth.read_callbacks(truth_dir))
     acknowledged = sum(s.acknowledged for s in sent)
     assert len(sent) >= 5
-    # Only a reply slower than the 1 s timeout (a busy machine) would go unacknowledged.
-    assert acknowledged >= 1
+    assert acknowledged == len(sent)
     assert f"{len(sent)} callbacks sent, {acknowledged} acknowledged" in producer.stdout
     await all_done(sql)
     code, summary = await upstream.stop()  # closes its truth file

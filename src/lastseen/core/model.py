@@ -45,7 +45,7 @@ class Lookup:
     callbacks: list[HeldCallback]
     sent_at: float | None = None  # wall-clock time of the request under way, if one is
     attempts: int = 0
-    started: float = 0.0  # perf_counter() when the request under way, or the last, was sent
+    started: float = 0.0  # monotonic time the request under way, or the last, was sent
     latency: float = 0.0  # duration of the request that gave the answer
     last_failure: str = ""  # the reason of the latest transient failure, if any
 

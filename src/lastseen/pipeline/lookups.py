@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import time
 from collections.abc import Callable
 
 import structlog
 
 from lastseen.core.backoff import backoff
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import LookupFailed
 from lastseen.core.model import Expired, Fetch, HeldCallback, Lookup, Outcome
 from lastseen.telemetry.metrics import Metrics
@@ -58,13 +58,14 @@ PROBES = 3  # held lookups sent per probe interval: one that hangs must not stal
 class RateLimiter:
     """At most ``rate`` acquisitions per second, spread evenly."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, clock: Clock = SYSTEM) -> None:
         self.interval = 1.0 / rate
-        self._next = time.monotonic()
+        self.clock = clock
+        self._next = clock.monotonic()
 
     def reserve(self) -> float:
         """Takes the next slot; the seconds until it comes."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         slot = max(self._next, now)
         self._next = slot + self.interval
         return slot - now
@@ -97,17 +98,19 @@ class Lookups:
         retry_base: float,
         retry_max: float,
         upstream: str = "",
+        clock: Clock = SYSTEM,
     ) -> None:
         """``upstream``: the upstream's URL, for what an operator reads of its outages."""
         self.fetch = fetch
         self.upstream = upstream
+        self.clock = clock
         self.metrics = metrics
         self.deliver = deliver
         self.ttl = ttl
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.max_in_flight = max_in_flight
-        self._rate = RateLimiter(rate) if rate > 0 else None
+        self._rate = RateLimiter(rate, clock) if rate > 0 else None
         self._open: dict[int, Lookup] = {}
         # Lookups wait here for a slot (new ones, and retries after their backoff): a burst of
         # twenty thousand ids costs a queue entry each. An attempt is a request and a callback,
@@ -120,7 +123,7 @@ class Lookups:
         self._closed = False
         # The outage: whether each of the last attempts failed, and the lookups held until
         # it ends.
-        self._last_success = time.monotonic()
+        self._last_success = clock.monotonic()
         self._failures_since = 0  # transient failures since the last success
         self._outage = False
         self.failure: str | None = None  # while in an outage: the cause of the last failure
@@ -175,8 +178,8 @@ class Lookups:
             return
         self._paced.pop(lookup, None)
         lookup.attempts += 1
-        lookup.sent_at = time.time()
-        lookup.started = time.perf_counter()
+        lookup.sent_at = self.clock.wall()
+        lookup.started = self.clock.monotonic()
         self._attempting += 1
         try:
             self.fetch(lookup.object_id, functools.partial(self._attempted, lookup))
@@ -191,7 +194,7 @@ class Lookups:
     def _attempted(self, lookup: Lookup, outcome: bool | LookupFailed) -> None:
         if self._closed:
             return
-        lookup.latency = time.perf_counter() - lookup.started
+        lookup.latency = self.clock.monotonic() - lookup.started
         lookup.sent_at = None
         self._attempting -= 1
         # The upstream's latency: a refused connect takes microseconds and says nothing of it.
@@ -236,7 +239,7 @@ class Lookups:
 
     def _let_go_of_stale(self, lookup: Lookup) -> bool:
         """Completes the callbacks that have aged past the TTL as expired; whether any remain."""
-        cutoff = time.time() - self.ttl
+        cutoff = self.clock.wall() - self.ttl
         stale = [c for c in lookup.callbacks if c.received_ts < cutoff]
         if not stale:
             return True
@@ -260,7 +263,7 @@ class Lookups:
             self._name_cause(failure)  # a probe's failure may say something new
         elif (
             self._failures_since >= OUTAGE_FAILURES
-            and time.monotonic() - self._last_success >= OUTAGE_SILENCE
+            and self.clock.monotonic() - self._last_success >= OUTAGE_SILENCE
         ):
             self._outage = True
             self._name_cause(failure)
@@ -279,7 +282,7 @@ class Lookups:
             self.metrics.upstream_failure.labels(cause).set(1)
 
     def _succeeded(self) -> None:
-        self._last_success = time.monotonic()
+        self._last_success = self.clock.monotonic()
         self._failures_since = 0
         if not self._outage:
             return

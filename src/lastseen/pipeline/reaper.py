@@ -23,11 +23,11 @@ find the lock taken and skip that round, so a dead instance's reaper is replaced
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime
 
 import structlog
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError
 from lastseen.storage.database import Database
 from lastseen.telemetry.metrics import Metrics
@@ -55,8 +55,10 @@ class Reaper:
         dead_letter_retention: float,
         prune_interval: float,
         idempotency_retention: float,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.metrics = metrics
         self.ttl = ttl
         self.interval = interval
@@ -67,7 +69,9 @@ class Reaper:
 
     async def expire_stale(self) -> int:
         """Completes unclaimed callbacks older than the TTL, up to ``STALE_LIMIT``."""
-        expired = await self.db.expire_stale_callbacks(_at(time.time() - self.ttl), STALE_LIMIT)
+        expired = await self.db.expire_stale_callbacks(
+            _at(self.clock.wall() - self.ttl), STALE_LIMIT
+        )
         if expired:
             self.metrics.callbacks_expired.inc(expired)
         return expired
@@ -75,7 +79,7 @@ class Reaper:
     async def reap_once(self) -> tuple[int, int] | None:
         """One round: (objects deleted, objects kept for a pending callback), or None if
         another instance reaps."""
-        reaped = await self.db.reap(_at(time.time() - self.ttl), REAP_LIMIT)
+        reaped = await self.db.reap(_at(self.clock.wall() - self.ttl), REAP_LIMIT)
         if reaped and reaped[0]:
             self.metrics.objects_deleted.labels("expired").inc(reaped[0])
         return reaped
@@ -83,7 +87,7 @@ class Reaper:
     async def prune_once(self) -> tuple[int, int, int, int]:
         """One prune of each kind (done callbacks, observations, dead letters, idempotency
         keys), up to ``PRUNE_LIMIT`` rows each."""
-        now = time.time()
+        now = self.clock.wall()
         return await self.db.prune(
             _at(now - self.audit_retention),
             _at(now - self.ttl),
@@ -94,14 +98,14 @@ class Reaper:
 
     async def run(self) -> None:
         """Reaps every ``interval`` and prunes every ``prune_interval``, until cancelled."""
-        next_prune = time.monotonic() + self.prune_interval
+        next_prune = self.clock.monotonic() + self.prune_interval
         while True:
             examined = expired = 0
             try:
                 expired = await self.expire_stale()
                 reaped = await self.reap_once()
                 examined = sum(reaped) if reaped else 0
-                if time.monotonic() >= next_prune:
+                if self.clock.monotonic() >= next_prune:
                     pruned = await self.prune_once()
                     if any(pruned):
                         callbacks, observations, dead, keys = pruned
@@ -115,7 +119,7 @@ class Reaper:
                     # A full round means more is waiting: prune again next time round, so
                     # pruning keeps up with any ingest rate.
                     full = PRUNE_LIMIT in pruned
-                    next_prune = time.monotonic() + (0 if full else self.prune_interval)
+                    next_prune = self.clock.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
                 log.warning("reaper round failed", error=str(exc))
             if examined != REAP_LIMIT and expired != STALE_LIMIT:

@@ -18,12 +18,12 @@ callback is already older than the TTL create no row.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import structlog
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
 from lastseen.core.model import DeadLetter, Expired, HeldCallback, Lookup, Outcome
 from lastseen.storage.arrays import ResultBatch
@@ -50,8 +50,10 @@ class ResultWriter:
         interval: float,
         on_done: Callable[[list[int]], None],
         retry_delay: float = 0.1,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.metrics = metrics
         self.ttl = ttl
         self.max_batch = max_batch
@@ -157,32 +159,41 @@ class ResultWriter:
             self._wake.clear()
             await self.flush()
 
+    def batches(self) -> list[ResultBatch]:
+        """What is pending, as ``flush`` writes it: one batch per ``max_batch`` results, the dead
+        letters and the done marks with the last, after every result they depend on."""
+        ids = list(self._results)
+        chunks = [ids[i : i + self.max_batch] for i in range(0, len(ids), self.max_batch)] or [[]]
+        return [
+            ResultBatch(
+                ids=chunk,
+                seen_at=[self._results[i][0] for i in chunk],
+                online=[self._results[i][1] for i in chunk],
+                dead_letters=list(self._dead) if n == len(chunks) - 1 else [],
+                completed=list(self._done) if n == len(chunks) - 1 else [],
+            )
+            for n, chunk in enumerate(chunks)
+        ]
+
     async def flush(self) -> None:
-        """Writes everything pending now, a batch per transaction; the dead letters and the done
-        marks go with the last batch, after every result they depend on."""
+        """Writes everything pending now, a batch per transaction."""
         if not self.pending:
             return
-        results, self._results = self._results, {}
+        batches = self.batches()
+        self._results = {}
         lags, self._lags = self._lags, []
         dead, self._dead = self._dead, []
         done, self._done = self._done, []
-        ids = list(results)
-        chunks = [ids[i : i + self.max_batch] for i in range(0, len(ids), self.max_batch)] or [[]]
-        for n, chunk in enumerate(chunks):
-            last = n == len(chunks) - 1
-            batch = ResultBatch(
-                ids=chunk,
-                seen_at=[results[i][0] for i in chunk],
-                online=[results[i][1] for i in chunk],
-                dead_letters=dead if last else [],
-                completed=done if last else [],
-            )
-            cutoff = datetime.fromtimestamp(time.time() - self.ttl, UTC)
+        for n, batch in enumerate(batches):
+            cutoff = datetime.fromtimestamp(self.clock.wall() - self.ttl, UTC)
             try:
                 upserted, deleted = await self.db.write_results(batch, cutoff)
             except DatabaseError as exc:
-                for object_id in ids[n * self.max_batch :]:
-                    self._merge(object_id, *results[object_id])
+                for unwritten in batches[n:]:
+                    for result in zip(
+                        unwritten.ids, unwritten.seen_at, unwritten.online, strict=True
+                    ):
+                        self._merge(*result)
                 self._lags[:0] = lags
                 self._dead[:0] = dead
                 self._done[:0] = done
@@ -191,10 +202,10 @@ class ResultWriter:
                 await asyncio.sleep(self.retry_delay)
                 return
             self._failures = 0
-            self.metrics.results_batch.observe(len(chunk) + len(batch.dead_letters))
+            self.metrics.results_batch.observe(len(batch.ids) + len(batch.dead_letters))
             self.metrics.objects_upserted.inc(upserted)
             self.metrics.objects_deleted.labels("offline").inc(deleted)
-        written = time.time()
+        written = self.clock.wall()
         # One observation per id of every callback served: in bulk, hundreds per lookup when
         # a lookup serves many callbacks.
         self.metrics.result_lag.observe_many(

@@ -15,6 +15,7 @@ import structlog
 
 from lastseen.config.instance import instance_name
 from lastseen.config.settings import Settings
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError
 from lastseen.core.model import Fetch
 from lastseen.core.supervisor import Supervisor
@@ -44,7 +45,9 @@ class Pipeline:
         metrics: Metrics,
         supervisor: Supervisor,
         tracer: Tracer | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        """``clock`` is the one time every stage reads."""
         s = settings
         self.supervisor = supervisor
         wake = asyncio.Event()
@@ -63,6 +66,7 @@ class Pipeline:
             max_batch=s.results_batch,
             interval=s.results_interval,
             on_done=self.held.finish,
+            clock=clock,
         )
         fetch: Fetch = Upstream(client).ask
         if tracer is not None:
@@ -77,6 +81,7 @@ class Pipeline:
             retry_base=s.retry_base,
             retry_max=s.retry_max,
             upstream=s.objects_url,
+            clock=clock,
         )
         self.worker = Worker(
             db,
@@ -93,6 +98,7 @@ class Pipeline:
             ttl=s.ttl,
             poll_interval=s.poll_interval,
             metrics=metrics,
+            clock=clock,
         )
         self.reaper = Reaper(
             db,
@@ -103,6 +109,7 @@ class Pipeline:
             dead_letter_retention=s.dead_letter_retention,
             prune_interval=s.prune_interval,
             idempotency_retention=s.idempotency_retention,
+            clock=clock,
         )
         self._started = False
 

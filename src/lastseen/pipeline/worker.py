@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import asyncpg
 import structlog
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError
 from lastseen.core.model import Claimed, HeldCallback
 from lastseen.pipeline.leases import HeldCallbacks, Leases
@@ -49,6 +49,7 @@ class Worker:
         ttl: float,
         poll_interval: float,
         metrics: Metrics,
+        clock: Clock = SYSTEM,
     ) -> None:
         """``look_up(callback, id)`` takes each distinct id of a claimed callback; ``done``
         takes a callback with no ids at all; ``set_aside(callback, ids, reason, detail)`` one that
@@ -63,8 +64,9 @@ class Worker:
         self.set_aside = set_aside
         self.max_active_ids = max_active_ids
         self.min_active_ids = min(min_active_ids, max_active_ids)
+        self.clock = clock
         self._rate = 0.0  # distinct ids finished per second, smoothed
-        self._since = (time.monotonic(), 0)
+        self._since = (clock.monotonic(), 0)
         self.max_claims = max_claims
         self.ttl = ttl
         self.metrics = metrics
@@ -81,7 +83,7 @@ class Worker:
             await self._ensure_listener()
             if not self._claiming:
                 break
-            room = self._budget() > self.held.ids
+            room = self.budget() > self.held.ids
             claimed: list[Claimed] = []
             if room:
                 try:
@@ -90,15 +92,15 @@ class Worker:
                     # Unreachable, a deadlock, a read-only failover: try again at the next poll.
                     log.warning("could not claim callbacks", error=str(exc))
                 for callback in claimed:
-                    self._start(callback)
+                    self.start(callback)
             if len(claimed) == self.leases.batch:
                 continue  # there may be more waiting
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.poll_interval)
 
-    def _budget(self) -> int:
+    def budget(self) -> int:
         """How many distinct ids this worker may hold: what it finishes in half a TTL."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         then, finished = self._since
         if now - then >= 1.0:
             rate = (self.held.finished_ids - finished) / (now - then)
@@ -116,7 +118,9 @@ class Worker:
             self._listener = None
             log.warning("cannot listen for new callbacks; polling", error=str(exc))
 
-    def _start(self, claimed: Claimed) -> None:
+    def start(self, claimed: Claimed) -> None:
+        """Works on a claimed callback: its distinct ids to the lookups, or done at once, or
+        set aside."""
         if claimed.id in self.held:
             return  # our lease lapsed and we claimed it again; we are still on it
         # A callback is stored as received; one lookup per distinct id is enough.
@@ -131,7 +135,7 @@ class Worker:
             detail = f"claimed {claimed.claims} times without finishing"
             self.set_aside(callback, distinct, "poison", detail)
             return
-        if not distinct or callback.received_ts < time.time() - self.ttl:
+        if not distinct or callback.received_ts < self.clock.wall() - self.ttl:
             # Nothing to look up, or too old for any result to create a row (a callback handed
             # back after its TTL): done without lookups.
             if distinct:
