@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
+import structlog.testing
 
 from lastseen.config.settings import Settings
 from lastseen.runtime.limits import FD_MARGIN, fit_lookups, raise_open_file_limit
 from lastseen.runtime.processes import child_settings
-from lastseen.telemetry import logs
 
 SET = 15_000  # LASTSEEN_MAX_LOOKUPS in these tests
 
@@ -59,20 +57,14 @@ def test_serve_tells_its_worker_processes_how_many_share_the_ports() -> None:
     assert (child.role, child.port_share) == ("worker", 3)
 
 
-def test_only_a_value_the_operator_set_is_warned_about(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_only_a_value_the_operator_set_is_warned_about(tmp_path: Path) -> None:
     """The default lowered to what the host allows is said once, as information with the
     value in force; a value the operator set and does not get is one warning naming it."""
-    logs.configure("json", "info")
     narrow = _range(tmp_path, "32768 33767")  # 500 cheap ports at the most
-    try:
+    with structlog.testing.capture_logs() as lines:
         fit_lookups(Settings.load({}), narrow)
         fit_lookups(Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET)}), narrow)
-    finally:
-        logs.configure("console", "warning")  # as the suite's conftest has it
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert [(line["level"], line.get("max_lookups"), line["using"]) for line in lines] == [
+    assert [(line["log_level"], line.get("max_lookups"), line["using"]) for line in lines] == [
         ("info", None, 475),
         ("warning", SET, 475),
     ]

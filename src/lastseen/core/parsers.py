@@ -21,6 +21,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The most rows one page of a list reply holds (objects, dead letters).
 PAGE_LIMIT = 1000
 _INTEGER = re.compile("-?[0-9]+")
+_EPOCH = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
 def integer(value: str) -> int:
@@ -126,16 +127,14 @@ def choice(*choices: str) -> Callable[[str], str]:
 
 
 def iso_or_epoch(text: str) -> datetime:
-    """A time as the API, the CLI and the import take it: epoch seconds, or ISO 8601 (UTC
-    where it names no zone). ValueError (OverflowError for a huge number) for anything else;
+    """A time as the API, the CLI and the import take it: epoch seconds (digits, and a
+    fraction: not 1e5, nan or inf), or ISO 8601 (UTC where it names no zone). ValueError
+    (OverflowError for a huge number) for anything else;
     a date-time whose UTC falls off the calendar (0001-01-01T00:00+05:00) is the calendar's
     edge, which compares the same."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        parsed = datetime.fromisoformat(text)
-    else:
-        return datetime.fromtimestamp(seconds, UTC)
+    if _EPOCH.fullmatch(text):
+        return datetime.fromtimestamp(float(text), UTC)
+    parsed = datetime.fromisoformat(text)
     try:
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except OverflowError:
