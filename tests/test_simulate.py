@@ -5,6 +5,7 @@ test_producer.py)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -100,6 +101,29 @@ async def reap_now(running: Running) -> float:
             if await running.service.pipeline.reaper.reap_once() is not None:
                 return began
             await asyncio.sleep(0.01)
+
+
+async def _explain(sql: asyncpg.Connection, report: Report) -> str:
+    """For a row verify found past its TTL: what the database holds about its id (the row,
+    the callbacks naming it, its dead letters, observations and the reaper's notes), to tell
+    the reaper's decision from the check's."""
+    lines = []
+    for example in report.examples.get("unexpected_row", []):
+        found = re.search(r"object (-?\d+): expired", example)
+        if found is None:
+            continue
+        oid = int(found.group(1))
+        lines.append(f"now {await sql.fetchval('SELECT now()')}")
+        lines.append(f"row {await sql.fetchrow('SELECT * FROM objects WHERE id = $1', oid)}")
+        for table, where in (
+            ("callbacks", "$1 = ANY(object_ids)"),
+            ("dead_letters", "object_id = $1"),
+            ("observations", "id = $1"),
+            ("pending_ids", "object_id = $1"),
+        ):
+            for row in await sql.fetch(f"SELECT * FROM {table} WHERE {where}", oid):
+                lines.append(f"{table} {dict(row)}")
+    return "".join("\n" + line for line in lines)
 
 
 async def independent_check(
@@ -231,7 +255,7 @@ async def test_faults_are_retried_or_dead_lettered_and_verify_passes(
         report = await check_run(db, tmp_path, reaped=reaped)
     finally:
         await simulator.stop()
-    assert report.ok, "\n".join(report.lines())
+    assert report.ok, "\n".join(report.lines()) + await _explain(sql, report)
     assert simulator.producer is not None
     assert report.acknowledged == simulator.producer.stats["acknowledged"] > 0
     assert set(report.dead_letters) == {"http_4xx"}
