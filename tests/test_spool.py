@@ -21,6 +21,7 @@ from helpers.waiting import eventually
 
 from lastseen.core.errors import SpoolFailed, SpoolFull
 from lastseen.devtools.dbproxy import DatabaseProxy
+from lastseen.intake import failover
 from lastseen.intake import group_commit as inbox
 from lastseen.intake.drain import DRAIN_BATCH, drain_batch
 from lastseen.intake.spool import Spool
@@ -479,8 +480,11 @@ async def test_a_dying_drainer_stops_the_service(
     async def broken(spool: Spool, db: Database) -> int:
         raise RuntimeError("a bug in the drain")
 
-    monkeypatch.setattr(inbox, "drain_batch", broken)
-    assert service.service.commit is not None
-    await service.service.commit._append_to_spool([(time.time(), id_array([1]))])
-    await asyncio.wait_for(service.service.supervisor.failed.wait(), 5)
+    monkeypatch.setattr(failover, "drain_batch", broken)
+    commit = service.service.commit
+    assert commit is not None
+    commit.lose_database("taken for lost by the test")
+    assert isinstance(await commit.submit(time.time(), [1]), str)  # spooled
+    # The probe finds the database there, and the drain begins.
+    await asyncio.wait_for(service.service.supervisor.failed.wait(), 10)
     assert "group-commit-drain" in str(service.service.supervisor.failure)

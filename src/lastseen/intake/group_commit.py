@@ -10,7 +10,7 @@ The spool. When a commit cannot reach PostgreSQL in time (half the commit timeou
 callbacks go to the local spool (spool.py) instead, durable before the 202, and so do later
 ones, straight away, until a probe finds the database again; then the spool drains into the
 inbox in the order it filled, with the original receive times, while new callbacks go to
-PostgreSQL again. Before the schema is migrated (PostgreSQL down at start) callbacks are
+PostgreSQL again (failover.py). Before the schema is migrated (PostgreSQL down at start) callbacks are
 spooled too. A 202 means stored in one of the two places; with neither, 503.
 
 A commit whose answer was lost with its connection may have landed after all: its callbacks
@@ -30,7 +30,6 @@ from typing import Any
 
 import structlog
 
-from lastseen.core.backoff import backoff
 from lastseen.core.errors import (
     CommitTimeout,
     DatabaseError,
@@ -38,11 +37,9 @@ from lastseen.core.errors import (
     IdempotencyConflict,
     NotAccepting,
     RetryableConflict,
-    SpoolFailed,
-    SpoolFull,
 )
 from lastseen.core.waiting import answered_within
-from lastseen.intake.drain import drain_batch
+from lastseen.intake.failover import Failover
 from lastseen.intake.spool import Spool
 from lastseen.storage.arrays import id_array
 from lastseen.storage.database import Database
@@ -99,17 +96,18 @@ class GroupCommit:
         # Commits given up on after ``spool_after``: their cancellation may wait on a server
         # that no longer answers (a partition), so they end on their own, held here meanwhile.
         self._abandoned: set[asyncio.Task[list[tuple[int, str | None]]]] = set()
-        self.probe_interval = probe_interval
-        self.spooling = False  # the database is taken for unreachable: callbacks are spooled
-        self._drain = asyncio.Event()  # the spool may have something the inbox can take now
-        self._lost = asyncio.Event()  # set while spooling: the probe's cue
-        self._spool_refusing = False  # its last write failed (full, or the disk): until one works
         self._gate = asyncio.Event()  # set once committing or spooling can start
+        self.failover: Failover | None = None
         if spool is not None:
-            metrics.spool_depth.set_function(lambda: spool.depth)
-            metrics.spool_bytes.set_function(lambda: spool.size)
-            metrics.spool_oldest_age.set_function(
-                lambda: 0.0 if spool.oldest is None else max(0.0, time.time() - spool.oldest)
+            self.failover = Failover(
+                db,
+                metrics,
+                spool,
+                probe_interval=probe_interval,
+                probe_timeout=self.spool_after,
+                migrated=lambda: self._open,
+                gate=self._gate,
+                drained=self._committed,
             )
 
     def open(self) -> None:
@@ -117,16 +115,28 @@ class GroupCommit:
         are refused, or spooled where there is a spool."""
         self._open = True
         self._gate.set()
-        self._drain.set()
+        if self.failover is not None:
+            self.failover.may_drain()
 
     @property
     def accepting(self) -> bool:
         """Whether a callback can be stored now, in PostgreSQL or in the spool."""
         if self._closing:
             return False
-        if self.spool is None:
+        if self.failover is None:
             return self._open
-        return not self._spool_refusing
+        return self.failover.accepting
+
+    @property
+    def spooling(self) -> bool:
+        """Whether the database is taken for unreachable, callbacks going to the spool."""
+        return self.failover is not None and self.failover.spooling
+
+    def lose_database(self, reason: str) -> None:
+        """The database is taken for unreachable: callbacks go to the spool (if there is one)
+        until a probe finds it again."""
+        if self.failover is not None:
+            self.failover.lose_database(reason)
 
     def submit(self, received_at: float, object_ids: Sequence[int]) -> asyncio.Future[int | str]:
         """Queues one callback; the future gives its id once it is durable (or its spool key,
@@ -167,23 +177,6 @@ class GroupCommit:
         While the database is away it goes to the spool like any other, unchecked."""
         return self._enqueue(received_at, object_ids, key)
 
-    async def _spool_one(self, received_at: float, literal: str) -> str:
-        (key,) = await self._append_to_spool([(received_at, literal)])
-        return key
-
-    async def _append_to_spool(self, callbacks: list[tuple[float, str]]) -> list[str]:
-        """Appends to the spool, keeping track of whether it takes callbacks; their keys."""
-        assert self.spool is not None
-        try:
-            keys = await self.spool.append(callbacks)
-        except (SpoolFull, SpoolFailed):
-            self._spool_refusing = True
-            raise
-        self._spool_refusing = False
-        self.metrics.callbacks_spooled.inc(len(callbacks))
-        self._drain.set()
-        return keys
-
     def _take(self) -> list[_Entry]:
         batch: list[_Entry] = []
         size = 0
@@ -216,9 +209,9 @@ class GroupCommit:
             "group-commit-expiry": self._expire(),
             "group-commit-notify": self._notifier(),
         }
-        if self.spool is not None:
-            tasks["group-commit-probe"] = self._probe()
-            tasks["group-commit-drain"] = self._drainer()
+        if self.failover is not None:
+            tasks["group-commit-probe"] = self.failover.probe()
+            tasks["group-commit-drain"] = self.failover.drainer()
         return tasks
 
     async def _notifier(self) -> None:
@@ -272,16 +265,17 @@ class GroupCommit:
                 self._committing.remove(batch)
 
     async def _commit(self, batch: list[_Entry]) -> None:
-        if self.spool is not None and (self.spooling or not self._open):
-            await self._to_spool(batch)
+        failover = self.failover
+        if failover is not None and (failover.spooling or not self._open):
+            await failover.store([e for e in batch if not e.future.done()])
             return
         started = time.perf_counter()
         try:
-            answers = await self._insert_within(batch, self.spool_after if self.spool else None)
+            answers = await self._insert_within(batch, self.spool_after if failover else None)
         except (DatabaseUnavailable, TimeoutError) as exc:
-            if self.spool is not None:
-                self.lose_database(str(exc) or "the commit took too long")
-                await self._to_spool(batch)
+            if failover is not None:
+                failover.lose_database(str(exc) or "the commit took too long")
+                await failover.store([e for e in batch if not e.future.done()])
                 return
             self._put_back(batch, exc)
             await asyncio.sleep(self.retry_delay)
@@ -349,83 +343,6 @@ class GroupCommit:
         # and are skipped.
         log.warning("group commit failed, will retry", error=str(exc), size=len(batch))
         self._queue.extendleft(reversed(batch))
-
-    async def _to_spool(self, batch: list[_Entry]) -> None:
-        entries = [e for e in batch if not e.future.done()]
-        if not entries:
-            return
-        try:
-            keys = await self._append_to_spool([(e.received_at, e.ids) for e in entries])
-        except (SpoolFull, SpoolFailed) as exc:
-            if isinstance(exc, SpoolFailed):
-                log.error("the spool refused callbacks", error=str(exc), size=len(entries))
-            for entry in entries:
-                if not entry.future.done():
-                    entry.future.set_exception(
-                        SpoolFull(exc.max_bytes) if isinstance(exc, SpoolFull) else SpoolFailed()
-                    )
-            return
-        for entry, key in zip(entries, keys, strict=True):
-            if not entry.future.done():
-                entry.future.set_result(key)
-
-    def lose_database(self, reason: str) -> None:
-        """The database is taken for unreachable: callbacks go to the spool (if there is one)
-        until a probe finds it again."""
-        if self.spool is not None and not self.spooling:
-            log.warning("the database does not answer; spooling callbacks", error=reason)
-            self.spooling = True
-            self.metrics.spooling.set(1)
-            self._lost.set()
-            self._gate.set()
-
-    async def _probe(self) -> None:
-        # While spooling, asks the database now and then whether it is back; the spool
-        # drains once it is.
-        while True:
-            await self._lost.wait()
-            await asyncio.sleep(self.probe_interval)
-            try:
-                async with asyncio.timeout(self.spool_after):
-                    # A write where the schema is in place: a read-only server answers a
-                    # SELECT 1, and would take the spool back only to refuse every batch.
-                    await (self.db.probe_write() if self._open else self.db.ping())
-            except (DatabaseError, TimeoutError):
-                continue
-            log.info("the database answers again; draining the spool")
-            self.spooling = False
-            self.metrics.spooling.set(0)
-            self._lost.clear()
-            if not self._open:
-                self._gate.clear()  # back to waiting for the migration
-            self._drain.set()
-
-    async def _drainer(self) -> None:
-        assert self.spool is not None
-        failures = 0
-        while True:
-            await self._drain.wait()
-            if self.spooling or not self._open or self.spool.depth == 0:
-                self._drain.clear()  # set again by a spooled callback, the probe or open()
-                continue
-            try:
-                drained = await drain_batch(self.spool, self.db)
-                if not drained:
-                    self._drain.clear()
-                    continue
-            except DatabaseUnavailable as exc:
-                self.lose_database(str(exc))
-                continue
-            except (DatabaseError, SpoolFailed) as exc:
-                # Left in the spool for the next try; nothing is lost by waiting.
-                failures += 1
-                log.error("could not drain the spool", error=str(exc))
-                await asyncio.sleep(backoff(failures, 0.5, 30.0))
-                continue
-            failures = 0
-            self._spool_refusing = False  # there is room again
-            self.metrics.callbacks_drained.inc(drained)
-            self._committed.set()
 
     def close(self) -> None:
         """Refuses new callbacks; ``run`` returns once what was queued is committed."""
