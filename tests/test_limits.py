@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import structlog
 import structlog.testing
 
 from lastseen.config.settings import Settings
@@ -61,9 +63,14 @@ def test_only_a_value_the_operator_set_is_warned_about(tmp_path: Path) -> None:
     """The default lowered to what the host allows is said once, as information with the
     value in force; a value the operator set and does not get is one warning naming it."""
     narrow = _range(tmp_path, "32768 33767")  # 500 cheap ports at the most
-    with structlog.testing.capture_logs() as lines:
-        fit_lookups(Settings.load({}), narrow)
-        fit_lookups(Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET)}), narrow)
+    before = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with structlog.testing.capture_logs() as lines:
+            fit_lookups(Settings.load({}), narrow)
+            fit_lookups(Settings.load({"LASTSEEN_MAX_LOOKUPS": str(SET)}), narrow)
+    finally:
+        structlog.configure(**before)
     assert [(line["log_level"], line.get("max_lookups"), line["using"]) for line in lines] == [
         ("info", None, 475),
         ("warning", SET, 475),
