@@ -10,8 +10,8 @@ The spool. When a commit cannot reach PostgreSQL in time (half the commit timeou
 callbacks go to the local spool (spool.py) instead, durable before the 202, and so do later
 ones, straight away, until a probe finds the database again; then the spool drains into the
 inbox in the order it filled, with the original receive times, while new callbacks go to
-PostgreSQL again (failover.py). Before the schema is migrated (PostgreSQL down at start) callbacks are
-spooled too. A 202 means stored in one of the two places; with neither, 503.
+PostgreSQL again (failover.py). Before the schema is migrated (PostgreSQL down at start)
+callbacks are spooled too. A 202 means stored in one of the two places; with neither, 503.
 
 A commit whose answer was lost with its connection may have landed after all: its callbacks
 are then stored twice (once from the spool). Their effect is the same: the same ids with the
