@@ -189,6 +189,30 @@ async def start_service(db_url: str) -> AsyncIterator[StartService]:
     await http.close()
 
 
+@pytest.fixture(autouse=True)
+async def no_task_outlives_its_test() -> AsyncIterator[None]:
+    """The event loop is the session's: a task a test leaves running would run into the
+    next tests. Whatever a test started and has not ended a second after its teardown fails
+    it (and is cancelled)."""
+    before = asyncio.all_tasks()
+    yield
+    mine = asyncio.current_task()
+
+    def left() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() - before if t is not mine and not t.done()}
+
+    for _ in range(50):
+        if not left():
+            return
+        await asyncio.sleep(0.02)
+    leaked = left()
+    names = sorted(t.get_name() + ": " + repr(t.get_coro()) for t in leaked)
+    for task in leaked:
+        task.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    pytest.fail(f"tasks outlived their test: {names}")
+
+
 STOP_WITHIN = 30.0  # seconds: a stop that takes longer is a bug worth its stack traces
 
 

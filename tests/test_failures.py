@@ -426,4 +426,4 @@ async def test_a_hostile_upstream_delays_no_other_id(
         assert time.time() - posted < 3.0
         assert set(await objects(sql)) == wanted
     finally:
-        server.close()
+        await server.close()

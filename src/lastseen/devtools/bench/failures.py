@@ -274,7 +274,7 @@ async def hostile_upstream(bench: Bench) -> dict[str, Any]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     await serve.terminate()
-    server.close()
+    await server.close()
     delays = [appeared[i] - sent[i] for i in sent if i in appeared]
     growth = rss_growth(samples)
     return {

@@ -56,8 +56,36 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def start() -> tuple[asyncio.Server, str]:
+class Hostile:
+    """The server, and the handlers of its connections: closing a server leaves those
+    running (a silent answer sleeps 30 s), so ``close`` ends them too."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await _serve(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def start() -> tuple[Hostile, str]:
     """The hostile upstream on a free loopback port, and its objects URL."""
+    hostile = Hostile()
     # A deep accept queue: released lookups connect in bursts of thousands.
-    server = await asyncio.start_server(_serve, "127.0.0.1", 0, backlog=4096)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server = await asyncio.start_server(hostile._handle, "127.0.0.1", 0, backlog=4096)
+    hostile.server = server
+    return hostile, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
