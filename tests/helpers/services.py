@@ -21,7 +21,17 @@ Spawn = Callable[..., Coroutine[Any, Any, ServeProcess]]
 
 
 def fast_settings(**overrides: Any) -> Settings:
-    """Settings with time compressed for tests; ``overrides`` by field name."""
+    """Settings with time compressed for tests; ``overrides`` by field name.
+
+    Two differ from production's on purpose: the commit timeout is 2 s, not 0.8 s, since a
+    test machine's two cores are shared with the database and the test itself, and a commit
+    taking longer there says nothing about the code; and there is no spool, which the spool's
+    tests turn on with a file of their own (with one, a slow commit would answer with a spool
+    key where a test checks the callback id). The production configuration itself, spool and
+    timeouts included, runs in the tests that spawn `lastseen serve` (test_production,
+    test_durability, test_failover), on production's event loop (uvloop); the in-process
+    services share pytest-asyncio's loop (asyncio's), which the unit layer's virtual clock
+    builds on."""
     base: dict[str, Any] = dict(
         listen=("127.0.0.1", 0),
         ttl=2.0,
@@ -36,7 +46,7 @@ def fast_settings(**overrides: Any) -> Settings:
         shutdown_grace=2.0,
         commit_timeout=2.0,
         data_dir=Path("/nonexistent-lastseen-test-dir"),
-        spool_max_bytes=0,  # the spool's tests turn it on, with a file of their own
+        spool_max_bytes=0,
     )
     base.update(overrides)
     return Settings.load({}, base)
