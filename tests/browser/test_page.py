@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -139,6 +140,15 @@ async def test_the_page_loads_and_follows_callbacks_as_they_arrive(
         sent = await load
     received = int((await page.locator("#received").text_content() or "0").replace(",", ""))
     assert 0 < received <= sent
+    # The labels say what their figures are: the role as configured, one callback in the
+    # singular, the retries against the lookups done (refused callbacks belong to receiving).
+    assert (await page.locator("#instance").text_content() or "").endswith("· all")
+    held, noun, *_ = (await page.locator("#active").text_content() or "").split(" ")
+    assert noun == ("callback" if held == "1" else "callbacks")
+    assert re.fullmatch(
+        r"of [\d,]+ lookups? done", await page.locator("#retries-of").text_content() or ""
+    )
+    assert "newest received first" in (await page.locator("#dead-letters h2").text_content() or "")
     assert (watched.errors, watched.failed) == ([], [])
 
 

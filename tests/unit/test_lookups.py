@@ -148,6 +148,26 @@ def test_a_permanent_failure_is_delivered_at_once(clock: ManualClock, metrics: M
     assert sample(metrics, "lastseen_lookup_retries_total", reason="http_4xx") == 0
 
 
+def test_the_upstream_s_latency_counts_requests_that_reached_it(
+    clock: ManualClock, metrics: Metrics
+) -> None:
+    """A refused connect takes microseconds and says nothing of the upstream: the latency
+    histogram counts the answers (a 5xx too), not the connects that failed."""
+    upstream = FakeUpstream(clock)
+    upstream.script[3] = [transient(3, "connection"), transient(3, "connection"), True]
+    upstream.script[5] = [transient(5, "http_5xx"), True]
+    lookups, _ = build(clock, metrics, upstream)
+
+    async def main() -> None:
+        lookups.add(held(1, clock.wall()), 3)
+        lookups.add(held(2, clock.wall()), 5)
+        await asyncio.sleep(5)
+
+    run(clock, main())
+    assert (len(upstream.sent(3)), len(upstream.sent(5))) == (3, 2)
+    assert sample(metrics, "lastseen_lookup_seconds_count") == 3  # 3's answer, 5's two
+
+
 def test_an_attempt_that_crashes_is_retried(clock: ManualClock, metrics: Metrics) -> None:
     """A bug in sending must not strand the callbacks: it counts as a transient failure."""
     upstream = FakeUpstream(clock)

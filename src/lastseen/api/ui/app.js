@@ -203,6 +203,8 @@ function groups(letters) {
     if (!rows.has(key)) rows.set(key, { ...d, ids: [] });
     rows.get(key).ids.push(d.object_id);
   }
+  // The letters come newest received first; a row's ids read in their own order.
+  for (const row of rows.values()) row.ids.sort((a, b) => a - b);
   return [...rows.values()];
 }
 
