@@ -24,6 +24,7 @@ import pytest
 from helpers.podman import FIGURES, Containers, Podman
 from helpers.podman import missing as podman_missing
 from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
+from helpers.tables import own_database
 
 from lastseen.devtools.database import with_database
 from lastseen.devtools.dbproxy import DatabaseProxy
@@ -97,18 +98,8 @@ def template_name(pg_url: str) -> str:
 @pytest.fixture
 async def db_url(pg_url: str, template_name: str) -> AsyncIterator[str]:
     """A fresh, migrated database of this test's own."""
-    name = f"t_{os.getpid()}_{next(_names)}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_url, name)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with own_database(pg_url, f"t_{os.getpid()}_{next(_names)}", template_name) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+from helpers.tables import own_database
 
 from lastseen.core.model import DeadLetterFilter
-from lastseen.devtools.database import with_database
 from lastseen.storage.arrays import ResultBatch, id_array
 from lastseen.storage.database import Database, Q, load_migrations
 
@@ -26,19 +26,8 @@ TTL = 60.0
 @pytest.fixture
 async def empty_url(pg_url: str) -> AsyncIterator[str]:
     """A database of this test's own with no schema at all."""
-    name = f"upgrade_{os.getpid()}"
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield with_database(pg_url, name)
-    conn = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with own_database(pg_url, f"upgrade_{os.getpid()}") as url:
+        yield url
 
 
 async def migrate_to(sql: asyncpg.Connection, version: int) -> None:
