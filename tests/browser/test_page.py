@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,6 +150,25 @@ async def test_the_page_loads_and_follows_callbacks_as_they_arrive(
         r"of [\d,]+ lookups? done", await page.locator("#retries-of").text_content() or ""
     )
     assert "newest received first" in (await page.locator("#dead-letters h2").text_content() or "")
+    assert (watched.errors, watched.failed) == ([], [])
+
+
+async def test_an_unreachable_upstream_is_named_on_the_page(
+    browser: Browser, start_service: StartService
+) -> None:
+    """With nothing listening at the objects URL (a newcomer's `make run`), the page's
+    upstream badge names the URL and the cause, connection refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed once the block ends
+    service = await start_service(objects_url=url, ttl=30.0)
+    assert (await service.post('{"object_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}'))[0] == 202
+    watched = await _open(browser, service.url + "/ui/")
+    badge = watched.page.locator("#upstream")
+    await expect(badge).to_have_text(
+        f"upstream failing (connection: connection refused) at {url}: lookups held",
+        timeout=20_000,
+    )
     assert (watched.errors, watched.failed) == ([], [])
 
 
