@@ -202,6 +202,7 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
         online_rule=args.online,
         seed=args.seed,
         max_examples=args.examples,
+        expect=tuple(args.expect),
     )
 
 

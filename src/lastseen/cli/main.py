@@ -205,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0, help="the simulator's --seed, for random:P")
     check.add_argument("--examples", type=int, default=5, help="examples listed per discrepancy")
+    check.add_argument(
+        "--expect",
+        choices=("expired", "offline"),
+        action="append",
+        default=[],
+        help="fail unless the run deleted objects this way (by the TTL, or for going "
+        "offline); may be repeated [expect neither]",
+    )
     check.set_defaults(run=do.verify)
 
     demo = commands.add_parser(

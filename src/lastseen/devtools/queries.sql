@@ -21,3 +21,8 @@ SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn;
 -- name: count_callbacks
 -- How many callbacks are stored, done or not.
 SELECT count(*) FROM callbacks;
+
+-- name: count_retries
+-- Callbacks made by retrying dead letters, and how many of them are processed.
+SELECT count(*), count(*) FILTER (WHERE done_at IS NOT NULL) FROM callbacks
+WHERE retry_of IS NOT NULL;
