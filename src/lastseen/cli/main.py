@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run the service, the simulator and a live dashboard in one process, then verify",
         description="Starts the embedded PostgreSQL (in DATA_DIR/demo, emptied each run), the "
-        "service, the simulated upstream and producer; shows a dashboard until Ctrl-C or "
+        "service, the simulated upstream and producer; shows a dashboard (and, in the default "
+        "story, names each deletion and dead letter as it happens) until Ctrl-C or "
         "--duration; then lets the pipeline finish, verifies the run and prints a summary. "
         "Exits 1 if the verification fails. See docs/guides/demo.md.",
     )
@@ -228,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulator_arguments(demo, standalone=False)
     shown = demo.add_argument_group("dashboard")
+    shown.add_argument(
+        "--scenario",
+        choices=("story", "reference"),
+        default="story",
+        help="story: a scripted run that shows expiry, offline, coalescing and a dead letter "
+        "retried, 2 x TTL long unless --duration says otherwise; reference: the reference "
+        "producer's random ids (with --rate, --id-universe ...), until Ctrl-C [story]",
+    )
     shown.add_argument(
         "--refresh", type=float, default=0.5, metavar="SECONDS", help="live view refresh [0.5]"
     )

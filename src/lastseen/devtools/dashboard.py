@@ -5,7 +5,8 @@ online objects from the database (as ``/metrics`` does), and the rest from the s
 quantiles cover only the recent ``window``: the bucket counts of the newest reading minus those
 of the reading ``window`` seconds older, then interpolated within the bucket that holds the rank,
 as Prometheus' ``histogram_quantile`` does. So they follow the system as it changes, and they
-are only as precise as the buckets (metrics.py) are fine.
+are only as precise as the buckets (metrics.py) are fine. Below the figures, the events
+(events.py) name what happened to objects and dead letters as the database shows it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import asyncpg
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from lastseen.core.errors import DatabaseError
+from lastseen.devtools.events import Events
 from lastseen.telemetry.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
@@ -56,6 +60,7 @@ class Figures:
     lookups_in_flight: int
     lookups: int
     lookup_rate: float
+    coalesced: int
     retries: int
     objects_online: int | None
     deleted_expired: int
@@ -66,6 +71,9 @@ class Figures:
     upstream_requests: int
     upstream_in_flight: int
     upstream_faults: int
+    # Events: the last few, and those new in this frame.
+    events: tuple[str, ...] = ()
+    new_events: tuple[str, ...] = ()
 
 
 class Dashboard:
@@ -80,6 +88,11 @@ class Dashboard:
         self._readings: collections.deque[tuple[Reading, int]] = collections.deque()
         self._pending: tuple[int, float | None] | None = None
         self._online: int | None = None
+        self.events = Events(service.settings.ttl)
+
+    def note(self, text: str) -> None:
+        """An event from outside the database (the demo's own actions)."""
+        self.events.note(f"[{_clock(time.monotonic() - self.started)}] {text}")
 
     async def _database_figures(self) -> None:
         # Sampled like /metrics does: a slow database leaves the last figures, never a failure.
@@ -96,6 +109,14 @@ class Dashboard:
         now = time.monotonic()
         await self._database_figures()
         reading = Reading.of_registry(self.service.metrics.registry, now)
+        new_events: list[str] = []
+        try:
+            clock = _clock(now - self.started)
+            new_events = await asyncio.wait_for(
+                self.events.sample(self.service.db, reading, clock), 2.0
+            )
+        except (DatabaseError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # the next frame sees what this one missed
         producer = self.simulator.producer
         upstream = self.simulator.upstream
         self._readings.append((reading, producer.stats["sent"] if producer else 0))
@@ -132,6 +153,7 @@ class Dashboard:
             lookup_rate=rate(
                 reading.total("lastseen_lookups_total"), old.total("lastseen_lookups_total")
             ),
+            coalesced=int(reading.total("lastseen_lookups_coalesced_total")),
             retries=int(reading.total("lastseen_lookup_retries_total")),
             objects_online=self._online,
             deleted_expired=int(deleted.get("expired", 0)),
@@ -148,6 +170,8 @@ class Dashboard:
                 if upstream
                 else 0
             ),
+            events=tuple(self.events.recent),
+            new_events=tuple(new_events),
         )
 
 
@@ -207,6 +231,7 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
             ("oldest pending", seconds(f.oldest_pending)),
             ("lookups in flight", _n(f.lookups_in_flight)),
             ("lookups done", f"{_n(f.lookups)} ({f.lookup_rate:.0f}/s)"),
+            ("lookups coalesced", _n(f.coalesced)),
             ("lookup retries", _n(f.retries)),
             ("online objects", _n(f.objects_online)),
             ("deleted: expired / offline", f"{f.deleted_expired:,} / {f.deleted_offline:,}"),
@@ -234,7 +259,23 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
     right = Group(service, "", latency)
     grid = Table.grid(padding=(0, 4))
     grid.add_row(left, right)
-    return Panel(grid, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+    body: RenderableType = grid
+    if f.events:
+        events = Table.grid()
+        events.add_row("[bold]Events[/bold]")
+        for text in f.events:
+            events.add_row(Text(text))
+        body = Group(grid, "", events)
+    return Panel(body, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+
+
+def deletions(f: Figures) -> str:
+    """What the service's metrics say it did of what the story shows."""
+    return (
+        f"service: deleted {f.deleted_expired:,} objects by the TTL and {f.deleted_offline:,} "
+        f"for going offline; {f.coalesced:,} lookups coalesced; "
+        f"{sum(f.dead_letters.values()):,} dead letters"
+    )
 
 
 def line(f: Figures) -> str:

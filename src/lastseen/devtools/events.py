@@ -1,0 +1,131 @@
+"""The demo's events: what happened to objects and dead letters, named as the database shows it.
+
+Each sample compares the database with the previous sample: rows of ``objects`` that appeared
+("objects 10, 11 online: rows created"), rows that went (by their age: a row older than the TTL
+went by the TTL, "object 20 expired (last seen 30.2 s ago)"; a younger one because the upstream
+said offline, "object 30 went offline: deleted"), new dead letters, dead letters retried (a
+callback whose ``retry_of`` is set), and, from the service's metrics, lookups coalesced. With
+more than ``max_rows`` objects (a large id universe) rows are not named, only counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable
+from datetime import datetime
+
+from lastseen.devtools import database as devdb
+from lastseen.storage.database import Database
+from lastseen.telemetry.promtext import Reading
+
+
+def _ids(ids: Iterable[int], most: int = 8) -> str:
+    listed = sorted(ids)
+    text = ", ".join(map(str, listed[:most]))
+    return text + (f" and {len(listed) - most} more" if len(listed) > most else "")
+
+
+class Events:
+    """Finds the events since the last sample; ``recent`` keeps the last ``keep`` of them."""
+
+    def __init__(self, ttl: float, *, max_rows: int = 1000, keep: int = 10) -> None:
+        self.ttl = ttl
+        self.max_rows = max_rows
+        self.recent: collections.deque[str] = collections.deque(maxlen=keep)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._rows: dict[int, datetime] | None = None
+        self._letters: set[tuple[int, int]] | None = None
+        self._last_retry = 0
+        self._retried_ids: set[int] = set()
+        self._coalesced = 0.0
+        self._deleted: dict[str, float] = {}
+        self._notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        """An event told from outside, shown with the next sample's."""
+        self._notes.append(text)
+
+    async def sample(self, db: Database, reading: Reading, clock: str) -> list[str]:
+        """The new events, each prefixed with ``clock``; also appended to ``recent``."""
+        found = await self._dead_letters(db)
+        found += await self._objects(db, reading)
+        coalesced = reading.total("lastseen_lookups_coalesced_total")
+        if coalesced > self._coalesced:
+            n = int(coalesced - self._coalesced)
+            found.append(
+                f"{n} lookups coalesced: ids in overlapping callbacks shared one upstream "
+                "request each"
+            )
+            self.counts["coalesced"] += n
+        self._coalesced = coalesced
+        stamped = [*self._notes, *(f"[{clock}] {text}" for text in found)]
+        self._notes.clear()
+        self.recent.extend(stamped)
+        return stamped
+
+    async def _objects(self, db: Database, reading: Reading) -> list[str]:
+        rows = await devdb.objects_up_to(db, self.max_rows)
+        now = time.time()
+        found: list[str] = []
+        deleted = reading.by_label("lastseen_objects_deleted_total", "cause")
+        previous, self._rows = self._rows, rows
+        if rows is None or previous is None:
+            if rows is None and previous is not None:
+                found.append(f"over {self.max_rows:,} objects: deletions counted, not named")
+            if rows is None:
+                for cause in ("expired", "offline"):
+                    n = int(deleted.get(cause, 0) - self._deleted.get(cause, 0))
+                    if n > 0:
+                        found.append(f"{n:,} objects deleted ({cause})")
+            self._deleted = deleted
+            if rows and previous is None:
+                found.append(f"objects {_ids(rows)} online: rows created")
+            return found
+        self._deleted = deleted
+        created = rows.keys() - previous.keys()
+        if created:
+            late = [i for i in created if now - rows[i].timestamp() > self.ttl / 4]
+            fresh = created.difference(late)
+            if fresh:
+                found.append(f"objects {_ids(fresh)} online: rows created")
+            for object_id in sorted(late):
+                age = now - rows[object_id].timestamp()
+                why = "its dead letter retried" if object_id in self._retried_ids else "late"
+                found.append(
+                    f"object {object_id} online: row created ({why}), last seen {age:.1f} s ago"
+                )
+        for object_id in sorted(previous.keys() - rows.keys()):
+            age = now - previous[object_id].timestamp()
+            # The reaper deletes rows older than the TTL; a result that says offline deletes
+            # one that a newer callback (younger than the TTL) named.
+            if age >= self.ttl * 0.95:
+                self.counts["expired"] += 1
+                found.append(f"object {object_id} expired (last seen {age:.1f} s ago)")
+            else:
+                self.counts["offline"] += 1
+                found.append(
+                    f"object {object_id} went offline: deleted (last seen {age:.1f} s ago)"
+                )
+        return found
+
+    async def _dead_letters(self, db: Database) -> list[str]:
+        found: list[str] = []
+        letters = await devdb.recent_dead_letters(db, 100)
+        known = self._letters or set()
+        for callback_id, object_id, reason in reversed(letters):
+            if (callback_id, object_id) not in known:
+                self.counts["dead_letters"] += 1
+                found.append(
+                    f"dead letter for object {object_id} ({reason}, callback {callback_id})"
+                )
+        self._letters = {(c, o) for c, o, _ in letters}
+        for callback_id, retry_of, ids in await devdb.retries_after(db, self._last_retry):
+            self._last_retry = callback_id
+            self.counts["retried"] += len(ids)
+            self._retried_ids.update(ids)
+            found.append(
+                f"dead letter for object{'s' if len(ids) > 1 else ''} {_ids(ids)} retried: "
+                f"callback {callback_id} (a retry of {retry_of}) queued"
+            )
+        return found
