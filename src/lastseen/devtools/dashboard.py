@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from lastseen.devtools.simulate.run import Simulator
     from lastseen.runtime.service import Service
 
+SHOWN_EVENTS = 6  # the newest events in the live view
+EVENT_WIDTH = 48
+
 LATENCIES = {
     "lookup": "lastseen_lookup_seconds",
     "lag_over_upstream": "lastseen_lag_over_upstream_seconds",
@@ -92,7 +95,7 @@ class Dashboard:
 
     def note(self, text: str) -> None:
         """An event from outside the database (the demo's own actions)."""
-        self.events.note(f"[{_clock(time.monotonic() - self.started)}] {text}")
+        self.events.note(f"{_clock(time.monotonic() - self.started)} {text}")
 
     async def _database_figures(self) -> None:
         # Sampled like /metrics does: a slow database leaves the last figures, never a failure.
@@ -255,18 +258,18 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
     for key, label in names.items():
         p50, p99 = f.latencies.get(key, (None, None))
         latency.add_row(label, seconds(p50), seconds(p99))
-    left = Group(producer, "", upstream)
+    # The events under the producer's and the upstream's figures, where the service's longer
+    # list leaves room: the frame grows no taller, and each event folds to the column's width.
+    events = Table.grid()
+    events.add_column(max_width=EVENT_WIDTH, overflow="fold")
+    events.add_row("[bold]Events[/bold]")
+    for text in f.events[-SHOWN_EVENTS:]:
+        events.add_row(Text(text))
+    left = Group(producer, "", upstream, "", events) if f.events else Group(producer, "", upstream)
     right = Group(service, "", latency)
     grid = Table.grid(padding=(0, 4))
     grid.add_row(left, right)
-    body: RenderableType = grid
-    if f.events:
-        events = Table.grid()
-        events.add_row("[bold]Events[/bold]")
-        for text in f.events:
-            events.add_row(Text(text))
-        body = Group(grid, "", events)
-    return Panel(body, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+    return Panel(grid, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
 
 
 def deletions(f: Figures) -> str:

@@ -181,6 +181,7 @@ async def run(settings: Settings, sim: SimulatorConfig, options: DemoOptions) ->
             f"(the run stopped before {sim.story.settled_at:g} s into the story: its deletions "
             "were not all due yet, and are not required)",
             highlight=False,
+            soft_wrap=True,
         )
     for text in report.lines():
         console.print(text, highlight=False, soft_wrap=True, markup=False)
@@ -206,12 +207,9 @@ async def _retry_dead_letters(
             try:
                 async with http.post(url, data=b"{}", headers=headers) as response:
                     reply = await response.json(content_type=None)
-                if isinstance(reply, dict):
-                    created = int(reply.get("callbacks_created") or 0)
-                say(
-                    f"demo: POST /dead-letters/retry answered {response.status}: "
-                    f"{created} callbacks queued"
-                )
+                queued = reply.get("callbacks_created") if isinstance(reply, dict) else None
+                created = len(queued) if isinstance(queued, list) else 0
+                say(f"demo: POST /dead-letters/retry: {response.status}, {created} queued")
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 say(f"demo: POST /dead-letters/retry failed: {exc}")
             # None to retry yet (a slow machine): again a period later, while a retry's
@@ -267,7 +265,11 @@ async def _run_service(
 
                 await _show(board, options.refresh, deadline, stops, failed, update)
         else:
-            await _show(board, options.progress_every, deadline, stops, failed, None)
+            # Sampled as often as the live view, so that each event is printed when it
+            # happens; the progress line only every progress_every.
+            await _show(
+                board, options.refresh, deadline, stops, failed, None, options.progress_every
+            )
         console.print("stopping the producer; waiting for the last callbacks", highlight=False)
         told = None if story is None else story.elapsed(time.time())
         await simulator.stop_producer()
@@ -320,9 +322,12 @@ async def _show(
     stops: _Stops,
     failed: asyncio.Future[Any],
     update: Callable[[RenderableType], None] | None,
+    progress_every: float = 0.0,
 ) -> None:
-    """Shows a frame (live) or prints a line (plain) every ``every`` seconds until a stop."""
+    """Samples every ``every`` seconds until a stop, and shows a frame (live) or prints the new
+    events, and a progress line every ``progress_every`` seconds (plain)."""
     stopped = asyncio.ensure_future(stops.stop.wait())
+    printed = time.monotonic()
     try:
         while not (stopped.done() or failed.done()):
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -334,8 +339,10 @@ async def _show(
             figures = await board.sample()
             if update is not None:
                 update(dashboard.render(figures))
-            else:
-                _print_events(figures)
+                continue
+            _print_events(figures)
+            if time.monotonic() - printed >= progress_every - every / 2:
+                printed = time.monotonic()
                 print(dashboard.line(figures), flush=True)
     finally:
         stopped.cancel()

@@ -1,9 +1,9 @@
 """The demo's events: what happened to objects and dead letters, named as the database shows it.
 
 Each sample compares the database with the previous sample: rows of ``objects`` that appeared
-("objects 10, 11 online: rows created"), rows that went (by their age: a row older than the TTL
-went by the TTL, "object 20 expired (last seen 30.2 s ago)"; a younger one because the upstream
-said offline, "object 30 went offline: deleted"), new dead letters, dead letters retried (a
+("objects 10, 11 online"), rows that went (by their age: a row older than the TTL went by the
+TTL, "object 20 expired (last seen 30.2 s ago)"; a younger one because the upstream said
+offline, "object 30 went offline: deleted at once"), new dead letters, dead letters retried (a
 callback whose ``retry_of`` is set), and, from the service's metrics, lookups coalesced. With
 more than ``max_rows`` objects (a large id universe) rows are not named, only counted.
 """
@@ -18,6 +18,12 @@ from datetime import datetime
 from lastseen.devtools import database as devdb
 from lastseen.storage.database import Database
 from lastseen.telemetry.promtext import Reading
+
+COALESCED = "lookups coalesced (shared requests)"
+
+
+def _objects(ids: list[int]) -> str:
+    return f"object{'s' if len(ids) > 1 else ''} {_ids(ids)}"
 
 
 def _ids(ids: Iterable[int], most: int = 8) -> str:
@@ -53,15 +59,16 @@ class Events:
         coalesced = reading.total("lastseen_lookups_coalesced_total")
         if coalesced > self._coalesced:
             n = int(coalesced - self._coalesced)
-            found.append(
-                f"{n} lookups coalesced: ids in overlapping callbacks shared one upstream "
-                "request each"
-            )
+            found.append(f"{n} {COALESCED}")
             self.counts["coalesced"] += n
         self._coalesced = coalesced
-        stamped = [*self._notes, *(f"[{clock}] {text}" for text in found)]
+        stamped = [*self._notes, *(f"{clock} {text}" for text in found)]
         self._notes.clear()
-        self.recent.extend(stamped)
+        for text in stamped:
+            # A burst after a burst: one line in the view, the newest, not a screenful.
+            if self.recent and COALESCED in self.recent[-1] and COALESCED in text:
+                self.recent.pop()
+            self.recent.append(text)
         return stamped
 
     async def _objects(self, db: Database, reading: Reading) -> list[str]:
@@ -72,7 +79,7 @@ class Events:
         previous, self._rows = self._rows, rows
         if rows is None or previous is None:
             if rows is None and previous is not None:
-                found.append(f"over {self.max_rows:,} objects: deletions counted, not named")
+                found.append(f"over {self.max_rows:,} objects: counted, not named")
             if rows is None:
                 for cause in ("expired", "offline"):
                     n = int(deleted.get(cause, 0) - self._deleted.get(cause, 0))
@@ -80,7 +87,7 @@ class Events:
                         found.append(f"{n:,} objects deleted ({cause})")
             self._deleted = deleted
             if rows and previous is None:
-                found.append(f"objects {_ids(rows)} online: rows created")
+                found.append(f"objects {_ids(rows)} online")
             return found
         self._deleted = deleted
         created = rows.keys() - previous.keys()
@@ -88,25 +95,28 @@ class Events:
             late = [i for i in created if now - rows[i].timestamp() > self.ttl / 4]
             fresh = created.difference(late)
             if fresh:
-                found.append(f"objects {_ids(fresh)} online: rows created")
+                found.append(f"objects {_ids(fresh)} online")
             for object_id in sorted(late):
                 age = now - rows[object_id].timestamp()
-                why = "its dead letter retried" if object_id in self._retried_ids else "late"
-                found.append(
-                    f"object {object_id} online: row created ({why}), last seen {age:.1f} s ago"
-                )
+                why = "dead letter retried" if object_id in self._retried_ids else "late answer"
+                found.append(f"object {object_id} online ({why}, last seen {age:.1f} s ago)")
+        # The reaper deletes rows older than the TTL; a result that says offline deletes one
+        # that a newer callback (younger than the TTL) named. Ids that went together (one
+        # reaper round, one callback's results) are named together.
+        expired: dict[float, list[int]] = collections.defaultdict(list)
+        offline: list[int] = []
         for object_id in sorted(previous.keys() - rows.keys()):
             age = now - previous[object_id].timestamp()
-            # The reaper deletes rows older than the TTL; a result that says offline deletes
-            # one that a newer callback (younger than the TTL) named.
             if age >= self.ttl * 0.95:
-                self.counts["expired"] += 1
-                found.append(f"object {object_id} expired (last seen {age:.1f} s ago)")
+                expired[round(age, 1)].append(object_id)
             else:
-                self.counts["offline"] += 1
-                found.append(
-                    f"object {object_id} went offline: deleted (last seen {age:.1f} s ago)"
-                )
+                offline.append(object_id)
+        for age, ids in sorted(expired.items(), reverse=True):
+            self.counts["expired"] += len(ids)
+            found.append(f"{_objects(ids)} expired (last seen {age:.1f} s ago)")
+        if offline:
+            self.counts["offline"] += len(offline)
+            found.append(f"{_objects(offline)} went offline: deleted at once")
         return found
 
     async def _dead_letters(self, db: Database) -> list[str]:
@@ -116,16 +126,11 @@ class Events:
         for callback_id, object_id, reason in reversed(letters):
             if (callback_id, object_id) not in known:
                 self.counts["dead_letters"] += 1
-                found.append(
-                    f"dead letter for object {object_id} ({reason}, callback {callback_id})"
-                )
+                found.append(f"dead letter: object {object_id} ({reason})")
         self._letters = {(c, o) for c, o, _ in letters}
-        for callback_id, retry_of, ids in await devdb.retries_after(db, self._last_retry):
+        for callback_id, _retry_of, ids in await devdb.retries_after(db, self._last_retry):
             self._last_retry = callback_id
             self.counts["retried"] += len(ids)
             self._retried_ids.update(ids)
-            found.append(
-                f"dead letter for object{'s' if len(ids) > 1 else ''} {_ids(ids)} retried: "
-                f"callback {callback_id} (a retry of {retry_of}) queued"
-            )
+            found.append(f"dead letter retried: {_objects(ids)}")
         return found
