@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from lastseen.devtools.simulate.run import Simulator
     from lastseen.runtime.service import Service
 
-SHOWN_EVENTS = 6  # the newest events in the live view
-EVENT_WIDTH = 48
+SHOWN_EVENTS = 5  # the newest events in the live view
 
 LATENCIES = {
     "lookup": "lastseen_lookup_seconds",
@@ -258,26 +257,27 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
     for key, label in names.items():
         p50, p99 = f.latencies.get(key, (None, None))
         latency.add_row(label, seconds(p50), seconds(p99))
-    # The events under the producer's and the upstream's figures, where the service's longer
-    # list leaves room: the frame grows no taller, and each event folds to the column's width.
-    events = Table.grid()
-    events.add_column(max_width=EVENT_WIDTH, overflow="fold")
-    events.add_row("[bold]Events[/bold]")
-    for text in f.events[-SHOWN_EVENTS:]:
-        events.add_row(Text(text))
-    left = Group(producer, "", upstream, "", events) if f.events else Group(producer, "", upstream)
-    right = Group(service, "", latency)
     grid = Table.grid(padding=(0, 4))
-    grid.add_row(left, right)
-    return Panel(grid, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+    grid.add_row(Group(producer, "", upstream), Group(service, "", latency))
+    body: RenderableType = grid
+    if f.events:
+        # The newest few, one line each, under the figures.
+        events = Table.grid()
+        events.add_column(no_wrap=True, overflow="ellipsis")
+        events.add_row("[bold]Events[/bold]")
+        for text in f.events[-SHOWN_EVENTS:]:
+            events.add_row(Text(text))
+        body = Group(grid, "", events)
+    return Panel(body, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
 
 
 def deletions(f: Figures) -> str:
     """What the service's metrics say it did of what the story shows."""
+    dead = sum(f.dead_letters.values())
     return (
         f"service: deleted {f.deleted_expired:,} objects by the TTL and {f.deleted_offline:,} "
         f"for going offline; {f.coalesced:,} lookups coalesced; "
-        f"{sum(f.dead_letters.values()):,} dead letters"
+        f"{dead:,} dead letter{'' if dead == 1 else 's'}"
     )
 
 

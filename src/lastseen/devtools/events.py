@@ -87,7 +87,7 @@ class Events:
                         found.append(f"{n:,} objects deleted ({cause})")
             self._deleted = deleted
             if rows and previous is None:
-                found.append(f"objects {_ids(rows)} online")
+                found.append(f"{_objects(sorted(rows))} online")
             return found
         self._deleted = deleted
         created = rows.keys() - previous.keys()
@@ -95,7 +95,7 @@ class Events:
             late = [i for i in created if now - rows[i].timestamp() > self.ttl / 4]
             fresh = created.difference(late)
             if fresh:
-                found.append(f"objects {_ids(fresh)} online")
+                found.append(f"{_objects(sorted(fresh))} online")
             for object_id in sorted(late):
                 age = now - rows[object_id].timestamp()
                 why = "dead letter retried" if object_id in self._retried_ids else "late answer"

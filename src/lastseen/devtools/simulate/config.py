@@ -134,7 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
         "--duration",
         type=_seconds,
         metavar="SECONDS",
-        help="stop after this many seconds [default: run until Ctrl-C or SIGTERM]",
+        help="stop after this many seconds [default: run until Ctrl-C or SIGTERM]"
+        if standalone
+        else "stop after this many seconds [default: the story's length, 2 x TTL; with "
+        "--scenario reference, until Ctrl-C or SIGTERM]",
     )
     run.add_argument(
         "--truth-dir",
