@@ -47,6 +47,10 @@ async def recent_dead_letters(db: Database, limit: int) -> list[tuple[int, int, 
     return [(r[0], r[1], r[2]) for r in await db.pool.fetch(Q["recent_dead_letters"], limit)]
 
 
+async def newest_callback(db: Database) -> int:
+    return int(await db.pool.fetchval(Q["newest_callback"]))
+
+
 async def retries_after(db: Database, callback_id: int) -> list[tuple[int, int, list[int]]]:
     """Callbacks made by retrying dead letters, after ``callback_id``: (id, retry of, ids)."""
     rows = await db.pool.fetch(Q["retries_after"], callback_id)

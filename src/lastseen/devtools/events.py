@@ -20,6 +20,7 @@ from lastseen.storage.database import Database
 from lastseen.telemetry.promtext import Reading
 
 COALESCED = "lookups coalesced (shared requests)"
+RETRY_MARGIN = 10_000  # callback ids: how far out of order commits may land
 
 
 def _objects(ids: list[int]) -> str:
@@ -27,7 +28,7 @@ def _objects(ids: list[int]) -> str:
 
 
 def _ids(ids: Iterable[int], most: int = 8) -> str:
-    listed = sorted(ids)
+    listed = sorted(set(ids))
     text = ", ".join(map(str, listed[:most]))
     return text + (f" and {len(listed) - most} more" if len(listed) > most else "")
 
@@ -42,7 +43,8 @@ class Events:
         self.counts: collections.Counter[str] = collections.Counter()
         self._rows: dict[int, datetime] | None = None
         self._letters: set[tuple[int, int]] | None = None
-        self._last_retry = 0
+        self._newest = 0  # the newest callback id at the last sample
+        self._retries: set[int] = set()
         self._retried_ids: set[int] = set()
         self._coalesced = 0.0
         self._deleted: dict[str, float] = {}
@@ -96,10 +98,13 @@ class Events:
             fresh = created.difference(late)
             if fresh:
                 found.append(f"{_objects(sorted(fresh))} online")
+            by_why: dict[str, list[int]] = collections.defaultdict(list)
             for object_id in sorted(late):
-                age = now - rows[object_id].timestamp()
-                why = "dead letter retried" if object_id in self._retried_ids else "late answer"
-                found.append(f"object {object_id} online ({why}, last seen {age:.1f} s ago)")
+                retried = object_id in self._retried_ids
+                by_why["dead letter retried" if retried else "late answer"].append(object_id)
+            for why, ids in sorted(by_why.items()):
+                age = max(now - rows[i].timestamp() for i in ids)
+                found.append(f"{_objects(ids)} online ({why}, last seen {age:.1f} s ago)")
         # The reaper deletes rows older than the TTL; a result that says offline deletes one
         # that a newer callback (younger than the TTL) named. Ids that went together (one
         # reaper round, one callback's results) are named together.
@@ -111,9 +116,16 @@ class Events:
                 expired[round(age, 1)].append(object_id)
             else:
                 offline.append(object_id)
+        if len(expired) > 2:  # many at once (a large run): one line, not one per age
+            ages = sorted(expired)
+            ids = sorted(i for group in expired.values() for i in group)
+            expired = {ages[-1]: ids}
+            span = f"{ages[0]:.1f}-{ages[-1]:.1f}"
+        else:
+            span = ""
         for age, ids in sorted(expired.items(), reverse=True):
             self.counts["expired"] += len(ids)
-            found.append(f"{_objects(ids)} expired (last seen {age:.1f} s ago)")
+            found.append(f"{_objects(ids)} expired (last seen {span or f'{age:.1f}'} s ago)")
         if offline:
             self.counts["offline"] += len(offline)
             found.append(f"{_objects(offline)} went offline: deleted at once")
@@ -123,14 +135,24 @@ class Events:
         found: list[str] = []
         letters = await devdb.recent_dead_letters(db, 100)
         known = self._letters or set()
+        by_reason: dict[str, list[int]] = collections.defaultdict(list)
         for callback_id, object_id, reason in reversed(letters):
             if (callback_id, object_id) not in known:
-                self.counts["dead_letters"] += 1
-                found.append(f"dead letter: object {object_id} ({reason})")
+                by_reason[reason].append(object_id)
+        for reason, ids in sorted(by_reason.items()):
+            self.counts["dead_letters"] += len(ids)
+            found.append(f"dead letter{'s' if len(ids) > 1 else ''}: {_objects(ids)} ({reason})")
         self._letters = {(c, o) for c, o, _ in letters}
-        for callback_id, _retry_of, ids in await devdb.retries_after(db, self._last_retry):
-            self._last_retry = callback_id
+        # Only the callbacks stored since the last sample are read (by id, an index range),
+        # with a margin for those committed out of order: not the whole audit table each time.
+        newest = await devdb.newest_callback(db)
+        since = max(0, self._newest - RETRY_MARGIN)
+        for callback_id, _retry_of, ids in await devdb.retries_after(db, since):
+            if callback_id in self._retries:
+                continue
+            self._retries.add(callback_id)
             self.counts["retried"] += len(ids)
             self._retried_ids.update(ids)
             found.append(f"dead letter retried: {_objects(ids)}")
+        self._newest = newest
         return found

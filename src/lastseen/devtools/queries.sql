@@ -36,6 +36,10 @@ SELECT id, last_seen FROM objects ORDER BY id LIMIT $1 + 1;
 -- The newest dead letters, for the demo's events.
 SELECT callback_id, object_id, reason FROM dead_letters ORDER BY created_at DESC LIMIT $1;
 
+-- name: newest_callback
+-- The newest callback's id (0 for none), for the demo's events.
+SELECT coalesce(max(id), 0) FROM callbacks;
+
 -- name: retries_after
 -- Callbacks made by retrying dead letters, after callback $1, for the demo's events.
 SELECT id, retry_of, object_ids FROM callbacks WHERE retry_of IS NOT NULL AND id > $1
