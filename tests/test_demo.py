@@ -36,13 +36,21 @@ FAST = [
 
 @pytest.mark.slow
 async def test_demo_without_a_terminal_runs_and_verifies(tmp_path: Path) -> None:
-    """`lastseen demo --duration 3` on a fresh data dir starts the embedded PostgreSQL, the
-    service and the simulator, prints plain progress lines, and ends with a summary saying
-    that every callback was acknowledged and every acknowledged callback was processed; it
+    """`lastseen demo --scenario reference --duration 3` on a fresh data dir starts the
+    embedded PostgreSQL, the service and the simulator (the reference producer), prints plain
+    progress lines, and ends with a summary saying that every callback was acknowledged and
+    every acknowledged callback was processed; it
     exits 0."""
     # A producer's timeout of 10 s, not the reference's 1 s: a reply a busy machine is slow to
     # send is not a missed callback.
-    result = await run_cli("demo", f"--data-dir={tmp_path}", "--duration=3", "--timeout=10", *FAST)
+    result = await run_cli(
+        "demo",
+        f"--data-dir={tmp_path}",
+        "--scenario=reference",
+        "--duration=3",
+        "--timeout=10",
+        *FAST,
+    )
     assert result.code == 0, result.stdout + result.stderr
     out = result.stdout
     assert "╭" not in out  # no live view without a terminal
@@ -56,6 +64,67 @@ async def test_demo_without_a_terminal_runs_and_verifies(tmp_path: Path) -> None
     assert "lastseen verify: PASS" in out
     assert f"all {acknowledged} acknowledged callbacks were processed" in out
     assert (tmp_path / "demo" / "truth" / "callbacks.jsonl").exists()
+
+
+def named(event: str, out: str) -> dict[int, str]:
+    """The objects the events ``objects 1, 2 <event>`` name, each with the event's group."""
+    found = {}
+    for match in re.finditer(rf"objects? ([\d, ]+) {event}", out):
+        for object_id in match[1].split(", "):
+            found[int(object_id)] = match[2]
+    return found
+
+
+@pytest.mark.slow
+async def test_the_story_shows_expiry_offline_coalescing_and_a_dead_letter_retried(
+    tmp_path: Path,
+) -> None:
+    """The default scenario, time compressed (TTL 3 s, a tick every 0.2 s, 6 s in all): the
+    events name the leaving ids expired a TTL after they were last seen, the going-offline ids
+    deleted at once, the lookups coalesced and the dead letter retried; the service's metrics
+    count both kinds of deletion and the coalesced lookups; and verify passes, having checked
+    both kinds of deletion, which it required."""
+    fast = [arg for arg in FAST if not arg.startswith("--ttl=")]
+    result = await run_cli(
+        "demo", f"--data-dir={tmp_path}", "--ttl=3", "--timeout=10", "--refresh=0.1", *fast
+    )
+    out = result.stdout
+    assert result.code == 0, out + result.stderr
+    assert "story (TTL 3 s, a callback every 0.2 s, 6 s in all):" in out
+    expired = named(r"expired \(last seen ([\d.]+) s ago\)", out)
+    # 20, 21, 22, and 50: the retried dead letter's row, a TTL after the first callback.
+    assert sorted(expired) == [20, 21, 22, 50], out
+    assert all(float(age) >= 3 * 0.95 for age in expired.values())
+    assert sorted(named("went offline: deleted at once()", out)) == [30, 31, 32], out
+    assert "dead letter: object 50 (http_4xx)" in out
+    assert "demo: POST /dead-letters/retry: 200, 1 queued" in out
+    assert "dead letter retried: object 50" in out
+    assert "lookups coalesced (shared requests)" in out
+    metrics = re.search(
+        r"service: deleted (\d+) objects by the TTL and (\d+) for going offline; "
+        r"(\d+) lookups coalesced",
+        out,
+    )
+    assert metrics is not None, out
+    assert int(metrics[1]) == 4  # 20, 21, 22 and 50
+    assert int(metrics[2]) == 3  # 30, 31, 32
+    assert int(metrics[3]) > 0
+    assert "lastseen verify: PASS" in out
+    assert "deletions: expired: 4 checked" in out
+    assert "offline: 3 checked" in out
+    assert "required: expired and offline" in out
+    assert "1 retried, 1 of them processed" in out
+
+
+@pytest.mark.slow
+async def test_a_story_stopped_early_requires_no_deletions(tmp_path: Path) -> None:
+    """Stopped before its deletions were due (--duration 1 of a 4 s story), the demo's verify
+    passes without requiring them, and says so."""
+    result = await run_cli("demo", f"--data-dir={tmp_path}", "--duration=1", *FAST)
+    assert result.code == 0, result.stdout + result.stderr
+    assert "its deletions were not all due yet, and are not required" in result.stdout
+    assert "lastseen verify: PASS" in result.stdout
+    assert "required:" not in result.stdout
 
 
 @pytest.mark.slow
@@ -121,12 +190,19 @@ async def test_dashboard_shows_every_figure(start_service: StartService, tmp_pat
         "lookups in flight",
         "online objects",
         "deleted: expired / offline",
+        "lookups coalesced",
         "upstream lookup",
         "lag over upstream",
         "dead letters",
+        "Events",
     ):
         assert label in text, label
     assert f"{figures.objects_online:,}" in text
+    # The events, as the database shows them: rows created, dead letters recorded.
+    assert any(" online" in event for event in figures.events), figures.events
+    assert any(event.split(" ", 1)[1].startswith("dead letter") for event in figures.events), (
+        figures.events
+    )
     line = dashboard.line(figures)
     assert f"sent {figures.sent} acked {figures.acknowledged}" in line
 

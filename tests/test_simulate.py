@@ -22,6 +22,7 @@ from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.producer import ProducerConfig
 from lastseen.devtools.simulate.run import Simulator
+from lastseen.devtools.simulate.story import DEAD_LETTER, GOING_OFFLINE, LEAVING, STEADY, Story
 from lastseen.devtools.simulate.upstream import UpstreamConfig
 from lastseen.devtools.verify import Report, verify
 from lastseen.storage.database import Database
@@ -328,3 +329,58 @@ async def test_verify_fails_when_the_objects_table_is_tampered_with(
     assert f"object {moved}: last_seen" in result.stdout
     assert "wrong_last_seen: 1" in result.stdout
     assert len(mine) == 3
+
+
+def test_the_story_changes_what_is_sent_and_answered_over_time() -> None:
+    """The story's timeline, in its TTL (30 s) and period (5 s): the leaving ids until 10 s, the
+    dead-letter id in the first callback only, a burst of 3 every third tick from the second;
+    the going-offline ids online until 20 s; the dead-letter id answered 400 until 10 s."""
+    story = Story(ttl=30, period=5)
+    assert story.length == 60
+    assert story.retry_at == 15
+    assert story.settled_at == 10 + 30 + 5 + 1  # the last tick with the leaving ids, a TTL
+    first = story.callbacks(0)
+    assert len(first) == 1
+    assert DEAD_LETTER in first[0]
+    assert set(LEAVING) <= set(first[0])
+    assert len(story.callbacks(1)) == 3
+    assert len(story.callbacks(2)) == 1
+    assert set(LEAVING) <= set(story.callbacks(2)[0])  # 10 s
+    later = story.callbacks(3)[0]  # 15 s
+    assert not set(LEAVING) & set(later)
+    assert DEAD_LETTER not in later
+    assert set(STEADY) | set(GOING_OFFLINE) == set(later)
+    story.begin(1000.0)
+    offline = GOING_OFFLINE[0]
+    assert story.online(offline, 1019.9)
+    assert not story.online(offline, 1020.0)
+    assert story.online(STEADY[0], 2000.0)
+    assert story.fault(DEAD_LETTER, 1009.9) == "invalid_400"
+    assert story.fault(DEAD_LETTER, 1010.0) is None
+    assert story.fault(STEADY[0], 1000.0) is None
+
+
+async def test_verify_expect_fails_a_run_without_deletions(
+    db_url: str, start_service: StartService, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A reference run (even ids online, never changing) within its TTL deletes nothing:
+    `lastseen verify` passes, saying it checked no deletions, and fails with --expect expired
+    --expect offline, naming both."""
+    ttl = 30.0
+    simulator, _ = await simulated_run(start_service, sim_config(tmp_path), 1.0, ttl=ttl)
+    try:
+        await all_done(sql)
+        simulator.flush()
+        args = [f"--truth-dir={tmp_path}", f"--database-url={db_url}", f"--ttl={ttl:g}"]
+        plain = await run_cli("verify", *args)
+        expecting = await run_cli("verify", *args, "--expect=expired", "--expect=offline")
+    finally:
+        await simulator.stop()
+    assert plain.code == 0, plain.stdout + plain.stderr
+    assert "deletions: expired: 0 checked" in plain.stdout
+    assert "offline: 0 checked" in plain.stdout
+    assert expecting.code == 1, expecting.stdout + expecting.stderr
+    assert "lastseen verify: FAIL: 2 discrepancies" in expecting.stdout
+    assert "no_expired: 1" in expecting.stdout
+    assert "no_offline: 1" in expecting.stdout
+    assert "required: expired and offline" in expecting.stdout

@@ -202,6 +202,7 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
         online_rule=args.online,
         seed=args.seed,
         max_examples=args.examples,
+        expect=tuple(args.expect),
     )
 
 
@@ -217,6 +218,16 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    sim = SimulatorConfig.from_arguments(args)
+    if args.scenario == "story":
+        if args.rate > 0:
+            print(
+                "lastseen demo: the story sends its own callbacks; --rate goes with "
+                "--scenario reference",
+                file=sys.stderr,
+            )
+            return 2
+        sim = sim.with_story(settings.ttl)
     options = DemoOptions(
         refresh=args.refresh,
         progress_every=args.progress_every,
@@ -225,4 +236,4 @@ async def demo(settings: Settings, args: argparse.Namespace) -> int:
         edge=args.edge,
         live=False if args.plain else None,
     )
-    return await run(settings, SimulatorConfig.from_arguments(args), options)
+    return await run(settings, sim, options)

@@ -205,13 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--seed", type=int, default=0, help="the simulator's --seed, for random:P")
     check.add_argument("--examples", type=int, default=5, help="examples listed per discrepancy")
+    check.add_argument(
+        "--expect",
+        choices=("expired", "offline"),
+        action="append",
+        default=[],
+        help="fail unless the run deleted objects this way (by the TTL, or for going "
+        "offline); may be repeated [expect neither]",
+    )
     check.set_defaults(run=do.verify)
 
     demo = commands.add_parser(
         "demo",
         help="run the service, the simulator and a live dashboard in one process, then verify",
         description="Starts the embedded PostgreSQL (in DATA_DIR/demo, emptied each run), the "
-        "service, the simulated upstream and producer; shows a dashboard until Ctrl-C or "
+        "service, the simulated upstream and producer; shows a dashboard (and, in the default "
+        "story, names each deletion and dead letter as it happens) until Ctrl-C or "
         "--duration; then lets the pipeline finish, verifies the run and prints a summary. "
         "Exits 1 if the verification fails. See docs/guides/demo.md.",
     )
@@ -220,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulator_arguments(demo, standalone=False)
     shown = demo.add_argument_group("dashboard")
+    shown.add_argument(
+        "--scenario",
+        choices=("story", "reference"),
+        default="story",
+        help="story: a scripted run that shows expiry, offline, coalescing and a dead letter "
+        "retried, 2 x TTL long unless --duration says otherwise; reference: the reference "
+        "producer's random ids (with --rate, --id-universe ...), until Ctrl-C [story]",
+    )
     shown.add_argument(
         "--refresh", type=float, default=0.5, metavar="SECONDS", help="live view refresh [0.5]"
     )

@@ -5,7 +5,8 @@ online objects from the database (as ``/metrics`` does), and the rest from the s
 quantiles cover only the recent ``window``: the bucket counts of the newest reading minus those
 of the reading ``window`` seconds older, then interpolated within the bucket that holds the rank,
 as Prometheus' ``histogram_quantile`` does. So they follow the system as it changes, and they
-are only as precise as the buckets (metrics.py) are fine.
+are only as precise as the buckets (metrics.py) are fine. Below the figures, the events
+(events.py) name what happened to objects and dead letters as the database shows it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import asyncpg
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from lastseen.core.errors import DatabaseError
+from lastseen.devtools.events import Events
 from lastseen.telemetry.promtext import Reading, quantile, since
 
 if TYPE_CHECKING:
     from lastseen.devtools.simulate.run import Simulator
     from lastseen.runtime.service import Service
+
+SHOWN_EVENTS = 5  # the newest events in the live view
 
 LATENCIES = {
     "lookup": "lastseen_lookup_seconds",
@@ -56,6 +62,7 @@ class Figures:
     lookups_in_flight: int
     lookups: int
     lookup_rate: float
+    coalesced: int
     retries: int
     objects_online: int | None
     deleted_expired: int
@@ -66,6 +73,9 @@ class Figures:
     upstream_requests: int
     upstream_in_flight: int
     upstream_faults: int
+    # Events: the last few, and those new in this frame.
+    events: tuple[str, ...] = ()
+    new_events: tuple[str, ...] = ()
 
 
 class Dashboard:
@@ -80,6 +90,11 @@ class Dashboard:
         self._readings: collections.deque[tuple[Reading, int]] = collections.deque()
         self._pending: tuple[int, float | None] | None = None
         self._online: int | None = None
+        self.events = Events(service.settings.ttl)
+
+    def note(self, text: str) -> None:
+        """An event from outside the database (the demo's own actions)."""
+        self.events.note(f"{_clock(time.monotonic() - self.started)} {text}")
 
     async def _database_figures(self) -> None:
         # Sampled like /metrics does: a slow database leaves the last figures, never a failure.
@@ -96,6 +111,14 @@ class Dashboard:
         now = time.monotonic()
         await self._database_figures()
         reading = Reading.of_registry(self.service.metrics.registry, now)
+        new_events: list[str] = []
+        try:
+            clock = _clock(now - self.started)
+            new_events = await asyncio.wait_for(
+                self.events.sample(self.service.db, reading, clock), 2.0
+            )
+        except (DatabaseError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # the next frame sees what this one missed
         producer = self.simulator.producer
         upstream = self.simulator.upstream
         self._readings.append((reading, producer.stats["sent"] if producer else 0))
@@ -132,6 +155,7 @@ class Dashboard:
             lookup_rate=rate(
                 reading.total("lastseen_lookups_total"), old.total("lastseen_lookups_total")
             ),
+            coalesced=int(reading.total("lastseen_lookups_coalesced_total")),
             retries=int(reading.total("lastseen_lookup_retries_total")),
             objects_online=self._online,
             deleted_expired=int(deleted.get("expired", 0)),
@@ -148,6 +172,8 @@ class Dashboard:
                 if upstream
                 else 0
             ),
+            events=tuple(self.events.recent),
+            new_events=tuple(new_events),
         )
 
 
@@ -207,6 +233,7 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
             ("oldest pending", seconds(f.oldest_pending)),
             ("lookups in flight", _n(f.lookups_in_flight)),
             ("lookups done", f"{_n(f.lookups)} ({f.lookup_rate:.0f}/s)"),
+            ("lookups coalesced", _n(f.coalesced)),
             ("lookup retries", _n(f.retries)),
             ("online objects", _n(f.objects_online)),
             ("deleted: expired / offline", f"{f.deleted_expired:,} / {f.deleted_offline:,}"),
@@ -230,11 +257,28 @@ def render(f: Figures, title: str = "lastseen demo") -> RenderableType:
     for key, label in names.items():
         p50, p99 = f.latencies.get(key, (None, None))
         latency.add_row(label, seconds(p50), seconds(p99))
-    left = Group(producer, "", upstream)
-    right = Group(service, "", latency)
     grid = Table.grid(padding=(0, 4))
-    grid.add_row(left, right)
-    return Panel(grid, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+    grid.add_row(Group(producer, "", upstream), Group(service, "", latency))
+    body: RenderableType = grid
+    if f.events:
+        # The newest few, one line each, under the figures.
+        events = Table.grid()
+        events.add_column(no_wrap=True, overflow="ellipsis")
+        events.add_row("[bold]Events[/bold]")
+        for text in f.events[-SHOWN_EVENTS:]:
+            events.add_row(Text(text))
+        body = Group(grid, "", events)
+    return Panel(body, title=f"{title} · {_clock(f.elapsed)} · Ctrl-C stops", expand=False)
+
+
+def deletions(f: Figures) -> str:
+    """What the service's metrics say it did of what the story shows."""
+    dead = sum(f.dead_letters.values())
+    return (
+        f"service: deleted {f.deleted_expired:,} objects by the TTL and {f.deleted_offline:,} "
+        f"for going offline; {f.coalesced:,} lookups coalesced; "
+        f"{dead:,} dead letter{'' if dead == 1 else 's'}"
+    )
 
 
 def line(f: Figures) -> str:

@@ -3,6 +3,7 @@ another database on a server, and the queries of devtools/queries.sql on the ser
 
 from __future__ import annotations
 
+from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from lastseen.storage.database import Database, load_queries
@@ -33,3 +34,24 @@ async def wal_position(db: Database) -> int:
 
 async def count_callbacks(db: Database) -> int:
     return int(await db.pool.fetchval(Q["count_callbacks"]))
+
+
+async def objects_up_to(db: Database, limit: int) -> dict[int, datetime] | None:
+    """Every online object and its ``last_seen``; None when there are more than ``limit``."""
+    rows = await db.pool.fetch(Q["objects_up_to"], limit)
+    return None if len(rows) > limit else {r[0]: r[1] for r in rows}
+
+
+async def recent_dead_letters(db: Database, limit: int) -> list[tuple[int, int, str]]:
+    """The newest dead letters: (callback id, object id, reason)."""
+    return [(r[0], r[1], r[2]) for r in await db.pool.fetch(Q["recent_dead_letters"], limit)]
+
+
+async def newest_callback(db: Database) -> int:
+    return int(await db.pool.fetchval(Q["newest_callback"]))
+
+
+async def retries_after(db: Database, callback_id: int) -> list[tuple[int, int, list[int]]]:
+    """Callbacks made by retrying dead letters, after ``callback_id``: (id, retry of, ids)."""
+    rows = await db.pool.fetch(Q["retries_after"], callback_id)
+    return [(r[0], r[1], list(r[2])) for r in rows]

@@ -9,6 +9,13 @@ everything in reverse order, and prints a summary. The exit status is 1 if verif
 
 A second Ctrl-C skips the waiting and the verification, and just stops.
 
+With the story (the default scenario, simulate/story.py) the producer and the upstream follow a
+script measured in the TTL, the run lasts the story's length unless ``--duration`` says
+otherwise, the demo itself retries the story's dead letter (``POST /dead-letters/retry``, as an
+operator would), the dashboard's events name each deletion and dead letter as the database
+shows it, and the verification expects deletions by the TTL and by offline, if the run lasted
+until they were due.
+
 With a terminal, the dashboard is a live view and the logs go to ``DATA_DIR/demo/demo.log``;
 without one, a plain progress line is printed every ``--progress-every`` seconds and the logs
 stay on stderr.
@@ -27,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
 import structlog
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -37,7 +45,8 @@ from lastseen.devtools import dashboard
 from lastseen.devtools import database as devdb
 from lastseen.devtools.simulate.config import SimulatorConfig
 from lastseen.devtools.simulate.run import Simulator
-from lastseen.devtools.verify import Report, verify
+from lastseen.devtools.simulate.story import Story
+from lastseen.devtools.verify import EXPECTABLE, Report, verify
 from lastseen.runtime.service import Service
 from lastseen.storage.connect import database
 from lastseen.storage.database import Database
@@ -118,6 +127,8 @@ async def run(settings: Settings, sim: SimulatorConfig, options: DemoOptions) ->
     """Runs the demo; returns the exit status."""
     demo_dir = settings.data_dir / "demo"
     sim = dataclasses.replace(sim, mode="both", truth_dir=sim.truth_dir or demo_dir / "truth")
+    if sim.story is not None and sim.duration is None:
+        sim = dataclasses.replace(sim, duration=sim.story.length)
     assert sim.truth_dir is not None
     live = sys.stdout.isatty() if options.live is None else options.live
     log_file = _logs_to_file(demo_dir / "demo.log") if live else None
@@ -165,9 +176,47 @@ async def run(settings: Settings, sim: SimulatorConfig, options: DemoOptions) ->
     if report is None:
         console.print("verification skipped (stopped by a second Ctrl-C)", highlight=False)
         return 1
+    if sim.story is not None and not report.expect:
+        console.print(
+            f"(the run stopped before {sim.story.settled_at:g} s into the story: its deletions "
+            "were not all due yet, and are not required)",
+            highlight=False,
+            soft_wrap=True,
+        )
     for text in report.lines():
         console.print(text, highlight=False, soft_wrap=True, markup=False)
     return 0 if report.ok else 1
+
+
+async def _retry_dead_letters(
+    url: str, token: str | None, story: Story, stops: _Stops, say: Callable[[str], None]
+) -> None:
+    """The story's operator: at ``retry_at`` into the story, retries the dead letters through
+    the admin API, as ``curl -X POST .../dead-letters/retry -d '{}'`` would."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    due = story.retry_at
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while not stops.stop.is_set():
+            elapsed = story.elapsed(time.time())
+            if elapsed is None or elapsed < due:
+                await asyncio.sleep(0.05)
+                continue
+            created = 0
+            try:
+                async with http.post(url, data=b"{}", headers=headers) as response:
+                    reply = await response.json(content_type=None)
+                queued = reply.get("callbacks_created") if isinstance(reply, dict) else None
+                created = len(queued) if isinstance(queued, list) else 0
+                say(f"demo: POST /dead-letters/retry: {response.status}, {created} queued")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                say(f"demo: POST /dead-letters/retry failed: {exc}")
+            # None to retry yet (a slow machine): again a period later, while a retry's
+            # answer can still make a row.
+            due = elapsed + story.period
+            if created or due > story.ttl * 0.75:
+                return
 
 
 async def _run_service(
@@ -189,6 +238,20 @@ async def _run_service(
     if settings.ui != "off":
         console.print(f"status page: http://{host}:{service.port}/ui/", highlight=False)
     board = dashboard.Dashboard(service, simulator, window=options.window)
+    story = simulator.config.story
+    retrying: asyncio.Future[None] | None = None
+    if story is not None:
+        for text in story.lines():
+            console.print(text, highlight=False, markup=False, soft_wrap=True)
+        retrying = asyncio.ensure_future(
+            _retry_dead_letters(
+                f"http://{host}:{service.port}/dead-letters/retry",
+                settings.admin_token,
+                story,
+                stops,
+                board.note,
+            )
+        )
     duration = simulator.config.duration
     deadline = None if duration is None else time.monotonic() + duration
     failed = asyncio.ensure_future(service.supervisor.failed.wait())
@@ -202,8 +265,13 @@ async def _run_service(
 
                 await _show(board, options.refresh, deadline, stops, failed, update)
         else:
-            await _show(board, options.progress_every, deadline, stops, failed, None)
+            # Sampled as often as the live view, so that each event is printed when it
+            # happens; the progress line only every progress_every.
+            await _show(
+                board, options.refresh, deadline, stops, failed, None, options.progress_every
+            )
         console.print("stopping the producer; waiting for the last callbacks", highlight=False)
+        told = None if story is None else story.elapsed(time.time())
         await simulator.stop_producer()
         if service.supervisor.failure:
             console.print(f"the service failed: {service.supervisor.failure}", highlight=False)
@@ -222,8 +290,11 @@ async def _run_service(
             return None
         figures = await board.sample()
         if not live:
+            _print_events(figures)
             print(dashboard.line(figures), flush=True)
+        console.print(dashboard.deletions(figures), highlight=False, soft_wrap=True)
         simulator.flush()
+        settled = story is not None and told is not None and told >= story.settled_at
         return await verify(
             service.db,
             truth_dir,
@@ -231,9 +302,17 @@ async def _run_service(
             reap_interval=settings.reap_interval,
             audit_retention=settings.audit_retention,
             edge=options.edge,
+            expect=EXPECTABLE if settled else (),
         )
     finally:
         failed.cancel()
+        if retrying is not None:
+            retrying.cancel()
+
+
+def _print_events(figures: dashboard.Figures) -> None:
+    for text in figures.new_events:
+        print(text, flush=True)
 
 
 async def _show(
@@ -243,9 +322,12 @@ async def _show(
     stops: _Stops,
     failed: asyncio.Future[Any],
     update: Callable[[RenderableType], None] | None,
+    progress_every: float = 0.0,
 ) -> None:
-    """Shows a frame (live) or prints a line (plain) every ``every`` seconds until a stop."""
+    """Samples every ``every`` seconds until a stop, and shows a frame (live) or prints the new
+    events, and a progress line every ``progress_every`` seconds (plain)."""
     stopped = asyncio.ensure_future(stops.stop.wait())
+    printed = time.monotonic()
     try:
         while not (stopped.done() or failed.done()):
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -257,7 +339,10 @@ async def _show(
             figures = await board.sample()
             if update is not None:
                 update(dashboard.render(figures))
-            else:
+                continue
+            _print_events(figures)
+            if time.monotonic() - printed >= progress_every - every / 2:
+                printed = time.monotonic()
                 print(dashboard.line(figures), flush=True)
     finally:
         stopped.cancel()

@@ -21,3 +21,26 @@ SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn;
 -- name: count_callbacks
 -- How many callbacks are stored, done or not.
 SELECT count(*) FROM callbacks;
+
+-- name: count_retries
+-- Callbacks made by retrying dead letters, and how many of them are processed.
+SELECT count(*), count(*) FILTER (WHERE done_at IS NOT NULL) FROM callbacks
+WHERE retry_of IS NOT NULL;
+
+-- name: objects_up_to
+-- The online objects, if there are at most $1 (one more tells there are more), for the demo's
+-- events.
+SELECT id, last_seen FROM objects ORDER BY id LIMIT $1 + 1;
+
+-- name: recent_dead_letters
+-- The newest dead letters, for the demo's events.
+SELECT callback_id, object_id, reason FROM dead_letters ORDER BY created_at DESC LIMIT $1;
+
+-- name: newest_callback
+-- The newest callback's id (0 for none), for the demo's events.
+SELECT coalesce(max(id), 0) FROM callbacks;
+
+-- name: retries_after
+-- Callbacks made by retrying dead letters, after callback $1, for the demo's events.
+SELECT id, retry_of, object_ids FROM callbacks WHERE retry_of IS NOT NULL AND id > $1
+ORDER BY id;

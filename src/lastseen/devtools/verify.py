@@ -16,6 +16,14 @@ database is read in one REPEATABLE READ transaction, so every check sees one mom
    that are online with ``now - L < ttl``, each with ``last_seen = L``. Each such id must also
    have an answer after ``L`` at all: otherwise it was never looked up.
 
+Deletions. An id online after its newest callback ``L``, with ``now - L`` past the TTL edge and
+no row, was deleted by the TTL: counted as "expired", each checked (its row is gone). An id
+whose answers after ``L`` all say offline, and that some earlier answer said online (so it had
+a row), was deleted by offline: counted as "went offline", each checked (no row). Asked to
+``expect`` deletions (the demo's story does), a run that has none of a kind fails: it did not
+exercise that branch. Dead letters retried (callbacks whose ``retry_of`` is set) are counted,
+and those not processed are already ``not_processed``.
+
 The TTL edge: the reaper deletes expired rows every ``reap_interval``, so a row may outlive its
 TTL by that much. An id whose ``now - L`` lies within ``[ttl - edge, ttl + reap_interval + edge]``
 is accepted with or without its row, and counted as "at the edge".
@@ -38,6 +46,7 @@ import asyncpg
 
 from lastseen.config.settings import Settings
 from lastseen.core.errors import LastseenError
+from lastseen.devtools import database as devdb
 from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.upstream import parse_online_rule
 from lastseen.storage.database import Database, Q, translate
@@ -50,7 +59,10 @@ PROBLEMS = {
     "missing_row": "online ids seen within the TTL without a row in objects",
     "unexpected_row": "rows in objects that should not be there",
     "wrong_last_seen": "rows whose last_seen is not the receive time of their newest callback",
+    "no_expired": "objects deleted by the TTL, and the run was expected to have some",
+    "no_offline": "objects deleted for going offline, and the run was expected to have some",
 }
+EXPECTABLE = ("expired", "offline")
 
 ONLINE = 1
 OFFLINE = 2
@@ -88,6 +100,11 @@ class Report:
     edge: int = 0
     ambiguous: int = 0
     skipped_pending: int = 0
+    expired: int = 0  # deleted by the TTL, checked
+    went_offline: int = 0  # deleted for going offline, checked
+    retried: int = 0  # callbacks made by retrying dead letters
+    retried_done: int = 0
+    expect: tuple[str, ...] = ()  # kinds of deletion the run must show
     dead_letters: dict[str, int] = dataclasses.field(default_factory=dict)
     counts: Counter[str] = dataclasses.field(default_factory=Counter)
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -122,9 +139,13 @@ class Report:
         callbacks = f"  callbacks: {self.stored} stored, {self.processed} processed"
         if self.pruned:
             callbacks += f"; {self.pruned} acknowledged ones pruned (older than audit retention)"
-        if self.stored_unacknowledged:
+        if self.retried:
+            callbacks += f"; {self.retried} made by retrying dead letters"
+        # A retry's callback was never sent by the producer: it is no mystery.
+        unacknowledged = self.stored_unacknowledged - self.retried
+        if unacknowledged > 0:
             callbacks += (
-                f"; {self.stored_unacknowledged} stored but not acknowledged to this producer "
+                f"; {unacknowledged} stored but not acknowledged to this producer "
                 "(a reply after its timeout, or another producer)"
             )
         lines.append(callbacks)
@@ -139,9 +160,23 @@ class Report:
         if self.skipped_pending:
             objects += f"; {self.skipped_pending} not checked (named by a pending callback)"
         lines.append(objects)
+        lines.append(
+            f"  deletions: expired: {self.expired} checked (online, last seen over the TTL "
+            f"ago, no row); offline: {self.went_offline} checked (online before, offline after "
+            "their newest callback, no row)"
+            + (f"; required: {' and '.join(self.expect)}" if self.expect else "")
+        )
         letters = ", ".join(f"{reason}: {n}" for reason, n in self.dead_letters.items())
         total = sum(self.dead_letters.values())
-        lines.append(f"  dead letters: {total}" + (f" ({letters})" if letters else ""))
+        lines.append(
+            f"  dead letters: {total}"
+            + (f" ({letters})" if letters else "")
+            + (
+                f"; {self.retried} retried, {self.retried_done} of them processed"
+                if self.retried
+                else ""
+            )
+        )
         checked = self.acknowledged - self.pruned
         if self.all_processed:
             lines.append(f"  all {checked} acknowledged callbacks were processed")
@@ -184,13 +219,15 @@ async def verify(
     online_rule: str | None = None,
     seed: int = 0,
     max_examples: int = 5,
+    expect: tuple[str, ...] = (),
 ) -> Report:
     """Checks the run recorded in ``truth_dir`` against the database behind ``db``.
 
     ``online_rule`` stands in for the upstream's answers when none were recorded (the run used
-    another upstream); only rules that do not change over time can.
+    another upstream); only rules that do not change over time can. ``expect`` names the kinds
+    of deletion (``EXPECTABLE``) the run must have shown.
     """
-    report = Report(truth_dir, ttl=ttl, max_examples=max_examples)
+    report = Report(truth_dir, ttl=ttl, max_examples=max_examples, expect=expect)
     if not (truth_dir / truth.CALLBACKS).exists():
         raise TruthMissing(f"no {truth.CALLBACKS} in {truth_dir}: was the producer run?")
     has_answers = (truth_dir / truth.ANSWERS).exists()
@@ -217,13 +254,21 @@ async def verify(
             pending = {r[0] for r in await conn.fetch(Q["pending_ids"])}
             rows = {r[0]: r[1] for r in await conn.fetch(Q["all_objects"])}
             report.dead_letters = {r[0]: r[1] for r in await conn.fetch(Q["count_dead_letters"])}
+            report.retried, report.retried_done = await conn.fetchrow(devdb.Q["count_retries"])
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise translate("verify", exc) from exc
+    ever_online: set[int] = set()
     if rule is not None:
         status = {i: ONLINE if rule(i, 0.0) else OFFLINE for i in newest}
     else:
-        status = _statuses(report, truth_dir, newest)
-    _check_objects(report, newest, status, pending, rows, now, ttl, reap_interval, edge)
+        status = _statuses(report, truth_dir, newest, ever_online)
+    _check_objects(
+        report, newest, status, pending, rows, now, ttl, reap_interval, edge, ever_online
+    )
+    if "expired" in expect and not report.expired:
+        report.problem("no_expired", "no object was deleted by the TTL")
+    if "offline" in expect and not report.went_offline:
+        report.problem("no_offline", "no object was deleted for going offline")
     return report
 
 
@@ -255,14 +300,19 @@ async def _check_callbacks(
             report.problem("not_stored", f"callback {callback_id}, acknowledged, is not stored")
 
 
-def _statuses(report: Report, truth_dir: Path, newest: dict[int, datetime]) -> dict[int, int]:
-    """Per id, which statuses the upstream answered after its newest callback (bit flags)."""
+def _statuses(
+    report: Report, truth_dir: Path, newest: dict[int, datetime], ever_online: set[int]
+) -> dict[int, int]:
+    """Per id, which statuses the upstream answered after its newest callback (bit flags);
+    ``ever_online`` gets the ids it answered online to at any time."""
     after = {i: seen.timestamp() for i, seen in newest.items()}
     status: dict[int, int] = {}
     report.answers = 0
     for answer in truth.read_answers(truth_dir):
         report.answers += 1
         since = after.get(answer.object_id)
+        if answer.kind == "ok" and answer.online:
+            ever_online.add(answer.object_id)
         if answer.kind != "ok" or since is None or answer.at < since:
             continue
         flag = ONLINE if answer.online else OFFLINE
@@ -280,6 +330,7 @@ def _check_objects(
     ttl: float,
     reap_interval: float,
     edge: float,
+    ever_online: set[int],
 ) -> None:
     report.rows = len(rows)
     early, late = ttl - edge, ttl + reap_interval + edge
@@ -323,6 +374,10 @@ def _check_objects(
                     f"object {object_id}: online, last seen {age:.3f} s ago "
                     f"({seen.isoformat()}), but no row",
                 )
+            elif online and age > late:
+                report.expired += 1
+            elif online is False and object_id in ever_online:
+                report.went_offline += 1
             continue
         if online is False:
             report.problem(
@@ -349,6 +404,7 @@ async def run(
     online_rule: str | None,
     seed: int,
     max_examples: int,
+    expect: tuple[str, ...] = (),
 ) -> int:
     """``lastseen verify``: prints the report; 0 when it passes, 1 on any discrepancy."""
     from lastseen.storage.connect import database
@@ -364,6 +420,7 @@ async def run(
             online_rule=online_rule,
             seed=seed,
             max_examples=max_examples,
+            expect=expect,
         )
     print("\n".join(report.lines()))
     return 0 if report.ok else 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from lastseen.core.errors import ConfigError
 from lastseen.core.parsers import at_least, http_url, loopback_host_port, share
 from lastseen.devtools.simulate.producer import ProducerConfig
+from lastseen.devtools.simulate.story import Story
 from lastseen.devtools.simulate.upstream import UpstreamConfig, parse_online_rule
 
 MODES = ("both", "upstream", "producer")
@@ -40,6 +41,25 @@ class SimulatorConfig:
     producer: ProducerConfig = dataclasses.field(default_factory=ProducerConfig)
     truth_dir: Path | None = None
     duration: float | None = None
+
+    @property
+    def story(self) -> Story | None:
+        return self.producer.story
+
+    def with_story(self, ttl: float) -> SimulatorConfig:
+        """The same run telling the demo's story (story.py) for a service with this ``ttl``:
+        the producer sends what it scripts, the upstream answers as it scripts (its faults on
+        top of the configured ones)."""
+        story = Story(ttl=ttl, period=self.producer.period)
+        upstream = dataclasses.replace(
+            self.upstream, online=story.online, scripted=story.fault, track_ids=False
+        )
+        return dataclasses.replace(
+            self,
+            upstream=upstream,
+            online_rule="story",
+            producer=dataclasses.replace(self.producer, story=story),
+        )
 
     @property
     def runs_upstream(self) -> bool:
@@ -114,7 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool = True) -
         "--duration",
         type=_seconds,
         metavar="SECONDS",
-        help="stop after this many seconds [default: run until Ctrl-C or SIGTERM]",
+        help="stop after this many seconds [default: run until Ctrl-C or SIGTERM]"
+        if standalone
+        else "stop after this many seconds [default: the story's length, 2 x TTL; with "
+        "--scenario reference, until Ctrl-C or SIGTERM]",
     )
     run.add_argument(
         "--truth-dir",

@@ -10,6 +10,10 @@ second over up to ``connections`` connections, whether or not earlier ones were 
 slow service shows up as timeouts rather than as a producer that politely slows down. A request
 still waiting for a free connection when its timeout passes counts as timed out.
 
+Story mode (``story`` set: the demo's default) sends what ``simulate/story.py`` scripts: at
+each tick (every ``period`` from the first POST, on schedule) one callback, or a burst of the
+same callback several times at once; the story's clock starts with the first tick.
+
 Every POST is counted by outcome in ``stats``; every one that is not acknowledged is logged.
 Nothing is kept per callback: each one is handed to ``record`` (the truth file) and forgotten, and
 at most ``max_outstanding`` requests are under way, so memory is bounded however long it runs.
@@ -25,12 +29,16 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
 import structlog
 
 from lastseen.devtools.simulate.truth import SentCallback
+
+if TYPE_CHECKING:
+    from lastseen.devtools.simulate.story import Story
 
 log = structlog.get_logger("lastseen.devtools.simulate.producer")
 
@@ -47,6 +55,7 @@ class ProducerConfig:
     rate: float = 0.0  # callbacks per second in load mode; 0: reference mode
     connections: int = 50
     seed: int | None = None
+    story: Story | None = None  # story mode: what it sends, and when
 
     @property
     def max_outstanding(self) -> int:
@@ -96,7 +105,9 @@ class Producer:
             raise_for_status=False,
         )
         try:
-            if self.config.rate > 0:
+            if self.config.story is not None:
+                await self._story_loop(self.config.story)
+            elif self.config.rate > 0:
                 await self._open_loop()
             else:
                 await self._reference_loop()
@@ -120,6 +131,17 @@ class Producer:
                 return
             await self._post()
 
+    async def _story_loop(self, story: Story) -> None:
+        story.begin(time.time())
+        start = time.monotonic()
+        tick = 0
+        while not self._stop.is_set():
+            batch = story.callbacks(tick)
+            await asyncio.gather(*(self._post(ids) for ids in batch))
+            tick += 1
+            # On schedule: a slow reply delays one tick, never the rest of the story.
+            await self._pause(start + tick * self.config.period - time.monotonic())
+
     async def _open_loop(self) -> None:
         interval = 1.0 / self.config.rate
         due = time.monotonic()
@@ -142,10 +164,11 @@ class Producer:
                 task.add_done_callback(self._posts.discard)
             due += interval
 
-    async def _post(self) -> None:
+    async def _post(self, ids: list[int] | None = None) -> None:
         assert self._session is not None
         config = self.config
-        ids = draw_ids(self.random, config.max_ids, config.id_universe)
+        if ids is None:
+            ids = draw_ids(self.random, config.max_ids, config.id_universe)
         body = self._encoder.encode({"object_ids": ids})
         status: int | None = None
         error: str | None = None

@@ -65,6 +65,8 @@ class Simulator:
         self.producer = Producer(config, writer.write if writer else None)
         self._producing = asyncio.create_task(self.producer.run(), name="producer")
         mode = f"{config.rate:g}/s open loop" if config.rate > 0 else f"every {config.period:g} s"
+        if config.story is not None:
+            mode = f"the demo's story, a tick every {config.period:g} s"
         log.info("producer started", target=config.target, mode=mode)
 
     async def stop_producer(self) -> None:

@@ -74,6 +74,8 @@ class UpstreamConfig:
     drop: float = 0.0
     # The first requests for each id get these faults, in order: retries, deterministically.
     first_faults: tuple[str, ...] = ()
+    # Faults by id and time (wall clock), as a story scripts them: a fault's name, or None.
+    scripted: Callable[[int, float], str | None] | None = None
     hang_seconds: float = 3600.0
     seed: int | None = None
     record: bool = False
@@ -172,8 +174,10 @@ class Upstream:
             seen = self.requests_by_id[object_id]
             if seen <= len(config.first_faults):
                 scripted = config.first_faults[seen - 1]
-        fault = "outage" if self.down else scripted or self._fault()
         now = time.time()
+        if scripted is None and config.scripted is not None:
+            scripted = config.scripted(object_id, now)
+        fault = "outage" if self.down else scripted or self._fault()
         online = config.online(object_id, now)
         self.stats[fault or "ok"] += 1
         if config.record or self.on_answer is not None:
