@@ -210,7 +210,7 @@ STOP_WITHIN = 30.0  # seconds: a stop that takes longer is a bug worth its stack
 def _task_stacks() -> str:
     out = io.StringIO()
     for task in asyncio.all_tasks():
-        task.print_stack(limit=8, file=out)
+        task.print_stack(file=out)
     return out.getvalue()
 
 

@@ -132,3 +132,31 @@ async def test_a_service_does_not_outlive_the_tool_that_launched_it(db_url: str)
         for process in left:  # what a failure left running
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+async def test_a_task_that_loses_its_cancel_is_cancelled_again() -> None:
+    """A task that goes on after a cancel (as one looping around Python 3.11's wait_for does
+    when the cancel lands as the inner call completes) is cancelled again: the supervisor's
+    stop ends, instead of waiting for it forever."""
+    from lastseen.core.supervisor import RECANCEL_EVERY, Supervisor
+
+    cancels = 0
+
+    async def deaf() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels == 1:
+                    continue  # the first cancel lost
+                raise
+
+    supervisor = Supervisor()
+    supervisor.start("deaf", deaf())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await asyncio.wait_for(supervisor.stop(), timeout=10 * RECANCEL_EVERY)
+    assert cancels == 2
+    assert time.monotonic() - started < 3 * RECANCEL_EVERY
