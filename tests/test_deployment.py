@@ -18,7 +18,8 @@ import aiohttp
 import asyncpg
 import pytest
 from helpers.cli import run_cli
-from helpers.services import Spawn, StartUpstream
+from helpers.services import Spawn, StartService, StartUpstream
+from helpers.tables import own_database
 from helpers.waiting import eventually
 
 from lastseen.config.settings import OPTIONS, Settings
@@ -251,3 +252,36 @@ def test_systemd_analyze_verify_finds_nothing_in_the_unit(tmp_path: Path) -> Non
 
     assert verify(text) == ""
     assert "kill mode" in verify(text.replace("KillMode=mixed", "KillMode=bogus"))
+
+
+async def test_a_role_that_may_not_migrate_is_told_so(
+    pg_url: str, start_service: StartService
+) -> None:
+    """A serving role on a database nobody migrated, without CREATE on its schema: /ready is
+    503 with PostgreSQL's refusal as the reason (migrate with the owner), not "unreachable"."""
+    name = f"nomigrate_{os.getpid()}"
+    async with own_database(pg_url, name) as url:
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute(f'CREATE ROLE "{name}" LOGIN')
+            await admin.execute(f'GRANT USAGE ON SCHEMA public TO "{name}"')
+            service = await start_service(
+                database_url=_as_user(pg_url, name, "", name), role="ingest", migrated=False
+            )
+
+            async def refused() -> bool:
+                status, answer = await service.get("/ready")
+                return status == 503 and "permission denied" in str(answer.get("reason"))
+
+            await eventually(refused, timeout=10)
+            _, answer = await service.get("/ready")
+            assert str(answer["reason"]).startswith("cannot migrate: ")
+            assert "unreachable" not in str(answer["reason"])
+            await service.service.stop()
+        finally:
+            await admin.close()
+    cleanup = await asyncpg.connect(pg_url)
+    try:
+        await cleanup.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await cleanup.close()

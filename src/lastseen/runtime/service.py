@@ -29,7 +29,7 @@ from lastseen.api.ui import Page
 from lastseen.config.instance import instance_name, named
 from lastseen.config.settings import Settings
 from lastseen.core.backoff import backoff
-from lastseen.core.errors import ConfigError, DatabaseError, SpoolFailed
+from lastseen.core.errors import ConfigError, DatabaseError, DatabaseUnavailable, SpoolFailed
 from lastseen.core.supervisor import Supervisor
 from lastseen.intake.admission import ClientLimits
 from lastseen.intake.auth import IntakeAuth
@@ -240,8 +240,11 @@ class Service:
             except DatabaseError as exc:
                 failures += 1
                 delay = backoff(failures, 0.1, 5.0)
-                self.readiness.reason = "cannot migrate: the database is unreachable"
-                self.readiness.unreachable = True
+                if isinstance(exc, DatabaseUnavailable):
+                    self.readiness.reason = "cannot migrate: the database is unreachable"
+                    self.readiness.unreachable = True
+                else:  # reached, and refused (a privilege, a schema): the operator's to fix
+                    self.readiness.reason = f"cannot migrate: {exc.detail}"
                 if self.commit is not None:
                     self.commit.lose_database(str(exc))
                 log.warning("database not ready, retrying", error=str(exc), retry_in=delay)
