@@ -25,13 +25,19 @@ async def run_cli(
 ) -> Finished:
     """Runs ``lastseen ARGS`` to the end, without a terminal, with ``env`` added to the
     environment; returns its status and output."""
+    environment = clean_environment(**{**(env or {}), "LASTSEEN_LOG_FORMAT": "json"})
+    return await run_to_end([*LASTSEEN, *map(str, args)], environment, timeout)
+
+
+async def run_to_end(argv: list[str], env: dict[str, str], timeout: float) -> Finished:
+    """Runs ``argv`` without a terminal to the end, or kills it after ``timeout`` seconds
+    (and raises ``TimeoutError``); its status and output."""
     proc = await asyncio.create_subprocess_exec(
-        *LASTSEEN,
-        *map(str, args),
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_environment(**{**(env or {}), "LASTSEEN_LOG_FORMAT": "json"}),
+        env=env,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

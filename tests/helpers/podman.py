@@ -10,8 +10,6 @@ another podman on the machine.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -21,6 +19,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from helpers.cli import Finished, run_to_end
 
 ROOT = Path(os.environ.get("LASTSEEN_PODMAN_ROOT", "/var/tmp/lastseen-podman"))
 
@@ -59,13 +59,6 @@ MMDEBSTRAP = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Done:
-    code: int
-    stdout: str
-    stderr: str
-
-
 class PodmanError(RuntimeError):
     pass
 
@@ -93,7 +86,7 @@ class Podman:
             "CONTAINERS_STORAGE_CONF": str(storage),
         }
 
-    def run(self, *args: str, timeout: float = 600.0, check: bool = True) -> Done:
+    def run(self, *args: str, timeout: float = 600.0, check: bool = True) -> Finished:
         done = subprocess.run(
             ["podman", *args],
             env=self.env,
@@ -102,28 +95,13 @@ class Podman:
             text=True,
             timeout=timeout,
         )
-        result = Done(done.returncode, done.stdout, done.stderr)
+        result = Finished(done.returncode, done.stdout, done.stderr)
         if check and result.code != 0:
             raise PodmanError(f"podman {' '.join(args)}: exit {result.code}\n{result.stderr}")
         return result
 
-    async def __call__(self, *args: str, timeout: float = 120.0, check: bool = True) -> Done:
-        proc = await asyncio.create_subprocess_exec(
-            "podman",
-            *args,
-            env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        result = Done(proc.returncode, out.decode(), err.decode())
+    async def __call__(self, *args: str, timeout: float = 120.0, check: bool = True) -> Finished:
+        result = await run_to_end(["podman", *args], self.env, timeout)
         if check and result.code != 0:
             raise PodmanError(f"podman {' '.join(args)}: exit {result.code}\n{result.stderr}")
         return result
