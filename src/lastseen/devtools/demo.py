@@ -272,6 +272,11 @@ async def _run_service(
             )
         console.print("stopping the producer; waiting for the last callbacks", highlight=False)
         told = None if story is None else story.elapsed(time.time())
+        if retrying is not None:
+            # The story's operator stops with its producer: a retry made after this would be a
+            # callback the drain below might not wait for.
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)
         await simulator.stop_producer()
         if service.supervisor.failure:
             console.print(f"the service failed: {service.supervisor.failure}", highlight=False)
