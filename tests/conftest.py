@@ -26,6 +26,7 @@ from helpers.podman import missing as podman_missing
 from helpers.services import Running, Spawn, StartService, StartUpstream, fast_settings
 from helpers.tables import own_database
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.devtools.database import with_database
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.launch import ServeProcess
@@ -149,18 +150,20 @@ async def start_upstream() -> AsyncIterator[StartUpstream]:
 @pytest.fixture
 async def start_service(db_url: str) -> AsyncIterator[StartService]:
     """Starts services on the test's database: ``await start_service(objects_url=..., ...)``
-    (settings by field name; ``tracer=`` an OpenTelemetry tracer; ``migrated=False`` returns
-    as soon as it listens, before it has migrated)."""
+    (settings by field name; ``tracer=`` an OpenTelemetry tracer; ``clock=`` the host's clock
+    it runs on; ``migrated=False`` returns as soon as it listens, before it has migrated)."""
     started: list[tuple[Service, Database, contextlib.AbstractAsyncContextManager[Any]]] = []
     http = aiohttp.ClientSession()
 
-    async def start(tracer: Any = None, migrated: bool = True, **overrides: Any) -> Running:
+    async def start(
+        tracer: Any = None, migrated: bool = True, clock: Clock = SYSTEM, **overrides: Any
+    ) -> Running:
         overrides.setdefault("database_url", db_url)
         settings = fast_settings(**overrides)
         database = await Database.open(settings.database_url or "", size=5, timeout=5)
         client_context = upstream_client(settings)
         client = await client_context.__aenter__()
-        service = Service(settings, database, client, tracer=tracer)
+        service = Service(settings, database, client, tracer=tracer, clock=clock)
         await service.start()
         started.append((service, database, client_context))
         running = Running(service, http)

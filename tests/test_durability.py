@@ -12,10 +12,12 @@ import time
 import aiohttp
 import asyncpg
 import pytest
+from helpers.clocks import ShiftedClock
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
 
 from lastseen.api.readiness import Readiness
+from lastseen.core.clock import DatabaseClock
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.runtime.service import collect_when_grown
 from lastseen.storage.database import Database
@@ -392,17 +394,25 @@ async def test_a_full_collection_follows_memory_growth() -> None:
             await task
 
 
-async def test_readiness_measures_the_clock_skew_against_postgresql(db: Database) -> None:
-    """An instance whose clock runs 2 s ahead of PostgreSQL's reports a skew of about +2 s
-    (the figure the clock-skew alert reads); the database's own clock is the reference."""
-    skews: list[float] = []
-    readiness = Readiness(clock=lambda: time.time() + 2.0, skew=skews.append)
+async def test_readiness_sets_the_instance_clock_to_postgresqls(db: Database) -> None:
+    """On a host whose clock runs 2 s ahead, the readiness pings measure an offset of about
+    +2 s (the figure the clock-skew metric shows) and the instance's clock reads PostgreSQL's
+    time."""
+    clock = DatabaseClock(ShiftedClock(2.0))
+    readings: list[float] = []
+
+    def read(sent: float, answered: float, database: float) -> None:
+        clock.read(sent, answered, database)
+        readings.append(clock.offset)
+
+    readiness = Readiness(clock=clock.base.wall, read_clock=read)
     readiness.set_migrated()
     watching = asyncio.create_task(readiness.watch(db, every=0.01))
     try:
-        await eventually(lambda: len(skews) >= 3)
+        await eventually(lambda: len(readings) >= 3)
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
-    assert all(abs(skew - 2.0) < 0.25 for skew in skews), skews
+    assert all(abs(offset - 2.0) < 0.25 for offset in readings), readings
+    assert abs(clock.wall() - await db.ping()) < 0.25

@@ -70,17 +70,17 @@ class Readiness:
         *,
         upstream: str = "",
         clock: Callable[[], float] = time.time,
-        skew: Callable[[float], None] | None = None,
+        read_clock: Callable[[float, float, float], None] | None = None,
     ) -> None:
         """``upstream_failure`` tells why the upstream is failing, or None while it is not;
-        ``upstream`` is its URL. ``skew`` is told, after each ping, this instance's ``clock``
-        minus the database's."""
+        ``upstream`` is its URL. ``read_clock`` is told, after each ping, when it was sent and
+        answered (by ``clock``) and what PostgreSQL's clock said (``DatabaseClock.read``)."""
         self.upstream_failure = upstream_failure
         self.upstream = upstream
         self.spool = spool
         self.worker_trouble = worker_trouble
         self.clock = clock
-        self.skew = skew
+        self.read_clock = read_clock
         self.unreachable = False  # the last check (or migration) found no database
         self.upstream_failing: str | None = None  # why, as ``watch`` last found it
         self.reason = "migrations not applied yet"
@@ -120,9 +120,8 @@ class Readiness:
                 except (DatabaseError, TimeoutError) as exc:
                     reachable, error = False, str(exc) or "timeout"
                 self._pinging_since = None
-                if reachable and self.skew is not None:
-                    # The database read its clock about halfway through the round trip.
-                    self.skew((sent + self.clock()) / 2 - database_time)
+                if reachable and self.read_clock is not None:
+                    self.read_clock(sent, self.clock(), database_time)
                 if not reachable and not self.unreachable:
                     # The driver's text (hosts, ports, errno) is for the logs, not for callers.
                     log.warning("readiness check failed", error=error)

@@ -9,6 +9,7 @@ whose time is this clock's monotonic reading (tests/unit/virtual.py).
 
 from __future__ import annotations
 
+import collections
 import time
 
 
@@ -45,3 +46,41 @@ class ManualClock(Clock):
             raise ValueError("a clock does not go back")
         self._wall += seconds
         self._monotonic += seconds
+
+
+SKEW_READINGS = 8  # the last readings of PostgreSQL's clock the correction chooses from
+
+
+class DatabaseClock(Clock):
+    """``base``'s clocks, the wall clock set to PostgreSQL's: every instance's receive times
+    and TTL cutoffs then come from one clock, the database's, however far apart the hosts'
+    clocks are (an ingest instance 2 s ahead of the reaper's would otherwise keep each
+    object 2 s longer, and order two callbacks 2 s apart wrongly).
+
+    Until the first reading it is ``base``'s. Each reading of PostgreSQL's clock is taken
+    within a round trip; of the last ``SKEW_READINGS`` the one with the shortest round trip
+    sets the offset (its error is at most half that round trip: a stalled loop or a slow
+    answer cannot move it), NTP's clock filter in miniature."""
+
+    def __init__(self, base: Clock = SYSTEM) -> None:
+        self.base = base
+        self.offset = 0.0  # base's wall clock minus PostgreSQL's
+        self.error = float("inf")  # at most this far off: half the chosen reading's round trip
+        self._readings: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=SKEW_READINGS
+        )
+
+    def wall(self) -> float:
+        return self.base.wall() - self.offset
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    def read(self, sent: float, answered: float, database: float) -> None:
+        """PostgreSQL's clock said ``database`` to a question sent at ``sent`` and answered at
+        ``answered`` (``base``'s wall clock)."""
+        round_trip = max(0.0, answered - sent)
+        # The database read its clock about halfway through the round trip.
+        self._readings.append((round_trip, (sent + answered) / 2 - database))
+        round_trip, self.offset = min(self._readings)
+        self.error = round_trip / 2

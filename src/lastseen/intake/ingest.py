@@ -15,6 +15,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import (
     CommitTimeout,
     DatabaseError,
@@ -96,9 +97,11 @@ class CallbackHandler:
         limits: ClientLimits | None = None,
         auth: IntakeAuth | None = None,
         submit_keyed: Callable[[float, Sequence[int], str], Awaitable[int | str]] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         """``submit(received_at, ids)`` stores a callback durably and gives its id, or its
-        spool key if it went to the spool: the group commit's (traced, where tracing is on)."""
+        spool key if it went to the spool: the group commit's (traced, where tracing is on).
+        A callback's receive time is ``clock``'s (the instance's: PostgreSQL's time)."""
         self.submit = submit
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -106,12 +109,13 @@ class CallbackHandler:
         self.limits = limits
         self.auth = auth if auth is not None and auth.required else None
         self.submit_keyed = submit_keyed
+        self.clock = clock
 
     async def handle(self, request: web.Request) -> web.Response:
         # The hot path: one coroutine, no per-request timers, duplicates left for the worker
         # (it removes them when it claims the callback, off the request path).
         started = time.perf_counter()
-        received_at = time.time()
+        received_at = self.clock.wall()
         try:
             body = await request.read()
             credential = None if self.auth is None else self.auth.check(request.headers, body)

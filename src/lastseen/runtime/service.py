@@ -8,6 +8,7 @@ says in what order), and only then close the client, the pool and the embedded P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import os
@@ -29,6 +30,7 @@ from lastseen.api.ui import Page
 from lastseen.config.instance import instance_name, named
 from lastseen.config.settings import Settings
 from lastseen.core.backoff import backoff
+from lastseen.core.clock import SYSTEM, Clock, DatabaseClock
 from lastseen.core.errors import ConfigError, DatabaseError, DatabaseUnavailable, SpoolFailed
 from lastseen.core.supervisor import Supervisor
 from lastseen.intake.admission import ClientLimits
@@ -66,8 +68,12 @@ class Service:
         metrics: Metrics | None = None,
         worker_processes: WorkerProcesses | None = None,
         tracer: Tracer | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
+        """``clock`` is the host's; the instance reads it set to PostgreSQL's
+        (``DatabaseClock``), corrected with every readiness ping."""
         self.settings = s = named(settings)
+        self.clock = DatabaseClock(clock)
         self.db = db
         self.metrics = m = metrics or Metrics()
         self.worker_processes = worker_processes
@@ -103,18 +109,20 @@ class Service:
                 limits=limits,
                 auth=IntakeAuth(s.webhook_secret, s.intake_token),
                 submit_keyed=self.commit.submit_keyed,
+                clock=self.clock,
             ).handle
             callback_handler = handle if tracer is None else traced_handler(handle, tracer)
         self.pipeline: Pipeline | None = None
         if s.runs_pipeline:
-            self.pipeline = Pipeline(s, db, client, m, self.supervisor, tracer)
+            self.pipeline = Pipeline(s, db, client, m, self.supervisor, tracer, self.clock)
         runs_lookups = self.pipeline is not None or worker_processes is not None
         self.readiness = Readiness(
             self._upstream_failure if runs_lookups else None,
             self.commit if self.spool is not None else None,
             worker_processes.trouble if worker_processes is not None else None,
             upstream=s.objects_url,
-            skew=m.clock_skew.set,
+            clock=clock.wall,
+            read_clock=self._read_clock,
         )
         scrape = worker_processes.scrape if worker_processes else None
         # The status page belongs to the instance, so to its first process, not to each
@@ -143,6 +151,10 @@ class Service:
         self._stopped = False
         self._group_commit_tasks: list[str] = []
         self.port: int | None = None
+
+    def _read_clock(self, sent: float, answered: float, database: float) -> None:
+        self.clock.read(sent, answered, database)
+        self.metrics.clock_skew.set(self.clock.offset)
 
     async def _upstream_failure(self) -> str | None:
         """Why this instance's lookups see the upstream failing, here or in a worker process,
@@ -251,6 +263,12 @@ class Service:
                 await asyncio.sleep(delay)
         if applied:
             log.info("migrations applied", versions=applied)
+        # PostgreSQL's time, before the pipeline takes a cutoff from it (the readiness pings
+        # keep it from now on).
+        with contextlib.suppress(DatabaseError):
+            sent = self.clock.base.wall()
+            database = await self.db.ping()
+            self._read_clock(sent, self.clock.base.wall(), database)
         self.readiness.set_migrated()
         if self.worker_processes is not None:
             for child in self.worker_processes.children:

@@ -210,8 +210,8 @@ class Metrics:
         )
         self.clock_skew = Gauge(
             "lastseen_clock_skew_seconds",
-            "This instance's clock minus PostgreSQL's (receive times come from one, TTL cutoffs "
-            "from the other instances')",
+            "This host's clock minus PostgreSQL's: the correction the instance applies (its "
+            "receive times and TTL cutoffs are in PostgreSQL's time)",
             registry=r,
         )
         self.worker_processes_up = Gauge(

@@ -1,0 +1,16 @@
+"""A host's clock that is off: for the tests of what a skew between instances does."""
+
+from __future__ import annotations
+
+from lastseen.core.clock import Clock
+
+
+class ShiftedClock(Clock):
+    """The system's clocks with the wall clock ``by`` seconds ahead (behind, if negative), as
+    on a host whose NTP is off."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def wall(self) -> float:
+        return super().wall() + self.by
