@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import aiohttp
 import asyncpg
 import pytest
-from helpers.replication import Pair, missing
 from helpers.services import Spawn, StartUpstream
 from helpers.waiting import eventually
+
+from lastseen.devtools.replication import Pair, missing
 
 pytestmark = pytest.mark.slow
 

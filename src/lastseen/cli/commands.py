@@ -171,7 +171,7 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
     options = BenchOptions(scenarios=scenarios, out_dir=out, database_url=settings.database_url)
     names = ("seconds", "connections", "rounds", "step_seconds", "ttl", "soak_seconds")
-    for name in (*names, "crash_seconds"):
+    for name in (*names, "crash_seconds", "nemesis_fault_seconds"):
         value = getattr(args, name)
         if value is not None:
             setattr(options, name, value)

@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         default="all",
-        help="all, or a comma-separated list of: ingest, pipeline, expiry, soak, crash, "
-        "upstream-outage, hostile-upstream, database-outage, overload, reaper, scale, inflight, "
-        "box",
+        help="all, or a comma-separated list of: ingest, pipeline, tls, expiry, soak, crash, "
+        "upstream-outage, hostile-upstream, database-outage, nemesis, overload, reaper, scale, "
+        "inflight, box",
     )
     bench.add_argument("--out", type=Path, help="output directory [bench-results/TIMESTAMP]")
     bench.add_argument("--database-url", help="PostgreSQL server to use [a fresh embedded one]")
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ttl", type=float, help="expiry: the TTL in seconds [5]")
     bench.add_argument("--soak-seconds", type=float, help="soak: duration in seconds [600]")
     bench.add_argument("--crash-seconds", type=float, help="crash: duration in seconds [60]")
+    bench.add_argument(
+        "--nemesis-fault-seconds", type=float, help="nemesis: seconds each fault lasts [12]"
+    )
     bench.add_argument(
         "--worker-processes",
         type=int,

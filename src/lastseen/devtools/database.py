@@ -55,3 +55,16 @@ async def retries_after(db: Database, callback_id: int) -> list[tuple[int, int, 
     """Callbacks made by retrying dead letters, after ``callback_id``: (id, retry of, ids)."""
     rows = await db.pool.fetch(Q["retries_after"], callback_id)
     return [(r[0], r[1], list(r[2])) for r in rows]
+
+
+async def is_superuser(db: Database) -> bool:
+    return bool(await db.pool.fetchval(Q["is_superuser"]))
+
+
+async def set_read_only(db: Database, on: bool) -> None:
+    """The whole server refuses writes (``on``) or takes them again, open sessions included;
+    ``db`` needs a superuser."""
+    async with db.pool.acquire() as conn:
+        await conn.execute(Q["writable_session"])
+        await conn.execute(Q["refuse_writes" if on else "take_writes"])
+        await conn.execute(Q["reload_configuration"])

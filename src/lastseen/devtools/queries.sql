@@ -44,3 +44,23 @@ SELECT coalesce(max(id), 0) FROM callbacks;
 -- Callbacks made by retrying dead letters, after callback $1, for the demo's events.
 SELECT id, retry_of, object_ids FROM callbacks WHERE retry_of IS NOT NULL AND id > $1
 ORDER BY id;
+
+-- name: is_superuser
+-- May this role change the server's configuration (ALTER SYSTEM)?
+SELECT rolsuper FROM pg_roles WHERE rolname = current_user;
+
+-- name: writable_session
+-- This session takes writes whatever the server's default says (to undo a read-only fault).
+SET default_transaction_read_only = off;
+
+-- name: refuse_writes
+-- Every new transaction on the server read-only (SQLSTATE 25006 on writes), once reloaded.
+ALTER SYSTEM SET default_transaction_read_only = on;
+
+-- name: take_writes
+-- The server's default for read-only transactions back to its own, once reloaded.
+ALTER SYSTEM RESET default_transaction_read_only;
+
+-- name: reload_configuration
+-- Every server process rereads the configuration (open sessions included).
+SELECT pg_reload_conf();

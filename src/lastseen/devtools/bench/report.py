@@ -179,6 +179,27 @@ def render(results: dict[str, Any]) -> str:
                 f"{run['appeared_after_s']['max']} s"
             )
         console.print(f"database outage: error log lines {len(s['error_log_lines'])}")
+    if "nemesis" in scenarios:
+        s = scenarios["nemesis"]
+        table = Table(title=f"nemesis: each fault {s['fault_s']:g} s, TTL {s['ttl_s']:g} s")
+        columns = ("fault", "acknowledged", "replies", "ids missed", "worst id s",
+                   "reply p99 ms", "/ready worst s")  # fmt: skip
+        for column in columns:
+            table.add_column(column)
+        for name, f in s["faults"].items():
+            if "skipped" in f:
+                table.add_row(name, f"skipped: {f['skipped']}")
+                continue
+            table.add_row(
+                name,
+                f"{f['acknowledged']}/{f['posts']}",
+                " ".join(f"{k}x{v}" for k, v in f["statuses"].items()),
+                f"{f['missed_ids']}/{f['acknowledged_ids']}",
+                str(f["worst_id_delay_s"]),
+                str(f["reply_p99_ms"]),
+                str(f["ready_worst_s"]),
+            )
+        console.print(table)
     if "overload" in scenarios:
         s = scenarios["overload"]
         console.print(

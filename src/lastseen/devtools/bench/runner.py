@@ -83,6 +83,13 @@ class BenchOptions:
     # inflight: lookups held this long by the upstream, as many as the worker takes at once
     inflight_lookups: int = 50_000
     inflight_hold: float = 40.0
+    # nemesis: each fault this long, with this long of the producer before and after it
+    nemesis_fault_seconds: float = 12.0
+    nemesis_before: float = 5.0
+    nemesis_after: float = 5.0
+    # bytes left on the spool's disk as the fault starts: about half the fault's callbacks
+    # fit (a commit to SQLite's WAL takes a page or two, 4 KiB each)
+    nemesis_spool_disk_free: int = 192 * 1024
     # upstream-outage
     outage_warmup: float = 6.0
     outage_seconds: float = 12.0
@@ -107,6 +114,10 @@ class BenchOptions:
             soak_seconds=2.0,
             soak_rate=5.0,
             crash_seconds=5.0,
+            nemesis_fault_seconds=2.0,
+            nemesis_before=1.0,
+            nemesis_after=1.0,
+            nemesis_spool_disk_free=48 * 1024,  # less than a fresh spool file needs: all 503
             outage_warmup=2.0,
             outage_seconds=3.0,
             hostile_seconds=3.0,

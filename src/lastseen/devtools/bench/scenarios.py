@@ -5,8 +5,8 @@
 - expiry: how long after the TTL each object is actually deleted.
 - soak: a fixed rate for a while, sampling RSS and inbox depth.
 
-The pipeline and TLS scenarios are in throughput.py, the failure scenarios in failures.py and
-degraded.py, the scale scenario in scale.py.
+The pipeline and TLS scenarios are in throughput.py, the failure scenarios in failures.py,
+degraded.py and nemesis.py, the scale scenario in scale.py.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lastseen.devtools.bench.box import box
 from lastseen.devtools.bench.degraded import database_outage, overload
 from lastseen.devtools.bench.failures import crash, hostile_upstream, reaper, upstream_outage
 from lastseen.devtools.bench.inflight import inflight
+from lastseen.devtools.bench.nemesis import nemesis
 from lastseen.devtools.bench.processes import rss_growth, rss_mib
 from lastseen.devtools.bench.scale import scale
 from lastseen.devtools.bench.throughput import pipeline, tls
@@ -247,6 +248,7 @@ SCENARIOS: dict[str, Scenario] = {
     "upstream-outage": upstream_outage,
     "hostile-upstream": hostile_upstream,
     "database-outage": database_outage,
+    "nemesis": nemesis,
     "overload": overload,
     "reaper": reaper,
     "scale": scale,

@@ -1,0 +1,281 @@
+"""The nemesis: the production failures of the database and of the processes, one after the
+other, each under the reference producer's behaviour (5 callbacks/s of 20 unique online ids,
+a 1 s client timeout, no retry; TTL 30 s, the upstream's lookups as the run's latencies) on a
+fresh database and service, and all judged by one checker (check.py) over the producer's
+acknowledgements and the history of ``objects``.
+
+The faults, each for ``nemesis_fault_seconds`` unless said:
+
+- refused: PostgreSQL refuses connections and cuts the open ones, as a stopped server does;
+- read-only: the server refuses writes and keeps its connections (SQLSTATE 25006), as a
+  standby does that a failover left at the service's address;
+- partition: a network that drops packets: connections stay open and no byte passes;
+- failover: a primary with a synchronous standby, the primary crashed (``-m immediate``) and the
+  standby promoted 3 s later, the service given both hosts in libpq's multi-host form;
+- paused-worker: the worker process of one of two instances stopped (SIGSTOP: a VM pause, a long
+  GC) past its lease, then continued;
+- spool-disk-full: PostgreSQL away while the spool's disk (a small tmpfs) fills.
+
+A fault that cannot be made here (no superuser, no standby binaries, no mount) says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from lastseen.devtools import database as devdb
+from lastseen.devtools import replication
+from lastseen.devtools.bench.check import Checker, observe
+from lastseen.devtools.bench.processes import workers
+from lastseen.devtools.dbproxy import DatabaseProxy
+from lastseen.devtools.launch import ServeProcess, SimulateProcess
+
+if TYPE_CHECKING:
+    from lastseen.devtools.bench.runner import Bench
+
+NEMESIS_TTL = 30.0
+LEASE = 5.0  # s: the default; the paused worker's lease runs out well within the fault
+PROMOTE_AFTER = 3.0  # s from the primary's crash to the standby's promotion
+
+Inject = Callable[[], Awaitable[None]]
+Fault = Callable[["Bench", SimulateProcess, Iterator[int]], Awaitable[dict[str, Any]]]
+
+
+async def nemesis(bench: Bench) -> dict[str, Any]:
+    """Each fault in turn; the checker's figures for each."""
+    o = bench.options
+    upstream = await bench.upstream(o.latency_min, o.latency_max)
+    ids = itertools.count(0, 2)  # even: online; unique across the faults
+    faults: dict[str, Any] = {}
+    try:
+        for name, fault in FAULTS.items():
+            bench.progress(f"nemesis: {name}")
+            faults[name] = await fault(bench, upstream, ids)
+            bench.progress(f"nemesis: {name}: {_summary(faults[name])}")
+    finally:
+        await upstream.terminate()
+    return {
+        "ttl_s": NEMESIS_TTL,
+        "fault_s": o.nemesis_fault_seconds,
+        "latency_s": [o.latency_min, o.latency_max],
+        "faults": faults,
+        "goal": "every POST acknowledged (a 503 only from a spool that cannot take more, never "
+        "a false 202); every acknowledged id in objects before its TTL; /ready within 1 s",
+    }
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    return (
+        f"{result['acknowledged']}/{result['posts']} acknowledged, {result['missed_ids']} ids "
+        f"missed, worst id {result['worst_id_delay_s']} s, /ready worst {result['ready_worst_s']} s"
+    )
+
+
+def _env(upstream: SimulateProcess, **more: str) -> dict[str, str]:
+    return {"objects_url": upstream.upstream_url, "ttl": str(NEMESIS_TTL), **more}
+
+
+async def _run(
+    bench: Bench, serve: ServeProcess, watch_url: str, inject: Inject, ids: Iterator[int]
+) -> dict[str, Any]:
+    """The producer, the watch over ``objects`` and the /ready probe around ``inject``."""
+    o = bench.options
+    checker = Checker(NEMESIS_TTL)
+
+    async def fault() -> None:
+        await asyncio.sleep(o.nemesis_before)
+        began = time.time()
+        await inject()
+        checker.fault = (began, time.time())
+        await asyncio.sleep(o.nemesis_after)
+
+    await observe(checker, serve.url, watch_url, fault(), ids)
+    return checker.result()
+
+
+@contextlib.asynccontextmanager
+async def _proxied(bench: Bench, name: str) -> AsyncIterator[tuple[str, DatabaseProxy]]:
+    """A fresh database and a proxy in front of its server."""
+    url = await bench.fresh_database(f"bench_nemesis_{name}")
+    proxy = DatabaseProxy(url)
+    await proxy.start()
+    try:
+        yield url, proxy
+    finally:
+        proxy.heal()
+        await proxy.stop()
+
+
+async def refused(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+    async with _proxied(bench, "refused") as (url, proxy):
+        serve = await bench.serve(proxy.url(), **_env(upstream))
+
+        async def inject() -> None:
+            await proxy.stop()
+            await asyncio.sleep(bench.options.nemesis_fault_seconds)
+            await proxy.start()
+
+        try:
+            return await _run(bench, serve, url, inject, ids)
+        finally:
+            await serve.terminate()
+
+
+async def read_only(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+    async with bench.database(bench.server_url) as server:
+        if not await devdb.is_superuser(server):
+            return {"skipped": "the benchmark's role may not make the server read-only"}
+        url = await bench.fresh_database("bench_nemesis_read_only")
+        serve = await bench.serve(url, **_env(upstream))
+
+        async def inject() -> None:
+            await devdb.set_read_only(server, True)
+            try:
+                await asyncio.sleep(bench.options.nemesis_fault_seconds)
+            finally:
+                await devdb.set_read_only(server, False)
+
+        try:
+            return await _run(bench, serve, url, inject, ids)
+        finally:
+            await serve.terminate()
+
+
+async def partition(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+    async with _proxied(bench, "partition") as (url, proxy):
+        serve = await bench.serve(proxy.url(), **_env(upstream))
+
+        async def inject() -> None:
+            proxy.partition()
+            await asyncio.sleep(bench.options.nemesis_fault_seconds)
+            proxy.heal()
+
+        try:
+            return await _run(bench, serve, url, inject, ids)
+        finally:
+            await serve.terminate()
+
+
+async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+    why = replication.missing()
+    if why is not None:
+        return {"skipped": why}
+    pair = replication.Pair()
+    try:
+        await asyncio.to_thread(pair.start)
+        await pair.wait_synchronous()
+        serve = await bench.serve(pair.url, **_env(upstream))
+
+        async def inject() -> None:
+            await asyncio.to_thread(pair.crash_primary)
+            await asyncio.sleep(PROMOTE_AFTER)
+            await asyncio.to_thread(pair.promote_standby)
+
+        try:
+            return await _run(bench, serve, pair.url, inject, ids) | {
+                "promoted_after_s": PROMOTE_AFTER
+            }
+        finally:
+            await serve.terminate()
+    finally:
+        await asyncio.to_thread(pair.stop)
+
+
+async def paused_worker(
+    bench: Bench, upstream: SimulateProcess, ids: Iterator[int]
+) -> dict[str, Any]:
+    url = await bench.fresh_database("bench_nemesis_paused_worker")
+    # Both with a worker process: the producer's instance's is paused, the other's takes over.
+    env = _env(
+        upstream,
+        worker_processes=str(max(1, bench.options.worker_processes or 1)),
+        lease=str(LEASE),
+    )
+    first = await bench.serve(url, **env)
+    other = await bench.serve(url, **env)
+    paused = workers(first)
+
+    def send(sig: signal.Signals) -> None:
+        for process in paused:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(sig)
+
+    async def inject() -> None:
+        send(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(bench.options.nemesis_fault_seconds)
+        finally:
+            send(signal.SIGCONT)
+
+    try:
+        return await _run(bench, first, url, inject, ids) | {"lease_s": LEASE}
+    finally:
+        send(signal.SIGCONT)
+        await first.terminate()
+        await other.terminate()
+
+
+async def spool_disk_full(
+    bench: Bench, upstream: SimulateProcess, ids: Iterator[int]
+) -> dict[str, Any]:
+    free = bench.options.nemesis_spool_disk_free
+    disk = bench.options.out_dir / "nemesis-spool-disk"
+    disk.mkdir(parents=True, exist_ok=True)
+    mounted = await asyncio.to_thread(
+        subprocess.run,
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        return {"skipped": f"cannot mount a small disk: {mounted.stderr.decode().strip()}"}
+    try:
+        async with _proxied(bench, "spool_disk_full") as (url, proxy):
+            spool = disk / "spool.sqlite3"
+            serve = await bench.serve(proxy.url(), **_env(upstream, spool_path=str(spool)))
+
+            async def inject() -> None:
+                _fill(disk, leave=free)
+                await proxy.stop()
+                await asyncio.sleep(bench.options.nemesis_fault_seconds)
+                (disk / "filler").unlink()
+                await proxy.start()
+
+            try:
+                return await _run(bench, serve, url, inject, ids) | {
+                    "disk_free_bytes_at_start": free
+                }
+            finally:
+                await serve.terminate()
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path, *, leave: int) -> None:
+    """A file that takes all of ``disk`` but ``leave`` bytes."""
+    free = os.statvfs(disk)
+    size = free.f_bavail * free.f_frsize - leave
+    with (disk / "filler").open("wb") as filler:
+        filler.write(b"\0" * max(0, size))
+
+
+FAULTS: dict[str, Fault] = {
+    "refused": refused,
+    "read-only": read_only,
+    "partition": partition,
+    "failover": failover,
+    "paused-worker": paused_worker,
+    "spool-disk-full": spool_disk_full,
+}
