@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from lastseen.core.backoff import backoff
 from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError
 from lastseen.storage.database import Database
@@ -37,6 +38,7 @@ log = structlog.get_logger("lastseen.pipeline.reaper")
 REAP_LIMIT = 10_000
 PRUNE_LIMIT = 10_000
 STALE_LIMIT = 10_000
+FAILED_ROUNDS_MAX = 2.0  # s: the longest wait between rounds the database refused
 
 
 def _at(ts: float) -> datetime:
@@ -99,6 +101,7 @@ class Reaper:
     async def run(self) -> None:
         """Reaps every ``interval`` and prunes every ``prune_interval``, until cancelled."""
         next_prune = self.clock.monotonic() + self.prune_interval
+        failures = 0
         while True:
             examined = expired = 0
             try:
@@ -121,6 +124,16 @@ class Reaper:
                     full = PRUNE_LIMIT in pruned
                     next_prune = self.clock.monotonic() + (0 if full else self.prune_interval)
             except DatabaseError as exc:
-                log.warning("reaper round failed", error=str(exc))
+                # A database away or read-only refuses every round: said once, then rounds
+                # back off (to at most FAILED_ROUNDS_MAX: expiry resumes soon after it is back).
+                failures += 1
+                self.metrics.reaper_failures.inc()
+                if failures == 1:
+                    log.warning("reaper round failed; retrying", error=str(exc))
+                await asyncio.sleep(backoff(failures, self.interval, FAILED_ROUNDS_MAX))
+                continue
+            if failures:
+                log.info("reaper rounds succeed again", failed_rounds=failures)
+                failures = 0
             if examined != REAP_LIMIT and expired != STALE_LIMIT:
                 await asyncio.sleep(self.interval)

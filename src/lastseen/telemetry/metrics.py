@@ -297,6 +297,11 @@ class Metrics:
         self.objects_deleted = Counter(
             "lastseen_objects_deleted", "Object rows deleted, by cause", ["cause"], registry=r
         )
+        self.reaper_failures = Counter(
+            "lastseen_reaper_rounds_failed",
+            "Reaper rounds the database refused or did not answer (rounds back off meanwhile)",
+            registry=r,
+        )
         self.result_lag = Histogram(
             "lastseen_result_lag_seconds",
             "From callback receipt to its result written",
