@@ -177,7 +177,12 @@ class Database:
     @_edge
     async def ping(self) -> float:
         """The database's clock (epoch seconds), if it answers."""
-        return float(await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout))
+        answer = await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout)
+        if not isinstance(answer, float):
+            # Seen behind pgbouncer in transaction mode: a broken answer, not a crash of the
+            # readiness watch (whose death would stop the instance).
+            raise DatabaseError("ping", f"the answer was {answer!r}, not the server's clock")
+        return answer
 
     @_edge
     async def probe_write(self) -> None:
@@ -344,10 +349,11 @@ class Database:
         return answers
 
     @_edge
-    async def inbox_stats(self) -> tuple[int, datetime | None]:
+    async def inbox_stats(self) -> tuple[int, float | None]:
+        """Pending callbacks, and the oldest one's age in seconds (None with none pending)."""
         row = await self.pool.fetchrow(Q["inbox_stats"])
         assert row is not None
-        return row[0], row[1]
+        return row[0], None if row[1] is None else max(0.0, row[1])
 
     @_edge
     async def count_objects(self) -> int:
