@@ -138,12 +138,11 @@ async def database_figures(db: Database, timeout: float = 1.0) -> DatabaseFigure
     None when the database does not answer in time (the caller keeps its last figures: a slow
     database makes them stale, never a scrape or a page fail)."""
     try:
-        pending, oldest = await asyncio.wait_for(db.inbox_stats(), timeout)
+        pending, age = await asyncio.wait_for(db.inbox_stats(), timeout)
         online = await asyncio.wait_for(db.count_objects(), timeout)
         dead = await asyncio.wait_for(db.count_dead_letters(), timeout)
     except (DatabaseError, TimeoutError):
         return None
-    age = None if oldest is None else max(0.0, time.time() - oldest.timestamp())
     return DatabaseFigures(pending, age, online, dead)
 
 

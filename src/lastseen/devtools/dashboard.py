@@ -100,11 +100,10 @@ class Dashboard:
         # Sampled like /metrics does: a slow database leaves the last figures, never a failure.
         db = self.service.db
         try:
-            pending, oldest = await asyncio.wait_for(db.inbox_stats(), 1.0)
+            pending, age = await asyncio.wait_for(db.inbox_stats(), 1.0)
             self._online = await asyncio.wait_for(db.count_objects(), 1.0)
         except (DatabaseError, TimeoutError):
             return
-        age = None if oldest is None else max(0.0, time.time() - oldest.timestamp())
         self._pending = (pending, age)
 
     async def sample(self) -> Figures:

@@ -13,13 +13,13 @@ PostgreSQL). Apart from them, whether the spool takes callbacks: after a write i
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
 
 from lastseen.core.backoff import backoff
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import DatabaseError, DatabaseUnavailable, SpoolFailed, SpoolFull
 from lastseen.intake.drain import drain_batch
 from lastseen.intake.spool import Spool
@@ -49,6 +49,7 @@ class Failover:
         migrated: Callable[[], bool],
         gate: asyncio.Event,
         drained: asyncio.Event,
+        clock: Clock = SYSTEM,
     ) -> None:
         """``migrated`` says whether the schema is in place (before, the probe pings and the
         drain waits); ``gate`` is the committers', set when spooling starts (they spool
@@ -69,7 +70,7 @@ class Failover:
         metrics.spool_depth.set_function(lambda: spool.depth)
         metrics.spool_bytes.set_function(lambda: spool.size)
         metrics.spool_oldest_age.set_function(
-            lambda: 0.0 if spool.oldest is None else max(0.0, time.time() - spool.oldest)
+            lambda: 0.0 if spool.oldest is None else max(0.0, clock.wall() - spool.oldest)
         )
 
     @property

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from lastseen.core.clock import SYSTEM, Clock
 from lastseen.core.errors import (
     CommitTimeout,
     DatabaseError,
@@ -73,7 +74,9 @@ class GroupCommit:
         max_batch_bytes: int = 64 << 20,
         spool: Spool | None = None,
         probe_interval: float = 0.5,
+        clock: Clock = SYSTEM,
     ) -> None:
+        """``clock`` is the one receive times come from (the spool's age is read by it)."""
         self.db = db
         self.metrics = metrics
         self.max_batch = max_batch
@@ -108,6 +111,7 @@ class GroupCommit:
                 migrated=lambda: self._open,
                 gate=self._gate,
                 drained=self._committed,
+                clock=clock,
             )
 
     def open(self) -> None:

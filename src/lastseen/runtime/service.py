@@ -94,6 +94,7 @@ class Service:
                 concurrency=s.commit_concurrency,
                 timeout=s.commit_timeout,
                 spool=self.spool,
+                clock=self.clock,
             )
             submit: Submit = self.commit.submit
             if tracer is not None:

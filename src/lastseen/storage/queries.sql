@@ -313,8 +313,9 @@ WHERE (callback_id, object_id) IN (
     SELECT callback_id, object_id FROM dead_letters WHERE created_at < $1 LIMIT $2);
 
 -- name: inbox_stats
--- Pending callbacks and the receive time of the oldest one.
-SELECT count(*) AS pending, min(received_at) AS oldest FROM callbacks WHERE done_at IS NULL;
+-- Pending callbacks and the oldest one's age in seconds, by the clock receive times are in.
+SELECT count(*) AS pending, extract(epoch FROM clock_timestamp() - min(received_at))::float8
+FROM callbacks WHERE done_at IS NULL;
 
 -- name: count_objects
 -- How many objects are online.
