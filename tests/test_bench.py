@@ -99,15 +99,16 @@ def test_the_nemesis_runs_every_fault_and_nothing_acknowledged_is_missed(tmp_pat
     """`lastseen bench --scenario nemesis --smoke`: each fault runs (or says why it cannot be
     made here), every POST gets a 202 but where the spool's disk is full, where it may get
     503 and never a false 202; no acknowledged id is missing from `objects`; every /ready
-    probe is answered."""
+    probe is answered; with clocks 2 s apart no object is deleted before its TTL."""
     out = tmp_path / "bench"
     nemesis = _smoke(out, ["nemesis"])["scenarios"]["nemesis"]
     faults = nemesis["faults"]
     assert list(faults) == [
-        "refused", "read-only", "partition", "failover", "paused-worker", "spool-disk-full"
+        "refused", "read-only", "partition", "failover", "paused-worker", "spool-disk-full",
+        "skew",
     ]  # fmt: skip
     ran = {name: f for name, f in faults.items() if "skipped" not in f}
-    assert {"refused", "read-only", "partition", "paused-worker"} <= set(ran), faults
+    assert {"refused", "read-only", "partition", "paused-worker", "skew"} <= set(ran), faults
     for name, f in ran.items():
         allowed = {"202", "503"} if name == "spool-disk-full" else {"202"}
         assert set(f["statuses"]) <= allowed, (name, f)
@@ -115,6 +116,10 @@ def test_the_nemesis_runs_every_fault_and_nothing_acknowledged_is_missed(tmp_pat
         assert f["missed_ids"] == 0, (name, f)
         assert f["ready_probes"] > 0
         assert "0" not in f["ready_statuses"], (name, f)
+    # Instances 2 s ahead and 2 s behind: every object deleted, none before its TTL.
+    for expiry in ran["skew"]["expiry"].values():
+        assert expiry["deleted"] == expiry["ids"] > 0, expiry
+        assert expiry["deleted_before_ttl"] == 0, expiry
     if "spool-disk-full" in ran:
         assert "503" in ran["spool-disk-full"]["statuses"], ran["spool-disk-full"]
     assert "nemesis: each fault" in (out / "report.txt").read_text()

@@ -10,10 +10,11 @@ from datetime import datetime
 import asyncpg
 import pytest
 from aiohttp import web
-from helpers.clocks import ShiftedClock
 from helpers.services import StartService, serve_app
 from helpers.tables import objects
 from helpers.waiting import all_done, eventually
+
+from lastseen.devtools.clocks import ShiftedClock
 
 TTL = 3.0
 

@@ -12,12 +12,12 @@ import time
 import aiohttp
 import asyncpg
 import pytest
-from helpers.clocks import ShiftedClock
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
 
 from lastseen.api.readiness import Readiness
 from lastseen.core.clock import DatabaseClock
+from lastseen.devtools.clocks import ShiftedClock
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.runtime.service import collect_when_grown
 from lastseen.storage.database import Database

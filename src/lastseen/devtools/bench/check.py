@@ -2,9 +2,10 @@
 how ``/ready`` answered, while a fault ran; and the figures judged from them.
 
 ``observe`` plays the reference producer (open loop: each POST on its schedule, whatever the
-ones before it are waiting for; a 1 s timeout and no retry), watches ``objects`` through its
-own connection and probes ``/ready`` every 0.2 s, until the fault has run and every
-acknowledged id is in ``objects`` or past its TTL.
+ones before it are waiting for; a 1 s timeout and no retry; several instances taken in turn,
+as a load balancer does), watches ``objects`` through its own connection and probes
+``/ready`` every 0.2 s, until the fault has run and every acknowledged id is in ``objects`` or
+past its TTL (or, to measure expiry, deleted or well past it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ CLIENT_TIMEOUT = 1.0  # s: the reference producer's, no retry
 READY_EVERY = 0.2  # s between /ready probes
 READY_WAIT = 5.0  # s a probe waits before it counts as not answered
 WATCH_EVERY = 0.1  # s between reads of objects
+EXPIRY_WAIT = 10.0  # s past its TTL an id may still be in objects before expiry gives up on it
 
 
 @dataclasses.dataclass
@@ -39,6 +41,7 @@ class Post:
     ids: list[int]
     status: int  # 0: no answer within the client's timeout
     seconds: float
+    to: int = 0  # which of the instances it was sent to
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class Checker:
     ttl: float
     posts: list[Post] = dataclasses.field(default_factory=list)
     appeared: dict[int, float] = dataclasses.field(default_factory=dict)  # id: first seen
+    gone: dict[int, float] = dataclasses.field(default_factory=dict)  # id: first seen gone
     ready: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # s, status
     fault: tuple[float, float] = (0.0, 0.0)  # wall clock: when it began and ended
 
@@ -53,12 +57,35 @@ class Checker:
         """Each acknowledged id and when its POST was sent."""
         return {i: p.sent for p in self.posts if p.status == 202 for i in p.ids}
 
-    def waiting(self, now: float) -> bool:
-        """Is an acknowledged id still missing from ``objects`` and within its TTL?"""
+    def waiting(self, now: float, expiry: bool = False) -> bool:
+        """Is an acknowledged id still missing from ``objects`` and within its TTL? With
+        ``expiry``: is one still in ``objects`` and not long past its TTL?"""
+        if expiry:
+            return any(
+                i not in self.gone and now < sent + self.ttl + EXPIRY_WAIT
+                for i, sent in self.acknowledged().items()
+            )
         return any(
             i not in self.appeared and now < sent + self.ttl
             for i, sent in self.acknowledged().items()
         )
+
+    def expiry(self, to: int) -> dict[str, Any]:
+        """For the ids acknowledged by instance ``to``: when each was deleted, from its POST's
+        sending plus the TTL (its receive time is a little later: never below 0 if expiry
+        keeps the TTL)."""
+        sent = {i: p.sent for p in self.posts if p.status == 202 and p.to == to for i in p.ids}
+        late = [self.gone[i] - (at + self.ttl) for i, at in sent.items() if i in self.gone]
+        return {
+            "ids": len(sent),
+            "deleted": len(late),
+            "after_ttl_s": {
+                "min": round(min(late, default=0.0), 2),
+                "p50": round(percentile(late, 50), 2),
+                "max": round(max(late, default=0.0), 2),
+            },
+            "deleted_before_ttl": sum(1 for x in late if x < 0),
+        }
 
     def result(self) -> dict[str, Any]:
         acked = self.acknowledged()
@@ -94,22 +121,29 @@ class Checker:
 
 
 async def observe(
-    checker: Checker, service_url: str, watch_url: str, fault: Awaitable[None], ids: Iterator[int]
+    checker: Checker,
+    services: Sequence[str],
+    watch_url: str,
+    fault: Awaitable[None],
+    ids: Iterator[int],
+    *,
+    expiry: bool = False,
 ) -> None:
-    """Produces, watches and probes while ``fault`` runs, then until every acknowledged id is
-    in ``objects`` or past its TTL."""
+    """Produces to ``services`` in turn, watches and probes while ``fault`` runs, then until
+    every acknowledged id is in ``objects`` or past its TTL (with ``expiry``: deleted, or
+    long past it)."""
     done = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as http, asyncio.TaskGroup() as tasks:
         watcher = tasks.create_task(_watch(checker, watch_url), name="nemesis-watch")
-        prober = tasks.create_task(_probe(checker, service_url), name="nemesis-ready")
+        prober = tasks.create_task(_probe(checker, services), name="nemesis-ready")
         producer = tasks.create_task(
-            _produce(checker, http, service_url, ids, done), name="nemesis-produce"
+            _produce(checker, http, services, ids, done), name="nemesis-produce"
         )
         await fault
         done.set()
         await producer
-        while checker.waiting(time.time()):
+        while checker.waiting(time.time(), expiry):
             await asyncio.sleep(0.2)
         watcher.cancel()
         prober.cancel()
@@ -118,18 +152,19 @@ async def observe(
 async def _produce(
     checker: Checker,
     http: aiohttp.ClientSession,
-    url: str,
+    services: Sequence[str],
     ids: Iterator[int],
     done: asyncio.Event,
 ) -> None:
-    async def post(batch: list[int]) -> None:
+    async def post(batch: list[int], to: int) -> None:
         sent, started = time.time(), time.monotonic()
         status = 0
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with http.post(url + "/callback", json={"object_ids": batch}) as response:
+            body = {"object_ids": batch}
+            async with http.post(services[to] + "/callback", json=body) as response:
                 await response.read()
                 status = response.status
-        checker.posts.append(Post(sent, batch, status, time.monotonic() - started))
+        checker.posts.append(Post(sent, batch, status, time.monotonic() - started, to))
 
     started = time.monotonic()
     async with asyncio.TaskGroup() as posts:
@@ -137,12 +172,15 @@ async def _produce(
             await asyncio.sleep(max(0.0, started + n / RATE - time.monotonic()))
             if done.is_set():
                 return
-            posts.create_task(post([next(ids) for _ in range(IDS)]), name=f"nemesis-post-{n}")
+            batch = [next(ids) for _ in range(IDS)]
+            posts.create_task(post(batch, n % len(services)), name=f"nemesis-post-{n}")
 
 
 async def _watch(checker: Checker, url: str) -> None:
-    """When each id first appears in ``objects`` (the ids are unique: once is enough)."""
+    """When each id first appears in ``objects``, and when it is first seen gone (the ids are
+    unique: once each is enough)."""
     db = await Database.open(url, size=1, timeout=2.0)
+    present: set[int] = set()
     try:
         while True:
             with contextlib.suppress(
@@ -152,15 +190,21 @@ async def _watch(checker: Checker, url: str) -> None:
                 now = time.time()
                 for object_id, _ in rows:
                     checker.appeared.setdefault(object_id, now)
+                now_present = {object_id for object_id, _ in rows}
+                for object_id in present - now_present:
+                    checker.gone.setdefault(object_id, now)
+                present = now_present
             await asyncio.sleep(WATCH_EVERY)
     finally:
         await db.close()
 
 
-async def _probe(checker: Checker, url: str) -> None:
-    """``/ready`` every ``READY_EVERY``: how long each answer took (a kubelet waits 1 s)."""
+async def _probe(checker: Checker, services: Sequence[str]) -> None:
+    """``/ready`` of each instance in turn, every ``READY_EVERY``: how long each answer took
+    (a kubelet waits 1 s)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READY_WAIT)) as http:
-        while True:
+        for n in itertools.count():
+            url = services[n % len(services)]
             started = time.monotonic()
             status = 0
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):

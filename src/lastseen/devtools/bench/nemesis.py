@@ -14,7 +14,10 @@ The faults, each for ``nemesis_fault_seconds`` unless said:
   standby promoted 3 s later, the service given both hosts in libpq's multi-host form;
 - paused-worker: the worker process of one of two instances stopped (SIGSTOP: a VM pause, a long
   GC) past its lease, then continued;
-- spool-disk-full: PostgreSQL away while the spool's disk (a small tmpfs) fills.
+- spool-disk-full: PostgreSQL away while the spool's disk (a small tmpfs) fills;
+- skew: two ingest instances on hosts whose clocks are 2 s ahead and 2 s behind PostgreSQL's,
+  the POSTs taken in turn, a worker instance beside them; run past the TTL to see when each
+  object is deleted.
 
 A fault that cannot be made here (no superuser, no standby binaries, no mount) says why.
 """
@@ -32,19 +35,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import psutil
 
+from lastseen.config.settings import Settings
 from lastseen.devtools import database as devdb
 from lastseen.devtools import replication
 from lastseen.devtools.bench.check import Checker, observe
 from lastseen.devtools.bench.processes import workers
+from lastseen.devtools.clocks import ShiftedClock
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.devtools.launch import ServeProcess, SimulateProcess
+from lastseen.runtime.service import Service
+from lastseen.storage.connect import database
+from lastseen.upstream.connect import upstream_client
 
 if TYPE_CHECKING:
     from lastseen.devtools.bench.runner import Bench
 
-NEMESIS_TTL = 30.0
 LEASE = 5.0  # s: the default; the paused worker's lease runs out well within the fault
 PROMOTE_AFTER = 3.0  # s from the primary's crash to the standby's promotion
 
@@ -66,7 +74,7 @@ async def nemesis(bench: Bench) -> dict[str, Any]:
     finally:
         await upstream.terminate()
     return {
-        "ttl_s": NEMESIS_TTL,
+        "ttl_s": o.nemesis_ttl,
         "fault_s": o.nemesis_fault_seconds,
         "latency_s": [o.latency_min, o.latency_max],
         "faults": faults,
@@ -84,8 +92,8 @@ def _summary(result: dict[str, Any]) -> str:
     )
 
 
-def _env(upstream: SimulateProcess, **more: str) -> dict[str, str]:
-    return {"objects_url": upstream.upstream_url, "ttl": str(NEMESIS_TTL), **more}
+def _env(bench: Bench, upstream: SimulateProcess, **more: str) -> dict[str, str]:
+    return {"objects_url": upstream.upstream_url, "ttl": str(bench.options.nemesis_ttl), **more}
 
 
 async def _run(
@@ -93,7 +101,7 @@ async def _run(
 ) -> dict[str, Any]:
     """The producer, the watch over ``objects`` and the /ready probe around ``inject``."""
     o = bench.options
-    checker = Checker(NEMESIS_TTL)
+    checker = Checker(o.nemesis_ttl)
 
     async def fault() -> None:
         await asyncio.sleep(o.nemesis_before)
@@ -102,7 +110,7 @@ async def _run(
         checker.fault = (began, time.time())
         await asyncio.sleep(o.nemesis_after)
 
-    await observe(checker, serve.url, watch_url, fault(), ids)
+    await observe(checker, [serve.url], watch_url, fault(), ids)
     return checker.result()
 
 
@@ -121,7 +129,7 @@ async def _proxied(bench: Bench, name: str) -> AsyncIterator[tuple[str, Database
 
 async def refused(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
     async with _proxied(bench, "refused") as (url, proxy):
-        serve = await bench.serve(proxy.url(), **_env(upstream))
+        serve = await bench.serve(proxy.url(), **_env(bench, upstream))
 
         async def inject() -> None:
             await proxy.stop()
@@ -139,7 +147,7 @@ async def read_only(bench: Bench, upstream: SimulateProcess, ids: Iterator[int])
         if not await devdb.is_superuser(server):
             return {"skipped": "the benchmark's role may not make the server read-only"}
         url = await bench.fresh_database("bench_nemesis_read_only")
-        serve = await bench.serve(url, **_env(upstream))
+        serve = await bench.serve(url, **_env(bench, upstream))
 
         async def inject() -> None:
             await devdb.set_read_only(server, True)
@@ -156,7 +164,7 @@ async def read_only(bench: Bench, upstream: SimulateProcess, ids: Iterator[int])
 
 async def partition(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
     async with _proxied(bench, "partition") as (url, proxy):
-        serve = await bench.serve(proxy.url(), **_env(upstream))
+        serve = await bench.serve(proxy.url(), **_env(bench, upstream))
 
         async def inject() -> None:
             proxy.partition()
@@ -177,7 +185,7 @@ async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) 
     try:
         await asyncio.to_thread(pair.start)
         await pair.wait_synchronous()
-        serve = await bench.serve(pair.url, **_env(upstream))
+        serve = await bench.serve(pair.url, **_env(bench, upstream))
 
         async def inject() -> None:
             await asyncio.to_thread(pair.crash_primary)
@@ -200,6 +208,7 @@ async def paused_worker(
     url = await bench.fresh_database("bench_nemesis_paused_worker")
     # Both with a worker process: the producer's instance's is paused, the other's takes over.
     env = _env(
+        bench,
         upstream,
         worker_processes=str(max(1, bench.options.worker_processes or 1)),
         lease=str(LEASE),
@@ -244,7 +253,7 @@ async def spool_disk_full(
     try:
         async with _proxied(bench, "spool_disk_full") as (url, proxy):
             spool = disk / "spool.sqlite3"
-            serve = await bench.serve(proxy.url(), **_env(upstream, spool_path=str(spool)))
+            serve = await bench.serve(proxy.url(), **_env(bench, upstream, spool_path=str(spool)))
 
             async def inject() -> None:
                 _fill(disk, leave=free)
@@ -271,6 +280,66 @@ def _fill(disk: Path, *, leave: int) -> None:
         filler.write(b"\0" * max(0, size))
 
 
+SKEW = 2.0  # s: one ingest instance's host this far ahead of PostgreSQL's clock, one behind
+
+
+async def skew(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+    """The ingest instances run in this process: a clock is a process's own, and the shifted
+    one is handed to them as their host's."""
+    o = bench.options
+    url = await bench.fresh_database("bench_nemesis_skew")
+    worker = await bench.serve(url, "--role", "worker", **_env(bench, upstream))
+    checker = Checker(o.nemesis_ttl)
+
+    async def fault() -> None:
+        began = time.time()
+        await asyncio.sleep(o.nemesis_before + o.nemesis_fault_seconds + o.nemesis_after)
+        checker.fault = (began, time.time())
+
+    try:
+        async with (
+            _shifted_instance(bench, url, "ahead", SKEW) as ahead,
+            _shifted_instance(bench, url, "behind", -SKEW) as behind,
+        ):
+            await observe(checker, [ahead, behind], url, fault(), ids, expiry=True)
+    finally:
+        await worker.terminate()
+    return checker.result() | {
+        "skew_s": SKEW,
+        "expiry": {"ahead": checker.expiry(0), "behind": checker.expiry(1)},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _shifted_instance(bench: Bench, url: str, name: str, shift: float) -> AsyncIterator[str]:
+    """An ingest instance in this process on a host clock ``shift`` seconds off; its URL."""
+    settings = Settings.load(
+        {},
+        {
+            "database_url": url,
+            "role": "ingest",
+            "listen": ("127.0.0.1", 0),
+            "instance_id": f"nemesis-{name}",
+            "data_dir": bench.options.out_dir / "data",
+            "ttl": bench.options.nemesis_ttl,
+        },
+    )
+    async with database(settings) as db, upstream_client(settings) as client:
+        service = Service(settings, db, client, clock=ShiftedClock(shift))
+        await service.start()
+        try:
+            address = f"http://127.0.0.1:{service.port}"
+            async with asyncio.timeout(30), aiohttp.ClientSession() as http:
+                while True:
+                    async with http.get(address + "/ready") as response:
+                        if response.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+            yield address
+        finally:
+            await service.stop()
+
+
 FAULTS: dict[str, Fault] = {
     "refused": refused,
     "read-only": read_only,
@@ -278,4 +347,5 @@ FAULTS: dict[str, Fault] = {
     "failover": failover,
     "paused-worker": paused_worker,
     "spool-disk-full": spool_disk_full,
+    "skew": skew,
 }

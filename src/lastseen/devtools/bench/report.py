@@ -200,6 +200,14 @@ def render(results: dict[str, Any]) -> str:
                 str(f["ready_worst_s"]),
             )
         console.print(table)
+        skewed = s["faults"].get("skew", {}).get("expiry", {})
+        for name, e in skewed.items():
+            late = e["after_ttl_s"]
+            console.print(
+                f"nemesis, skew: ids taken by the instance {s['faults']['skew']['skew_s']:g} s "
+                f"{name}: {e['deleted']} of {e['ids']} deleted, {late['min']} to {late['max']} "
+                f"s (p50 {late['p50']} s) after their TTL; {e['deleted_before_ttl']} before it"
+            )
     if "overload" in scenarios:
         s = scenarios["overload"]
         console.print(

@@ -87,6 +87,7 @@ class BenchOptions:
     nemesis_fault_seconds: float = 12.0
     nemesis_before: float = 5.0
     nemesis_after: float = 5.0
+    nemesis_ttl: float = 30.0
     # bytes left on the spool's disk as the fault starts: about half the fault's callbacks
     # fit (a commit to SQLite's WAL takes a page or two, 4 KiB each)
     nemesis_spool_disk_free: int = 192 * 1024
@@ -117,6 +118,7 @@ class BenchOptions:
             nemesis_fault_seconds=2.0,
             nemesis_before=1.0,
             nemesis_after=1.0,
+            nemesis_ttl=10.0,  # the skew fault waits for expiry
             nemesis_spool_disk_free=48 * 1024,  # less than a fresh spool file needs: all 503
             outage_warmup=2.0,
             outage_seconds=3.0,

@@ -1,4 +1,4 @@
-"""A host's clock that is off: for the tests of what a skew between instances does."""
+"""A host's clock that is off: for measuring and testing what a skew between instances does."""
 
 from __future__ import annotations
 
