@@ -46,7 +46,10 @@ class Pair:
     """``start`` makes and starts both; ``url`` names both hosts in libpq's multi-host form,
     taking only the one that takes writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, replicate_via: int | None = None) -> None:
+        """``replicate_via``: a loopback port the standby streams the primary's WAL through
+        (a proxy in front of the primary, to cut replication alone)."""
+        self.replicate_via = replicate_via
         self.base = Path(tempfile.mkdtemp(prefix="lastseen-pair-"))
         self.base.chmod(0o755)
         self.primary, self.standby = self.base / "primary", self.base / "standby"
@@ -94,7 +97,8 @@ class Pair:
             self.standby,
             self.ports[1],
             "synchronous_standby_names = ''\n"
-            f"primary_conninfo = 'host=127.0.0.1 port={self.ports[0]} user=postgres "
+            f"primary_conninfo = 'host=127.0.0.1 port={self.replicate_via or self.ports[0]} "
+            "user=postgres "
             "application_name=standby'\n",
         )
         self._run("pg_ctl", "-D", str(self.standby), "-l", str(self.base / "standby.log"),

@@ -236,12 +236,13 @@ class Database:
     async def write_results(self, batch: ResultBatch, cutoff: datetime) -> tuple[int, int]:
         """Writes one batch of results in one transaction; returns (upserted, deleted).
 
-        Asynchronous commit is safe here: if the server loses this transaction in a crash, the
-        callbacks are not marked done either, and their leases run out and they are redone.
+        The commit is synchronous, as durable as a callback's: a callback's earlier results
+        were committed by earlier batches, and one the server acknowledged and then lost (a
+        crash, or a failover to a standby it had not reached) would leave the done mark, written
+        later, without them (design-decisions.md: what it cost, measured).
         """
         upserted = deleted = 0
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(Q["commit_asynchronously"])
             if batch.ids:
                 # Two statements, not one: if the first waits for another writer of the same
                 # ids, the second's fresh snapshot sees what that writer did to objects.

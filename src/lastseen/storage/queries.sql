@@ -122,11 +122,6 @@ UPDATE callbacks
 SET locked_until = now(), locked_by = NULL
 WHERE id = ANY($2::bigint[]) AND locked_by = $1 AND done_at IS NULL;
 
--- name: commit_asynchronously
--- Lets the results transaction commit without waiting for its flush (results.py says why
--- that is safe).
-SET LOCAL synchronous_commit = off;
-
 -- name: release_holder
 -- Hands back every unfinished callback leased to $1: what a crashed predecessor of that name
 -- held, taken back at once instead of when its leases would run out. Returns how many.
