@@ -177,6 +177,13 @@ async def bench(settings: Settings, args: argparse.Namespace) -> int:
             setattr(options, name, value)
     if args.rates:
         options.rates = tuple(float(r) for r in args.rates.split(","))
+    if args.nemesis_configurations:
+        options.nemesis_configurations = tuple(args.nemesis_configurations.split(","))
+        unknown = set(options.nemesis_configurations) - {"reference", "production"}
+        if unknown:
+            print(f"lastseen bench: unknown configuration {', '.join(sorted(unknown))}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     options.watch_status = args.watch_status
     options.worker_processes = args.worker_processes
     if args.upstream_processes is not None:

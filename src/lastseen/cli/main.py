@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--nemesis-fault-seconds", type=float, help="nemesis: seconds each fault lasts [12]"
     )
     bench.add_argument(
+        "--nemesis-configurations",
+        help="nemesis: reference (no credentials, one worker process), production (secrets "
+        "from files, an admin token, signed POSTs, two worker processes), or both "
+        "[reference,production]",
+    )
+    bench.add_argument(
         "--worker-processes",
         type=int,
         help="worker processes of each lastseen serve with the default role [serve's default]",

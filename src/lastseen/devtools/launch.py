@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,12 @@ class ServeProcess:
         self.url = ""
         self.logs: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
+        self.admin_headers: dict[str, str] = {}  # for /metrics, where it has an admin token
+        token = self.env.get("LASTSEEN_ADMIN_TOKEN")
+        if token is None and "LASTSEEN_ADMIN_TOKEN_FILE" in self.env:
+            token = Path(self.env["LASTSEEN_ADMIN_TOKEN_FILE"]).read_text().strip()
+        if token is not None:
+            self.admin_headers["Authorization"] = f"Bearer {token}"
 
     @property
     def pid(self) -> int:

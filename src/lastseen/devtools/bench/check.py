@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import aiohttp
 import asyncpg
 
 from lastseen.core.errors import DatabaseError
-from lastseen.devtools.loadgen import percentile
+from lastseen.devtools.loadgen import percentile, signed_headers
 from lastseen.storage.database import Database
 
 RATE = 5.0  # callbacks per second
@@ -104,6 +105,7 @@ class Checker:
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "acknowledged_ids": len(acked),
             "missed_ids": len(missed),
+            "missed_examples": sorted(missed)[:10],
             "worst_id_delay_s": round(max(delays, default=0.0), 2),
             "reply_p99_ms": round(percentile(replies, 99) * 1000, 1),
             "reply_max_ms": round(max(replies, default=0.0) * 1000, 1),
@@ -128,17 +130,18 @@ async def observe(
     ids: Iterator[int],
     *,
     expiry: bool = False,
+    secret: str | None = None,
 ) -> None:
-    """Produces to ``services`` in turn, watches and probes while ``fault`` runs, then until
-    every acknowledged id is in ``objects`` or past its TTL (with ``expiry``: deleted, or
-    long past it)."""
+    """Produces to ``services`` in turn (each POST signed with the webhook ``secret``, if
+    given), watches and probes while ``fault`` runs, then until every acknowledged id is in
+    ``objects`` or past its TTL (with ``expiry``: deleted, or long past it)."""
     done = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as http, asyncio.TaskGroup() as tasks:
         watcher = tasks.create_task(_watch(checker, watch_url), name="nemesis-watch")
         prober = tasks.create_task(_probe(checker, services), name="nemesis-ready")
         producer = tasks.create_task(
-            _produce(checker, http, services, ids, done), name="nemesis-produce"
+            _produce(checker, http, services, ids, done, secret), name="nemesis-produce"
         )
         await fault
         done.set()
@@ -155,13 +158,18 @@ async def _produce(
     services: Sequence[str],
     ids: Iterator[int],
     done: asyncio.Event,
+    secret: str | None,
 ) -> None:
     async def post(batch: list[int], to: int) -> None:
+        body = json.dumps({"object_ids": batch}).encode()
+        headers = {"Content-Type": "application/json"}
+        if secret is not None:
+            headers |= signed_headers(secret, [body], f"nemesis-{batch[0]}")[0]
         sent, started = time.time(), time.monotonic()
         status = 0
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            body = {"object_ids": batch}
-            async with http.post(services[to] + "/callback", json=body) as response:
+            post = http.post(services[to] + "/callback", data=body, headers=headers)
+            async with post as response:
                 await response.read()
                 status = response.status
         checker.posts.append(Post(sent, batch, status, time.monotonic() - started, to))

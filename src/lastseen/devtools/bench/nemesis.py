@@ -12,22 +12,28 @@ The faults, each for ``nemesis_fault_seconds`` unless said:
 - partition: a network that drops packets: connections stay open and no byte passes;
 - failover: a primary with a synchronous standby, the primary crashed (``-m immediate``) and the
   standby promoted 3 s later, the service given both hosts in libpq's multi-host form;
-- paused-worker: the worker process of one of two instances stopped (SIGSTOP: a VM pause, a long
-  GC) past its lease, then continued;
+- paused-worker: the worker processes of one of two instances stopped (SIGSTOP: a VM pause, a
+  long GC) past their lease, then continued;
 - spool-disk-full: PostgreSQL away while the spool's disk (a small tmpfs) fills;
 - skew: two ingest instances on hosts whose clocks are 2 s ahead and 2 s behind PostgreSQL's,
   the POSTs taken in turn, a worker instance beside them; run past the TTL to see when each
   object is deleted.
 
-A fault that cannot be made here (no superuser, no standby binaries, no mount) says why.
+Every fault runs in each configuration asked for: the reference's (no credentials, one worker
+process) and production's (the webhook secret and an admin token from files, every POST
+signed, two worker processes). A fault that cannot be made here (no superuser, no standby
+binaries, no mount) says why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import itertools
 import os
+import secrets as secrets_module
 import signal
 import subprocess
 import time
@@ -57,27 +63,66 @@ LEASE = 5.0  # s: the default; the paused worker's lease runs out well within th
 PROMOTE_AFTER = 3.0  # s from the primary's crash to the standby's promotion
 
 Inject = Callable[[], Awaitable[None]]
-Fault = Callable[["Bench", SimulateProcess, Iterator[int]], Awaitable[dict[str, Any]]]
+Fault = Callable[["Bench", "Setup"], Awaitable[dict[str, Any]]]
+
+
+@dataclasses.dataclass
+class Setup:
+    """What each fault runs with: the upstream, the ids not sent yet, and how the instances are
+    configured (``settings`` by field name, as ``Bench.serve`` takes them; ``secret``: the
+    webhook secret each POST is signed with, if they require one)."""
+
+    upstream: SimulateProcess
+    ids: Iterator[int]
+    configuration: str
+    settings: dict[str, str]
+    secret: str | None = None
+
+    def env(self, bench: Bench, **more: str) -> dict[str, str]:
+        ttl = str(bench.options.nemesis_ttl)
+        return {"objects_url": self.upstream.upstream_url, "ttl": ttl, **self.settings, **more}
+
+
+def _configure(bench: Bench, name: str, upstream: SimulateProcess, ids: Iterator[int]) -> Setup:
+    """The reference's configuration (no credentials, one worker process), or production's:
+    the webhook secret and an admin token from files, every POST signed, two worker
+    processes."""
+    if name == "reference":
+        return Setup(upstream, ids, name, {})
+    secrets = bench.options.out_dir / "secrets"
+    secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    files = {"webhook_secret_file": secret, "admin_token_file": secrets_module.token_urlsafe(32)}
+    settings = {"worker_processes": "2"}
+    for setting, value in files.items():
+        path = secrets / setting.removesuffix("_file")
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+        settings[setting] = str(path)
+    return Setup(upstream, ids, name, settings, secret)
 
 
 async def nemesis(bench: Bench) -> dict[str, Any]:
-    """Each fault in turn; the checker's figures for each."""
+    """Each fault in turn, in each configuration; the checker's figures for each."""
     o = bench.options
     upstream = await bench.upstream(o.latency_min, o.latency_max)
     ids = itertools.count(0, 2)  # even: online; unique across the faults
-    faults: dict[str, Any] = {}
+    configurations: dict[str, dict[str, Any]] = {}
     try:
-        for name, fault in FAULTS.items():
-            bench.progress(f"nemesis: {name}")
-            faults[name] = await fault(bench, upstream, ids)
-            bench.progress(f"nemesis: {name}: {_summary(faults[name])}")
+        for configuration in o.nemesis_configurations:
+            setup = _configure(bench, configuration, upstream, ids)
+            faults = configurations.setdefault(configuration, {})
+            for name, fault in FAULTS.items():
+                bench.progress(f"nemesis, {configuration}: {name}")
+                faults[name] = await fault(bench, setup)
+                bench.progress(f"nemesis, {configuration}: {name}: {_summary(faults[name])}")
     finally:
         await upstream.terminate()
     return {
         "ttl_s": o.nemesis_ttl,
         "fault_s": o.nemesis_fault_seconds,
         "latency_s": [o.latency_min, o.latency_max],
-        "faults": faults,
+        "configurations": configurations,
         "goal": "every POST acknowledged (a 503 only from a spool that cannot take more, never "
         "a false 202); every acknowledged id in objects before its TTL; /ready within 1 s",
     }
@@ -92,12 +137,8 @@ def _summary(result: dict[str, Any]) -> str:
     )
 
 
-def _env(bench: Bench, upstream: SimulateProcess, **more: str) -> dict[str, str]:
-    return {"objects_url": upstream.upstream_url, "ttl": str(bench.options.nemesis_ttl), **more}
-
-
 async def _run(
-    bench: Bench, serve: ServeProcess, watch_url: str, inject: Inject, ids: Iterator[int]
+    bench: Bench, setup: Setup, serve: ServeProcess, watch_url: str, inject: Inject
 ) -> dict[str, Any]:
     """The producer, the watch over ``objects`` and the /ready probe around ``inject``."""
     o = bench.options
@@ -110,7 +151,7 @@ async def _run(
         checker.fault = (began, time.time())
         await asyncio.sleep(o.nemesis_after)
 
-    await observe(checker, [serve.url], watch_url, fault(), ids)
+    await observe(checker, [serve.url], watch_url, fault(), setup.ids, secret=setup.secret)
     return checker.result()
 
 
@@ -127,9 +168,9 @@ async def _proxied(bench: Bench, name: str) -> AsyncIterator[tuple[str, Database
         await proxy.stop()
 
 
-async def refused(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+async def refused(bench: Bench, setup: Setup) -> dict[str, Any]:
     async with _proxied(bench, "refused") as (url, proxy):
-        serve = await bench.serve(proxy.url(), **_env(bench, upstream))
+        serve = await bench.serve(proxy.url(), **setup.env(bench))
 
         async def inject() -> None:
             await proxy.stop()
@@ -137,17 +178,17 @@ async def refused(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -
             await proxy.start()
 
         try:
-            return await _run(bench, serve, url, inject, ids)
+            return await _run(bench, setup, serve, url, inject)
         finally:
             await serve.terminate()
 
 
-async def read_only(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+async def read_only(bench: Bench, setup: Setup) -> dict[str, Any]:
     async with bench.database(bench.server_url) as server:
         if not await devdb.is_superuser(server):
             return {"skipped": "the benchmark's role may not make the server read-only"}
         url = await bench.fresh_database("bench_nemesis_read_only")
-        serve = await bench.serve(url, **_env(bench, upstream))
+        serve = await bench.serve(url, **setup.env(bench))
 
         async def inject() -> None:
             await devdb.set_read_only(server, True)
@@ -157,14 +198,14 @@ async def read_only(bench: Bench, upstream: SimulateProcess, ids: Iterator[int])
                 await devdb.set_read_only(server, False)
 
         try:
-            return await _run(bench, serve, url, inject, ids)
+            return await _run(bench, setup, serve, url, inject)
         finally:
             await serve.terminate()
 
 
-async def partition(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+async def partition(bench: Bench, setup: Setup) -> dict[str, Any]:
     async with _proxied(bench, "partition") as (url, proxy):
-        serve = await bench.serve(proxy.url(), **_env(bench, upstream))
+        serve = await bench.serve(proxy.url(), **setup.env(bench))
 
         async def inject() -> None:
             proxy.partition()
@@ -172,12 +213,12 @@ async def partition(bench: Bench, upstream: SimulateProcess, ids: Iterator[int])
             proxy.heal()
 
         try:
-            return await _run(bench, serve, url, inject, ids)
+            return await _run(bench, setup, serve, url, inject)
         finally:
             await serve.terminate()
 
 
-async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+async def failover(bench: Bench, setup: Setup) -> dict[str, Any]:
     why = replication.missing()
     if why is not None:
         return {"skipped": why}
@@ -185,7 +226,7 @@ async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) 
     try:
         await asyncio.to_thread(pair.start)
         await pair.wait_synchronous()
-        serve = await bench.serve(pair.url, **_env(bench, upstream))
+        serve = await bench.serve(pair.url, **setup.env(bench))
 
         async def inject() -> None:
             await asyncio.to_thread(pair.crash_primary)
@@ -193,7 +234,7 @@ async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) 
             await asyncio.to_thread(pair.promote_standby)
 
         try:
-            return await _run(bench, serve, pair.url, inject, ids) | {
+            return await _run(bench, setup, serve, pair.url, inject) | {
                 "promoted_after_s": PROMOTE_AFTER
             }
         finally:
@@ -202,20 +243,17 @@ async def failover(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) 
         await asyncio.to_thread(pair.stop)
 
 
-async def paused_worker(
-    bench: Bench, upstream: SimulateProcess, ids: Iterator[int]
-) -> dict[str, Any]:
+async def paused_worker(bench: Bench, setup: Setup) -> dict[str, Any]:
     url = await bench.fresh_database("bench_nemesis_paused_worker")
-    # Both with a worker process: the producer's instance's is paused, the other's takes over.
-    env = _env(
-        bench,
-        upstream,
-        worker_processes=str(max(1, bench.options.worker_processes or 1)),
-        lease=str(LEASE),
-    )
+    # The producer's instance's worker processes are paused; the other's take over.
+    env = setup.env(bench, lease=str(LEASE))
     first = await bench.serve(url, **env)
     other = await bench.serve(url, **env)
     paused = workers(first)
+    if not paused:
+        await first.terminate()
+        await other.terminate()
+        return {"skipped": "no worker process to pause (--worker-processes 0)"}
 
     def send(sig: signal.Signals) -> None:
         for process in paused:
@@ -230,16 +268,14 @@ async def paused_worker(
             send(signal.SIGCONT)
 
     try:
-        return await _run(bench, first, url, inject, ids) | {"lease_s": LEASE}
+        return await _run(bench, setup, first, url, inject) | {"lease_s": LEASE}
     finally:
         send(signal.SIGCONT)
         await first.terminate()
         await other.terminate()
 
 
-async def spool_disk_full(
-    bench: Bench, upstream: SimulateProcess, ids: Iterator[int]
-) -> dict[str, Any]:
+async def spool_disk_full(bench: Bench, setup: Setup) -> dict[str, Any]:
     free = bench.options.nemesis_spool_disk_free
     disk = bench.options.out_dir / "nemesis-spool-disk"
     disk.mkdir(parents=True, exist_ok=True)
@@ -253,7 +289,7 @@ async def spool_disk_full(
     try:
         async with _proxied(bench, "spool_disk_full") as (url, proxy):
             spool = disk / "spool.sqlite3"
-            serve = await bench.serve(proxy.url(), **_env(bench, upstream, spool_path=str(spool)))
+            serve = await bench.serve(proxy.url(), **setup.env(bench, spool_path=str(spool)))
 
             async def inject() -> None:
                 _fill(disk, leave=free)
@@ -263,7 +299,7 @@ async def spool_disk_full(
                 await proxy.start()
 
             try:
-                return await _run(bench, serve, url, inject, ids) | {
+                return await _run(bench, setup, serve, url, inject) | {
                     "disk_free_bytes_at_start": free
                 }
             finally:
@@ -283,12 +319,12 @@ def _fill(disk: Path, *, leave: int) -> None:
 SKEW = 2.0  # s: one ingest instance's host this far ahead of PostgreSQL's clock, one behind
 
 
-async def skew(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> dict[str, Any]:
+async def skew(bench: Bench, setup: Setup) -> dict[str, Any]:
     """The ingest instances run in this process: a clock is a process's own, and the shifted
     one is handed to them as their host's."""
     o = bench.options
     url = await bench.fresh_database("bench_nemesis_skew")
-    worker = await bench.serve(url, "--role", "worker", **_env(bench, upstream))
+    worker = await bench.serve(url, "--role", "worker", **setup.env(bench))
     checker = Checker(o.nemesis_ttl)
 
     async def fault() -> None:
@@ -298,10 +334,12 @@ async def skew(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> d
 
     try:
         async with (
-            _shifted_instance(bench, url, "ahead", SKEW) as ahead,
-            _shifted_instance(bench, url, "behind", -SKEW) as behind,
+            _shifted_instance(bench, setup, url, "ahead", SKEW) as ahead,
+            _shifted_instance(bench, setup, url, "behind", -SKEW) as behind,
         ):
-            await observe(checker, [ahead, behind], url, fault(), ids, expiry=True)
+            await observe(
+                checker, [ahead, behind], url, fault(), setup.ids, expiry=True, secret=setup.secret
+            )
     finally:
         await worker.terminate()
     return checker.result() | {
@@ -311,8 +349,11 @@ async def skew(bench: Bench, upstream: SimulateProcess, ids: Iterator[int]) -> d
 
 
 @contextlib.asynccontextmanager
-async def _shifted_instance(bench: Bench, url: str, name: str, shift: float) -> AsyncIterator[str]:
+async def _shifted_instance(
+    bench: Bench, setup: Setup, url: str, name: str, shift: float
+) -> AsyncIterator[str]:
     """An ingest instance in this process on a host clock ``shift`` seconds off; its URL."""
+    secrets = {k: Path(v) for k, v in setup.settings.items() if k.endswith("_file")}
     settings = Settings.load(
         {},
         {
@@ -322,6 +363,7 @@ async def _shifted_instance(bench: Bench, url: str, name: str, shift: float) -> 
             "instance_id": f"nemesis-{name}",
             "data_dir": bench.options.out_dir / "data",
             "ttl": bench.options.nemesis_ttl,
+            **secrets,
         },
     )
     async with database(settings) as db, upstream_client(settings) as client:

@@ -181,33 +181,8 @@ def render(results: dict[str, Any]) -> str:
         console.print(f"database outage: error log lines {len(s['error_log_lines'])}")
     if "nemesis" in scenarios:
         s = scenarios["nemesis"]
-        table = Table(title=f"nemesis: each fault {s['fault_s']:g} s, TTL {s['ttl_s']:g} s")
-        columns = ("fault", "acknowledged", "replies", "ids missed", "worst id s",
-                   "reply p99 ms", "/ready worst s")  # fmt: skip
-        for column in columns:
-            table.add_column(column)
-        for name, f in s["faults"].items():
-            if "skipped" in f:
-                table.add_row(name, f"skipped: {f['skipped']}")
-                continue
-            table.add_row(
-                name,
-                f"{f['acknowledged']}/{f['posts']}",
-                " ".join(f"{k}x{v}" for k, v in f["statuses"].items()),
-                f"{f['missed_ids']}/{f['acknowledged_ids']}",
-                str(f["worst_id_delay_s"]),
-                str(f["reply_p99_ms"]),
-                str(f["ready_worst_s"]),
-            )
-        console.print(table)
-        skewed = s["faults"].get("skew", {}).get("expiry", {})
-        for name, e in skewed.items():
-            late = e["after_ttl_s"]
-            console.print(
-                f"nemesis, skew: ids taken by the instance {s['faults']['skew']['skew_s']:g} s "
-                f"{name}: {e['deleted']} of {e['ids']} deleted, {late['min']} to {late['max']} "
-                f"s (p50 {late['p50']} s) after their TTL; {e['deleted_before_ttl']} before it"
-            )
+        for configuration, faults in s["configurations"].items():
+            console.print(_nemesis_table(configuration, faults, s))
     if "overload" in scenarios:
         s = scenarios["overload"]
         console.print(
@@ -261,6 +236,45 @@ def render(results: dict[str, Any]) -> str:
             f"up: {s['all_looked_up']}"
         )
     return console.export_text()
+
+
+def _nemesis_table(configuration: str, faults: dict[str, Any], s: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title=f"nemesis, {configuration} configuration: each fault {s['fault_s']:g} s, "
+        f"TTL {s['ttl_s']:g} s"
+    )
+    columns = ("fault", "acknowledged", "replies", "ids missed", "worst id s",
+               "reply p99 ms", "/ready worst s")  # fmt: skip
+    for column in columns:
+        table.add_column(column)
+    for name, f in faults.items():
+        if "skipped" in f:
+            table.add_row(name, f"skipped: {f['skipped']}")
+            continue
+        table.add_row(
+            name,
+            f"{f['acknowledged']}/{f['posts']}",
+            " ".join(f"{k}x{v}" for k, v in f["statuses"].items()),
+            f"{f['missed_ids']}/{f['acknowledged_ids']}",
+            str(f["worst_id_delay_s"]),
+            str(f["reply_p99_ms"]),
+            str(f["ready_worst_s"]),
+        )
+    lines = []
+    for name, e in faults.get("skew", {}).get("expiry", {}).items():
+        late = e["after_ttl_s"]
+        lines.append(
+            Text(
+                f"skew: ids taken by the instance {faults['skew']['skew_s']:g} s {name}: "
+                f"{e['deleted']} of {e['ids']} deleted, {late['min']} to {late['max']} s "
+                f"(p50 {late['p50']} s) after their TTL; {e['deleted_before_ttl']} before it"
+            )
+        )
+    return Group(table, *lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:

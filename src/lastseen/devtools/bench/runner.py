@@ -88,6 +88,7 @@ class BenchOptions:
     nemesis_before: float = 5.0
     nemesis_after: float = 5.0
     nemesis_ttl: float = 30.0
+    nemesis_configurations: Sequence[str] = ("reference", "production")
     # bytes left on the spool's disk as the fault starts: about half the fault's callbacks
     # fit (a commit to SQLite's WAL takes a page or two, 4 KiB each)
     nemesis_spool_disk_free: int = 192 * 1024
@@ -312,7 +313,10 @@ class Bench:
 
     async def read_metrics(self, serve: ServeProcess) -> Reading:
         """One reading of a service's /metrics."""
-        async with aiohttp.ClientSession() as http, http.get(serve.url + "/metrics") as response:
+        async with (
+            aiohttp.ClientSession(headers=serve.admin_headers) as http,
+            http.get(serve.url + "/metrics") as response,
+        ):
             return Reading.of_text(await response.text())
 
     @staticmethod
