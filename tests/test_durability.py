@@ -12,11 +12,13 @@ import time
 import aiohttp
 import asyncpg
 import pytest
+from helpers.netfilter import dropping
 from helpers.services import Spawn, StartService, StartUpstream
 from helpers.waiting import eventually
 
 from lastseen.api.readiness import Readiness
 from lastseen.core.clock import DatabaseClock
+from lastseen.core.errors import DatabaseUnavailable
 from lastseen.devtools.clocks import ShiftedClock
 from lastseen.devtools.dbproxy import DatabaseProxy
 from lastseen.runtime.service import collect_when_grown
@@ -416,3 +418,24 @@ async def test_readiness_sets_the_instance_clock_to_postgresqls(db: Database) ->
             await watching
     assert all(abs(offset - 2.0) < 0.25 for offset in readings), readings
     assert abs(clock.wall() - await db.ping()) < 0.25
+
+
+async def test_a_query_to_a_server_whose_packets_are_dropped_fails_within_the_tcp_timeout(
+    db_proxy: DatabaseProxy,
+) -> None:
+    """Every packet to the database's port dropped by the kernel (a network that loses them, not
+    one that refuses): a query in flight fails as *unavailable* within the TCP timeout (2 s
+    here), not after its 60 s statement timeout on a connection that will never answer; once
+    packets pass again, the pool serves on a new connection."""
+    db = await Database.open(db_proxy.url(), size=1, timeout=60, tcp_timeout=2)
+    try:
+        assert await db.ping()
+        with dropping(db_proxy.port):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable):
+                await asyncio.wait_for(db.ping(), 20)
+            failed_after = time.monotonic() - started
+        assert failed_after < 6, failed_after
+        assert await db.ping()
+    finally:
+        await db.close()

@@ -16,7 +16,8 @@ from lastseen.core.errors import DatabaseUnavailable
 from lastseen.core.model import DeadLetter
 from lastseen.pipeline.reaper import Reaper
 from lastseen.storage.arrays import ResultBatch, id_array
-from lastseen.storage.database import Database, Q, translate
+from lastseen.storage.database import Database, Q
+from lastseen.storage.errors import translate
 from lastseen.telemetry.metrics import Metrics
 
 EPOCH = datetime(2030, 1, 1, tzinfo=UTC)

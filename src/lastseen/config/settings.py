@@ -158,6 +158,14 @@ class Settings:
         "ingest",
     )
     pool_size: int = setting(positive_int, "10", "PostgreSQL connections per process", "service")
+    database_tcp_timeout: float = setting(
+        non_negative(float),
+        "10",
+        "seconds after which a TCP connection to PostgreSQL that stopped answering (its packets "
+        "dropped) is abandoned: TCP keepalive and TCP_USER_TIMEOUT on every socket (0: the "
+        "system's defaults, minutes)",
+        "service",
+    )
     worker_processes: int = setting(
         non_negative(int),
         "1",

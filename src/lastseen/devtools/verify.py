@@ -49,7 +49,8 @@ from lastseen.core.errors import LastseenError
 from lastseen.devtools import database as devdb
 from lastseen.devtools.simulate import truth
 from lastseen.devtools.simulate.upstream import parse_online_rule
-from lastseen.storage.database import Database, Q, translate
+from lastseen.storage.database import Database, Q
+from lastseen.storage.errors import translate
 
 PROBLEMS = {
     "not_stored": "acknowledged callbacks that are not in the callbacks table",

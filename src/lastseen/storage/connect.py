@@ -24,7 +24,12 @@ async def database(settings: Settings) -> AsyncIterator[Database]:
         embedded = EmbeddedPostgres(settings.data_dir)
         url = await asyncio.to_thread(embedded.start)
     try:
-        db = await Database.open(url, size=settings.pool_size, timeout=DB_TIMEOUT)
+        db = await Database.open(
+            url,
+            size=settings.pool_size,
+            timeout=DB_TIMEOUT,
+            tcp_timeout=settings.database_tcp_timeout,
+        )
         try:
             yield db
         finally:

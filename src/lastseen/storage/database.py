@@ -1,76 +1,29 @@
 """The database edge: the pool, the migrations, and every named query as a method.
 
-Callers never see asyncpg's exceptions: each method turns them into ``DatabaseUnavailable``
-(connection trouble, worth waiting out), ``RetryableConflict`` (deadlock or serialization
-failure, run the transaction again) or ``DatabaseError`` (anything else).
+Callers never see asyncpg's exceptions: each method turns them (errors.py) into
+``DatabaseUnavailable`` (connection trouble, worth waiting out), ``RetryableConflict`` (deadlock
+or serialization failure, run the transaction again) or ``DatabaseError`` (anything else).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import importlib.resources
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import asyncpg
 import structlog
 
-from lastseen.core.errors import DatabaseError, DatabaseUnavailable, RetryableConflict
+from lastseen.core.errors import DatabaseError, RetryableConflict
 from lastseen.core.model import Claimed, DeadLetter, DeadLetterFilter
 from lastseen.storage.arrays import ResultBatch, result_arrays
+from lastseen.storage.errors import UNAVAILABLE, edge, translate
+from lastseen.storage.sockets import TCP_TIMEOUT, abandon_when_silent
 
 log = structlog.get_logger("lastseen.storage.database")
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-# The database cannot take this now, whatever the statement: wait for it (spool, outage state).
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    # A connection lost in the middle of an operation can leave asyncpg's protocol in a state
-    # it reports this way ("cannot switch to state 15; another operation is in progress").
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,  # 08: the connection failed
-    asyncpg.OperatorInterventionError,  # 57: shut down, in recovery, cannot connect now
-    asyncpg.InterfaceError,
-    asyncpg.ReadOnlySQLTransactionError,  # 25006: a standby, or a server set read-only
-    asyncpg.InsufficientResourcesError,  # 53: disk full, out of memory, too many connections
-    asyncpg.InvalidAuthorizationSpecificationError,  # 28: a login refused (a rotated password)
-    asyncpg.PostgresSystemError,  # 58: the server's own I/O failed
-)
-_RETRYABLE: tuple[type[BaseException], ...] = (
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
-
-
-def translate(operation: str, exc: BaseException) -> DatabaseError:
-    """The package's own error for a driver error."""
-    if isinstance(exc, asyncpg.DataError):  # a bad argument, although an InterfaceError
-        return DatabaseError(operation, str(exc))
-    if isinstance(exc, _RETRYABLE):
-        return RetryableConflict(operation, str(exc))
-    if isinstance(exc, _UNAVAILABLE):
-        return DatabaseUnavailable(operation, str(exc) or type(exc).__name__)
-    return DatabaseError(operation, str(exc) or type(exc).__name__)
-
-
-def _edge(
-    method: Callable[Concatenate[Database, P], Awaitable[R]],
-) -> Callable[Concatenate[Database, P], Coroutine[Any, Any, R]]:
-    @functools.wraps(method)
-    async def wrapper(self: Database, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(self, *args, **kwargs)
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
-            raise translate(method.__name__, exc) from exc
-
-    return cast("Callable[Concatenate[Database, P], Coroutine[Any, Any, R]]", wrapper)
 
 
 def load_queries(package: str = "lastseen.storage") -> dict[str, str]:
@@ -113,14 +66,25 @@ _MIGRATION_LOCK = 0x6C617374_7365656E  # "lastseen"
 class Database:
     """The pool and the named queries. Open once per process; close in the same place."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str, statement_timeout: float) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, url: str, statement_timeout: float, tcp_timeout: float
+    ) -> None:
         self.pool = pool
         self.url = url
         self.statement_timeout = statement_timeout
+        self.tcp_timeout = tcp_timeout
 
     @classmethod
-    async def open(cls, url: str, *, size: int, timeout: float) -> Database:
-        """A pool that connects lazily, so that a process can start while the database is down."""
+    async def open(
+        cls, url: str, *, size: int, timeout: float, tcp_timeout: float = TCP_TIMEOUT
+    ) -> Database:
+        """A pool that connects lazily, so that a process can start while the database is down;
+        its TCP connections are abandoned ``tcp_timeout`` seconds after the server stops
+        answering (0: when the system's defaults say, minutes later)."""
+
+        async def init(conn: asyncpg.Connection) -> None:
+            abandon_when_silent(conn, tcp_timeout)
+
         try:
             pool = await asyncpg.create_pool(
                 url,
@@ -130,15 +94,16 @@ class Database:
                 command_timeout=timeout,
                 max_inactive_connection_lifetime=60,
                 reset=_reset,
+                init=init,
                 server_settings={
                     "application_name": "lastseen",
                     # A 202 promises durability, whatever the server's default.
                     "synchronous_commit": "on",
                 },
             )
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+        except (asyncpg.PostgresError, *UNAVAILABLE) as exc:
             raise translate("open", exc) from exc
-        return cls(pool, url, timeout)
+        return cls(pool, url, timeout, tcp_timeout)
 
     async def close(self) -> None:
         try:
@@ -146,14 +111,15 @@ class Database:
         except TimeoutError:
             self.pool.terminate()
 
-    @_edge
+    @edge
     async def listen(self, channel: str, wake: Callable[[], None]) -> asyncpg.Connection:
         """A dedicated connection that calls ``wake`` on each notification on ``channel``."""
         conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=self.statement_timeout)
+        abandon_when_silent(conn, self.tcp_timeout)
         await conn.add_listener(channel, lambda *_: wake())
         return conn
 
-    @_edge
+    @edge
     async def migrate(self) -> list[int]:
         """Applies the migrations this database lacks; returns the versions applied now."""
         applied_now = []
@@ -174,7 +140,7 @@ class Database:
                 applied_now.append(version)
         return applied_now
 
-    @_edge
+    @edge
     async def ping(self) -> float:
         """The database's clock (epoch seconds), if it answers."""
         answer = await self.pool.fetchval(Q["ping"], timeout=self.statement_timeout)
@@ -184,12 +150,12 @@ class Database:
             raise DatabaseError("ping", f"the answer was {answer!r}, not the server's clock")
         return answer
 
-    @_edge
+    @edge
     async def probe_write(self) -> None:
         """Returns if the database takes the inbox's writes; else the error that says why."""
         await self.pool.execute(Q["probe_write"], timeout=self.statement_timeout)
 
-    @_edge
+    @edge
     async def insert_callbacks(
         self, received_at: Sequence[float], id_arrays: Sequence[str]
     ) -> list[int]:
@@ -201,7 +167,7 @@ class Database:
         # One statement draws its ids from the sequence in row order, so sorting recovers it.
         return sorted(row[0] for row in rows)
 
-    @_edge
+    @edge
     async def insert_keyed_callbacks(
         self, received_at: Sequence[float], id_arrays: Sequence[str], keys: Sequence[str]
     ) -> int:
@@ -210,29 +176,29 @@ class Database:
         rows = await self.pool.fetch(Q["insert_keyed_callbacks"], received_at, id_arrays, keys)
         return len(rows)
 
-    @_edge
+    @edge
     async def notify_inbox(self) -> None:
         await self.pool.execute(Q["notify_inbox"])
 
-    @_edge
+    @edge
     async def claim(self, worker: str, limit: int, lease: float) -> list[Claimed]:
         rows = await self.pool.fetch(Q["claim_callbacks"], worker, limit, lease)
         return [Claimed(r[0], r[1], r[2], r[3]) for r in rows]
 
-    @_edge
+    @edge
     async def extend_leases(self, worker: str, ids: Sequence[int], lease: float) -> set[int]:
         rows = await self.pool.fetch(Q["extend_leases"], worker, list(ids), lease)
         return {row[0] for row in rows}
 
-    @_edge
+    @edge
     async def release(self, worker: str, ids: Sequence[int]) -> None:
         await self.pool.execute(Q["release_callbacks"], worker, list(ids))
 
-    @_edge
+    @edge
     async def release_holder(self, worker: str) -> int:
         return _rows_affected(await self.pool.execute(Q["release_holder"], worker))
 
-    @_edge
+    @edge
     async def write_results(self, batch: ResultBatch, cutoff: datetime) -> tuple[int, int]:
         """Writes one batch of results in one transaction; returns (upserted, deleted).
 
@@ -266,11 +232,11 @@ class Database:
                 await conn.execute(Q["complete_callbacks"], batch.completed)
         return upserted, deleted
 
-    @_edge
+    @edge
     async def expire_stale_callbacks(self, cutoff: datetime, limit: int) -> int:
         return int(await self.pool.fetchval(Q["expire_stale_callbacks"], cutoff, limit))
 
-    @_edge
+    @edge
     async def reap(self, cutoff: datetime, limit: int) -> tuple[int, int] | None:
         """Deletes expired objects, after noting the pending callbacks that arrived since the
         last note; returns (deleted, kept), or None when another instance's reaper holds the
@@ -291,7 +257,7 @@ class Database:
         assert row is not None
         return int(row["deleted"]), int(row["kept"])
 
-    @_edge
+    @edge
     async def prune(
         self,
         done_before: datetime,
@@ -313,7 +279,7 @@ class Database:
             _rows_affected(keys),
         )
 
-    @_edge
+    @edge
     async def insert_callbacks_keyed(
         self,
         received_at: Sequence[float],
@@ -349,18 +315,18 @@ class Database:
                         answers[n] = found[keys[n]]
         return answers
 
-    @_edge
+    @edge
     async def inbox_stats(self) -> tuple[int, float | None]:
         """Pending callbacks, and the oldest one's age in seconds (None with none pending)."""
         row = await self.pool.fetchrow(Q["inbox_stats"])
         assert row is not None
         return row[0], None if row[1] is None else max(0.0, row[1])
 
-    @_edge
+    @edge
     async def count_objects(self) -> int:
         return int(await self.pool.fetchval(Q["count_objects"]))
 
-    @_edge
+    @edge
     async def list_objects(self, after: int | None, limit: int) -> list[tuple[int, datetime]]:
         """A page of online objects: the first, or those after the id ``after``."""
         if after is None:
@@ -369,12 +335,12 @@ class Database:
             rows = await self.pool.fetch(Q["list_objects"], after, limit)
         return [(r[0], r[1]) for r in rows]
 
-    @_edge
+    @edge
     async def get_object(self, object_id: int) -> datetime | None:
         row = await self.pool.fetchrow(Q["get_object"], object_id)
         return None if row is None else row[1]
 
-    @_edge
+    @edge
     async def list_dead_letters(
         self,
         which: DeadLetterFilter,
@@ -387,27 +353,27 @@ class Database:
         rows = await self.pool.fetch(Q["list_dead_letters"], *_filter(which), limit, *start)
         return [(DeadLetter(*r[:6]), r[6]) for r in rows]
 
-    @_edge
+    @edge
     async def count_matching_dead_letters(self, which: DeadLetterFilter) -> int:
         return int(await self.pool.fetchval(Q["count_matching_dead_letters"], *_filter(which)))
 
-    @_edge
+    @edge
     async def count_dead_letters(self) -> dict[str, int]:
         return {r[0]: r[1] for r in await self.pool.fetch(Q["count_dead_letters"])}
 
-    @_edge
+    @edge
     async def retry_dead_letters(self, which: DeadLetterFilter, limit: int) -> list[int]:
         """Puts dead letters that match back into the inbox; returns the ids of the new
         callbacks."""
         rows = await self.pool.fetch(Q["retry_dead_letters"], *_filter(which), limit)
         return sorted(r[0] for r in rows)
 
-    @_edge
+    @edge
     async def discard_dead_letters(self, which: DeadLetterFilter, limit: int) -> int:
         """Deletes dead letters that match; returns how many."""
         return int(await self.pool.fetchval(Q["discard_dead_letters"], *_filter(which), limit))
 
-    @_edge
+    @edge
     async def callback_status(self, callback_id: int) -> asyncpg.Record | None:
         """One callback's receipt, completion, id counts and claims (None once pruned)."""
         row: asyncpg.Record | None = await self.pool.fetchrow(Q["callback_status"], callback_id)
