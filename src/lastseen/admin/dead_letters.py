@@ -9,7 +9,6 @@ older than the TTL): they are skipped and counted, unless asked for.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -183,7 +182,8 @@ async def retry(
     dry_run: bool,
 ) -> RetryResult:
     """Retries the dead letters that match (or counts them, with ``dry_run``)."""
-    cutoff = datetime.fromtimestamp(time.time() - ttl, UTC)
+    # By the clock receive times are in, whatever this host's says.
+    cutoff = await db.now() - timedelta(seconds=ttl)
     chosen = which if include_stale else which.still_relevant(cutoff)
     skipped = 0 if include_stale else await db.count_matching_dead_letters(which.stale(cutoff))
     if dry_run:

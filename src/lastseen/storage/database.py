@@ -151,6 +151,12 @@ class Database:
         return answer
 
     @edge
+    async def now(self) -> datetime:
+        """PostgreSQL's clock: the one receive times are in."""
+        answer: datetime = await self.pool.fetchval(Q["now"], timeout=self.statement_timeout)
+        return answer
+
+    @edge
     async def probe_write(self) -> None:
         """Returns if the database takes the inbox's writes; else the error that says why."""
         await self.pool.execute(Q["probe_write"], timeout=self.statement_timeout)
