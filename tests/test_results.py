@@ -312,3 +312,23 @@ async def test_leasing_a_callback_rewrites_its_row_in_place(
     )
     assert len(claimed) == 8
     assert tuple(counts) == (24, 24)
+
+
+async def test_an_id_its_pending_callback_dead_lettered_keeps_nothing(
+    db: Database, sql: asyncpg.Connection
+) -> None:
+    """An object falls due after the pending callback naming it has dead-lettered that id (its
+    other ids still being looked up): nothing of that callback will renew it, so the reaper
+    deletes it at its TTL instead of keeping it a TTL past the callback's receipt. (Found by
+    test_simulate's verify: a row 0.3 s past its TTL, once in a few dozen runs.)"""
+    now = datetime.now(UTC)
+    await sql.execute("INSERT INTO objects VALUES (1, $1), (2, $1)", now - timedelta(seconds=10))
+    received = now - timedelta(seconds=1)
+    pending = await _pending_callback(sql, received, [1, 2])
+    letter = DeadLetter(pending, 1, received, "http_4xx", "400", 1)
+    await db.write_results(
+        ResultBatch(ids=[], seen_at=[], online=[], dead_letters=[letter], completed=[]),
+        now - timedelta(seconds=5),
+    )
+    assert await _reaper(db).reap_once() == (1, 1)  # 1 deleted; 2 kept for its result
+    assert [r[0] for r in await db.list_objects(-1, 10)] == [2]

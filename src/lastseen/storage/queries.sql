@@ -258,15 +258,20 @@ SELECT coalesce(min(GREATEST(last_seen, kept_for)) < $1, false) FROM objects;
 
 -- name: reap_objects
 -- Examines up to $2 objects due before $1 (the TTL's cutoff), oldest first: deletes them, except
--- those a pending callback received since $1 names (noted in pending_ids), whose result decides
--- about them. Those are marked with that callback's receive time (kept_for), which takes them out
--- of the reaper's range until it is past the TTL or their result or dead letter clears it, so a
--- round does not examine them again. Returns (deleted, kept).
+-- those a pending callback received since $1 names (noted in pending_ids) and has not
+-- dead-lettered, whose result decides about them. Those are marked with that callback's receive
+-- time (kept_for), which takes them out of the reaper's range until it is past the TTL or their
+-- result or dead letter clears it, so a round does not examine them again. Returns (deleted,
+-- kept).
 WITH examined AS (
     SELECT obj.id, (
         SELECT max(p.received_at)
         FROM pending_ids AS p JOIN callbacks AS c ON c.id = p.callback_id
         WHERE p.object_id = obj.id AND p.received_at >= $1 AND c.done_at IS NULL
+          -- Its dead letter came before the object was due: no result of it will come.
+          AND NOT EXISTS (
+              SELECT 1 FROM dead_letters AS d
+              WHERE d.callback_id = p.callback_id AND d.object_id = p.object_id)
     ) AS keep_until
     FROM objects AS obj
     WHERE GREATEST(obj.last_seen, obj.kept_for) < $1
