@@ -59,7 +59,9 @@ async def test_an_object_lives_the_ttl_by_postgresqls_clock_whatever_the_hosts_s
                     gone = now
                 await asyncio.sleep(0.02)
         lived = (gone - last_seen).total_seconds()
-        assert TTL <= lived < TTL + 1.0, lived
+        # Not before the TTL, but for the correction's error (half a loopback round trip, well
+        # under 50 ms); and not the 2 s later a worker reading its own clock would delete it.
+        assert TTL - 0.05 <= lived < TTL + 1.5, lived
     finally:
         await runner.cleanup()
 
