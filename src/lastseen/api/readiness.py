@@ -112,20 +112,7 @@ class Readiness:
         asked_upstream = -UPSTREAM_CHECK_EVERY
         while True:
             if self.migrated:
-                self._pinging_since = loop.time()
-                sent = self.clock()
-                try:
-                    database_time = await asyncio.wait_for(db.ping(), timeout)
-                    reachable, error = True, ""
-                except (DatabaseError, TimeoutError) as exc:
-                    reachable, error = False, str(exc) or "timeout"
-                self._pinging_since = None
-                if reachable and self.read_clock is not None:
-                    self.read_clock(sent, self.clock(), database_time)
-                if not reachable and not self.unreachable:
-                    # The driver's text (hosts, ports, errno) is for the logs, not for callers.
-                    log.warning("readiness check failed", error=error)
-                self.unreachable = not reachable
+                await self.ping(db, timeout)
             due = loop.time() - asked_upstream >= UPSTREAM_CHECK_EVERY
             if self.upstream_failure is not None and due:
                 asked_upstream = loop.time()
@@ -133,6 +120,24 @@ class Readiness:
                     asked = self.upstream_failure()
                     self.upstream_failing = await asyncio.wait_for(asked, timeout)
             await asyncio.sleep(every)
+
+    async def ping(self, db: Database, timeout: float = READY_CHECK_TIMEOUT) -> None:
+        """One ping: whether the database answers within ``timeout``, and what its clock said
+        (to ``read_clock``)."""
+        self._pinging_since = asyncio.get_running_loop().time()
+        sent = self.clock()
+        try:
+            database_time = await asyncio.wait_for(db.ping(), timeout)
+            reachable, error = True, ""
+        except (DatabaseError, TimeoutError) as exc:
+            reachable, error = False, str(exc) or "timeout"
+        self._pinging_since = None
+        if reachable and self.read_clock is not None:
+            self.read_clock(sent, self.clock(), database_time)
+        if not reachable and not self.unreachable:
+            # The driver's text (hosts, ports, errno) is for the logs, not for callers.
+            log.warning("readiness check failed", error=error)
+        self.unreachable = not reachable
 
     def _database_unreachable(self) -> bool:
         if self._pinging_since is not None:

@@ -8,7 +8,6 @@ says in what order), and only then close the client, the pool and the embedded P
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import ipaddress
 import os
@@ -264,12 +263,9 @@ class Service:
                 await asyncio.sleep(delay)
         if applied:
             log.info("migrations applied", versions=applied)
-        # PostgreSQL's time, before the pipeline takes a cutoff from it (the readiness pings
-        # keep it from now on).
-        with contextlib.suppress(DatabaseError):
-            sent = self.clock.base.wall()
-            database = await self.db.ping()
-            self._read_clock(sent, self.clock.base.wall(), database)
+        # PostgreSQL's time, before the pipeline takes a cutoff from it (the readiness watch
+        # keeps it from now on).
+        await self.readiness.ping(self.db)
         self.readiness.set_migrated()
         if self.worker_processes is not None:
             for child in self.worker_processes.children:

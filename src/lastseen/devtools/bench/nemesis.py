@@ -140,7 +140,8 @@ def _summary(result: dict[str, Any]) -> str:
 async def _run(
     bench: Bench, setup: Setup, serve: ServeProcess, watch_url: str, inject: Inject
 ) -> dict[str, Any]:
-    """The producer, the watch over ``objects`` and the /ready probe around ``inject``."""
+    """The producer, the watch over ``objects`` and the /ready probe around ``inject``; then
+    ``serve`` is stopped."""
     o = bench.options
     checker = Checker(o.nemesis_ttl)
 
@@ -151,7 +152,10 @@ async def _run(
         checker.fault = (began, time.time())
         await asyncio.sleep(o.nemesis_after)
 
-    await observe(checker, [serve.url], watch_url, fault(), setup.ids, secret=setup.secret)
+    try:
+        await observe(checker, [serve.url], watch_url, fault(), setup.ids, secret=setup.secret)
+    finally:
+        await serve.terminate()
     return checker.result()
 
 
@@ -177,10 +181,7 @@ async def refused(bench: Bench, setup: Setup) -> dict[str, Any]:
             await asyncio.sleep(bench.options.nemesis_fault_seconds)
             await proxy.start()
 
-        try:
-            return await _run(bench, setup, serve, url, inject)
-        finally:
-            await serve.terminate()
+        return await _run(bench, setup, serve, url, inject)
 
 
 async def read_only(bench: Bench, setup: Setup) -> dict[str, Any]:
@@ -197,10 +198,7 @@ async def read_only(bench: Bench, setup: Setup) -> dict[str, Any]:
             finally:
                 await devdb.set_read_only(server, False)
 
-        try:
-            return await _run(bench, setup, serve, url, inject)
-        finally:
-            await serve.terminate()
+        return await _run(bench, setup, serve, url, inject)
 
 
 async def partition(bench: Bench, setup: Setup) -> dict[str, Any]:
@@ -212,10 +210,7 @@ async def partition(bench: Bench, setup: Setup) -> dict[str, Any]:
             await asyncio.sleep(bench.options.nemesis_fault_seconds)
             proxy.heal()
 
-        try:
-            return await _run(bench, setup, serve, url, inject)
-        finally:
-            await serve.terminate()
+        return await _run(bench, setup, serve, url, inject)
 
 
 async def failover(bench: Bench, setup: Setup) -> dict[str, Any]:
@@ -233,12 +228,9 @@ async def failover(bench: Bench, setup: Setup) -> dict[str, Any]:
             await asyncio.sleep(PROMOTE_AFTER)
             await asyncio.to_thread(pair.promote_standby)
 
-        try:
-            return await _run(bench, setup, serve, pair.url, inject) | {
-                "promoted_after_s": PROMOTE_AFTER
-            }
-        finally:
-            await serve.terminate()
+        return await _run(bench, setup, serve, pair.url, inject) | {
+            "promoted_after_s": PROMOTE_AFTER
+        }
     finally:
         await asyncio.to_thread(pair.stop)
 
@@ -270,8 +262,7 @@ async def paused_worker(bench: Bench, setup: Setup) -> dict[str, Any]:
     try:
         return await _run(bench, setup, first, url, inject) | {"lease_s": LEASE}
     finally:
-        send(signal.SIGCONT)
-        await first.terminate()
+        send(signal.SIGCONT)  # _run stopped the first; a stopped process would not end
         await other.terminate()
 
 
@@ -298,12 +289,7 @@ async def spool_disk_full(bench: Bench, setup: Setup) -> dict[str, Any]:
                 (disk / "filler").unlink()
                 await proxy.start()
 
-            try:
-                return await _run(bench, setup, serve, url, inject) | {
-                    "disk_free_bytes_at_start": free
-                }
-            finally:
-                await serve.terminate()
+            return await _run(bench, setup, serve, url, inject) | {"disk_free_bytes_at_start": free}
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
 
